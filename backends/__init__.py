@@ -1,0 +1,1 @@
+"""triton-pd: Triton backends (pd_worker, pd_orchestrator) and the engines beneath them."""
