@@ -1,0 +1,32 @@
+"""The README's two set-up commands are the ones the scripts and CI actually run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_has_exactly_two_setup_commands() -> None:
+    assert readme_commands() == [
+        'bash scripts/demo.sh "The capital of France is"',
+        "bash scripts/test.sh",
+    ]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci
+    assert "no tests ran" in ci
+
+
+def test_setup_scripts_install_the_pinned_cpu_torch() -> None:
+    for name in ("demo.sh", "test.sh"):
+        text = (ROOT / "scripts" / name).read_text()
+        assert '"torch==2.13.0"' in text, name
