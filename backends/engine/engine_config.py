@@ -1,0 +1,75 @@
+"""Engine configuration: KV pool size, batching limits, device and dtype."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_BLOCK_SIZE = 16
+MLA_BLOCK_SIZE = 64  # FlashMLA reads 64-token pages
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How an `LLMEngine` sizes and batches.
+
+    block_size: tokens per KV block; None picks 16, or 64 for MLA models.
+    num_blocks: KV blocks in the pool; None sizes the pool from `kv_cache_memory_bytes`.
+    max_num_seqs: most sequences in one step's batch.
+    max_num_batched_tokens: per-step token budget (decode tokens plus prefill chunks).
+    max_model_len: most tokens (prompt + output) per sequence; None takes the model's limit.
+    seed: seeds the engine generator used by unseeded sampled requests.
+    """
+
+    block_size: int | None = None
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int = 256 * 1024 * 1024
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = {
+            "kv_cache_memory_bytes": self.kv_cache_memory_bytes,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+        }
+        for name in ("block_size", "num_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None:
+                positive[name] = value
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def resolve(self, *, is_mla: bool, model_max_len: int, kv_bytes_per_token: int) -> EngineConfig:
+        """A copy with every None filled in for a given model.
+
+        `kv_bytes_per_token` covers all layers. Raises ValueError when the pool cannot hold
+        one sequence of `max_model_len` tokens.
+        """
+        block_size = self.block_size or (MLA_BLOCK_SIZE if is_mla else DEFAULT_BLOCK_SIZE)
+        max_model_len = self.max_model_len or model_max_len
+        num_blocks = self.num_blocks or self.kv_cache_memory_bytes // (
+            kv_bytes_per_token * block_size
+        )
+        if num_blocks <= 0:
+            raise ValueError(
+                f"kv_cache_memory_bytes={self.kv_cache_memory_bytes} holds no block of "
+                f"{block_size} tokens ({kv_bytes_per_token} bytes per token)"
+            )
+        return dataclasses.replace(
+            self, block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len
+        )
