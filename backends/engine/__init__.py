@@ -1,0 +1,1 @@
+"""The paged-attention PyTorch engine (no Triton, no kvbridge internals)."""

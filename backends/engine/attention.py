@@ -1,0 +1,119 @@
+"""Pure-torch paged attention (CPU and CUDA) over `[num_blocks, block_size, kv_width]` caches.
+
+`build_plan` turns one step's `AttentionMetadata` into gather indices and masks once per
+forward; every layer reuses it. Prefill / mixed steps attend per sequence (causal over its
+cached blocks + new tokens); decode-only steps are vectorized over the batch: the padded
+block tables become one `[B, L]` slot gather and a `[B, L]` validity mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from backends.engine.model_api import AttentionMetadata
+
+
+@dataclass(frozen=True, slots=True)
+class SeqSpan:
+    """One sequence of a prefill/mixed step: its queries, its context slots and its mask.
+
+    mask: None when every query sees every key (a single query), `causal` True when the
+    queries are the whole context (plain causal), else a bool `[q_len, ctx_len]` (True = attend).
+    """
+
+    query_start: int
+    query_end: int
+    slots: torch.Tensor
+    mask: torch.Tensor | None
+    causal: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PagedPlan:
+    """Per-forward gather plan. Decode: `slots` [B, L] and `valid` [B, L] (True = real token)."""
+
+    decode_only: bool
+    spans: tuple[SeqSpan, ...]
+    slots: torch.Tensor | None
+    valid: torch.Tensor | None
+
+
+def build_plan(meta: AttentionMetadata, block_size: int) -> PagedPlan:
+    """Precompute what every layer needs to read the cache for this step."""
+    device = meta.slot_mapping.device
+    tables = meta.block_tables.to(device=device, dtype=torch.int64)
+    offsets = torch.arange(block_size, device=device, dtype=torch.int64)
+    if meta.decode_only:
+        num_blocks = -(-meta.max_context_len // block_size)
+        slots = (tables[:, :num_blocks, None] * block_size + offsets).flatten(1)
+        slots = slots[:, : meta.max_context_len]
+        positions = torch.arange(meta.max_context_len, device=device)
+        valid = positions[None, :] < meta.context_lens.to(device)[:, None]
+        return PagedPlan(True, (), slots.contiguous(), valid)
+    spans = []
+    context_lens = meta.context_lens.tolist()
+    for i, ctx in enumerate(context_lens):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        num_blocks = -(-ctx // block_size)
+        slots = (tables[i, :num_blocks, None] * block_size + offsets).flatten()[:ctx]
+        q_len = end - start
+        mask = None
+        if 1 < q_len < ctx:
+            key_pos = torch.arange(ctx, device=device)
+            query_pos = torch.arange(ctx - q_len, ctx, device=device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+        spans.append(SeqSpan(start, end, slots, mask, causal=q_len == ctx and q_len > 1))
+    return PagedPlan(False, tuple(spans), None, None)
+
+
+def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
+    """Store `values` [T, kv_width] at `slot_mapping` of `cache` [num_blocks, block_size, kv_width]."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, values.to(cache.dtype))
+
+
+def gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows of the flattened cache at `slots` (any shape) -> `[*slots.shape, kv_width]`."""
+    flat = cache.view(-1, cache.shape[-1])
+    return flat[slots.reshape(-1)].view(*slots.shape, cache.shape[-1])
+
+
+def sdpa_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SeqSpan,
+              scale: float) -> torch.Tensor:
+    """Attention of one sequence. q [q_len, H, Dk], k [ctx, Hk, Dk], v [ctx, Hk, Dv] with
+    H a multiple of Hk (grouped-query). Returns [q_len, H, Dv]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=span.mask, is_causal=span.causal, scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+    return out.transpose(0, 1)
+
+
+def gqa_attention(q: torch.Tensor, cache: torch.Tensor, plan: PagedPlan, num_kv_heads: int,
+                  scale: float) -> torch.Tensor:
+    """Paged GQA over a cache whose tokens hold K (heads x dim) then V. q [T, H, D] -> [T, H, D]."""
+    head_dim = q.shape[-1]
+    kv_dim = num_kv_heads * head_dim
+    if plan.decode_only:
+        if plan.slots is None or plan.valid is None:
+            raise RuntimeError("decode plan without slots")
+        kv = gather(cache, plan.slots)
+        batch, length = plan.slots.shape
+        k = kv[..., :kv_dim].view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+        v = kv[..., kv_dim:].view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], k, v, attn_mask=plan.valid[:, None, None, :], scale=scale,
+            enable_gqa=num_kv_heads != q.shape[1],
+        )
+        return out[:, :, 0, :]
+    out = torch.empty_like(q)
+    for span in plan.spans:
+        kv = gather(cache, span.slots)
+        k = kv[:, :kv_dim].view(-1, num_kv_heads, head_dim)
+        v = kv[:, kv_dim:].view(-1, num_kv_heads, head_dim)
+        out[span.query_start:span.query_end] = sdpa_span(
+            q[span.query_start:span.query_end], k, v, span, scale)
+    return out

@@ -1,0 +1,64 @@
+"""The seam between the engine (scheduler, runner) and the models: see docs/contracts.md.
+
+The runner builds one `AttentionMetadata` per step and calls `CausalLM.forward` with the
+flattened new tokens of every scheduled sequence. The model writes the new tokens' KV into
+`kv_caches` at `slot_mapping` and attends over each sequence's blocks; it never allocates or
+frees blocks (the block manager owns them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from backends.engine.config import ModelConfig
+
+__all__ = ["AttentionMetadata", "CausalLM", "ModelConfig"]
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where one step's tokens live in the paged KV cache.
+
+    slot_mapping: [T] int64, cache slot (block_id * block_size + offset) of each new token.
+    query_start_loc: B+1 cumulative query lengths over the flattened step.
+    context_lens: [B] int64, tokens of each sequence after this step (cached + new).
+    block_tables: [B, max_num_blocks] int32, rows padded with 0 (masked by context_lens).
+    max_context_len: max(context_lens).
+    decode_only: every sequence has exactly one new token.
+    """
+
+    slot_mapping: torch.Tensor
+    query_start_loc: list[int]
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_context_len: int
+    decode_only: bool
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """A decoder-only model over a paged KV cache (an nn.Module).
+
+    KV cache: one tensor per layer, `[num_blocks, block_size, kv_width]`, the model's dtype.
+    """
+
+    config: ModelConfig
+    num_layers: int
+    kv_width: int
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Hidden states `[T, hidden]` of the new tokens; writes their KV into kv_caches."""
+        ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[N, vocab]` in float32 for the given hidden states."""
+        ...

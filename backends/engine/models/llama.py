@@ -1,0 +1,93 @@
+"""Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU) over the paged KV cache.
+
+Parameter names match HF `LlamaForCausalLM` checkpoints (model.embed_tokens.weight,
+model.layers.N.self_attn.q_proj.weight, ..., lm_head.weight) so safetensors load directly.
+Cache layout per token: K (num_kv_heads x head_dim) then V.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from backends.engine.attention import PagedPlan, build_plan, gqa_attention, write_cache
+from backends.engine.config import ModelConfig
+from backends.engine.model_api import AttentionMetadata
+from backends.engine.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope_neox
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                slot_mapping: torch.Tensor, plan: PagedPlan, cache: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x)
+        q = apply_rope_neox(q, cos, sin)
+        k = apply_rope_neox(k, cos, sin)
+        write_cache(cache, slot_mapping, torch.cat((k.flatten(1), v), dim=-1))
+        out = gqa_attention(q, cache, plan, self.num_kv_heads, self.scale)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                slot_mapping: torch.Tensor, plan: PagedPlan, cache: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, slot_mapping, plan, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """CausalLM (see model_api.py). With tied embeddings lm_head shares embed_tokens' weight."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_layers = config.num_layers
+        self.kv_width = config.kv_width
+        self.model = LlamaModel(config)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(f"kv_caches: expected {self.num_layers} layers, got {len(kv_caches)}")
+        plan = build_plan(meta, kv_caches[0].shape[1])
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, meta.slot_mapping, plan, cache)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
