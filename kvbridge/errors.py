@@ -1,0 +1,67 @@
+"""kvbridge's error hierarchy: remote and transport failures, kept apart from caller mistakes.
+
+Caller mistakes elsewhere raise ValueError; broken invariants raise RuntimeError. Everything a
+peer, the wire or the clock can cause derives from KVBridgeError, so a serving layer can catch
+one class and degrade to recompute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class KVBridgeError(Exception):
+    """Base of every failure caused by a peer, the wire or a deadline."""
+
+
+class ProtocolError(KVBridgeError):
+    """A malformed, oversized, wrong-version or unexpected frame."""
+
+
+class AuthError(KVBridgeError):
+    """A peer did not authenticate (missing or wrong token)."""
+
+
+class RemoteError(KVBridgeError):
+    """The peer answered with an error; ``code`` is its category, the message its text."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"remote error [{code}]: {message}")
+        self.code = code
+        self.remote_message = message
+
+
+class TransportUnavailable(KVBridgeError):
+    """A transport's optional package is not installed (e.g. nixl, deep_ep)."""
+
+
+class TransferTimeout(KVBridgeError, TimeoutError):
+    """A transfer or request did not finish before its deadline.
+
+    The message names the operation, the deadline (seconds it allowed) and what was pending.
+    """
+
+    def __init__(self, what: str, timeout_s: float, pending: str) -> None:
+        super().__init__(f"{what} timed out after {timeout_s:.3f}s; pending: {pending}")
+        self.what = what
+        self.timeout_s = timeout_s
+        self.pending = pending
+
+
+class LayoutMismatch(KVBridgeError, ValueError):
+    """A KV handle's layout differs from the consumer's: refusing it beats decoding garbage KV."""
+
+    def __init__(self, field: str, got: object, expected: object) -> None:
+        super().__init__(f"KV layout mismatch in {field}: handle has {got!r}, expected {expected!r}")
+        self.field = field
+        self.got = got
+        self.expected = expected
+
+
+def describe_pending(layers: Sequence[int], limit: int = 8) -> str:
+    """A short human description of the layers still pending (for timeout messages)."""
+    if not layers:
+        return "nothing"
+    shown = ", ".join(str(i) for i in layers[:limit])
+    more = f" (+{len(layers) - limit} more)" if len(layers) > limit else ""
+    return f"layers [{shown}]{more}"
