@@ -32,7 +32,7 @@ def _extra_key_bytes(extra_key: bytes | str) -> bytes:
     raise ValueError(f"extra_key must be bytes or str, got {type(extra_key).__name__}")
 
 
-def _namespace_hasher(extra_key: bytes | str) -> hashlib._Hash:
+def _namespace_hasher(extra_key: bytes | str) -> hashlib.blake2b:
     """A hasher already fed with the domain tag and the extra key (copied once per block)."""
     key = _extra_key_bytes(extra_key)
     hasher = hashlib.blake2b(digest_size=HASH_NBYTES)
@@ -50,7 +50,7 @@ def _pack_tokens(token_ids: Sequence[int]) -> bytes:
         raise ValueError(f"token_ids must be int32 values, got {bad[:4]!r}") from exc
 
 
-def _digest(base: hashlib._Hash, parent_hash: BlockHash | None, packed: bytes) -> BlockHash:
+def _digest(base: hashlib.blake2b, parent_hash: BlockHash | None, packed: bytes) -> BlockHash:
     hasher = base.copy()
     if parent_hash is None:
         hasher.update(b"\x00")
