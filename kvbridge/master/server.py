@@ -1,0 +1,212 @@
+"""The master's asyncio server: one task per connection, one reaper task, one ClusterIndex.
+
+Connection contract: the first frame is a Hello with the token (when the server has one);
+then any number of request frames, each answered by exactly one reply frame. A request the
+index rejects (unknown node, bad value) gets ``ErrorReply`` and the connection stays open; a
+bad frame (malformed, oversized, wrong version) or failed authentication gets ``ErrorReply``
+and the connection is closed. Neither affects other connections.
+Nodes silent for ``heartbeat_timeout_s`` are dropped with all their entries by the reaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from kvbridge.errors import AuthError, ProtocolError
+from kvbridge.master.index import UNKNOWN_NODE, ClusterIndex, UnknownNode
+from kvbridge.master.messages import (
+    Heartbeat,
+    InsertBlocks,
+    ListNodes,
+    Lookup,
+    LookupReply,
+    NodesReply,
+    RegisterNode,
+    RemoveBlocks,
+)
+from kvbridge.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    ErrorReply,
+    HelloAck,
+    Ok,
+    check_bind,
+    check_hello,
+    read_message,
+    write_message,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MasterConfig:
+    host: str = "127.0.0.1"
+    port: int = 0                    # 0: any free port (see MasterServer.address)
+    token: str | None = None
+    heartbeat_timeout_s: float = 10.0
+    auth_timeout_s: float = 5.0
+    idle_timeout_s: float = 600.0
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port: expected 0..65535, got {self.port}")
+        if self.heartbeat_timeout_s <= 0:
+            raise ValueError(f"heartbeat_timeout_s: expected > 0, got {self.heartbeat_timeout_s}")
+        check_bind(self.host, self.token)
+
+
+class MasterServer:
+    """Owns the listening socket, the reaper task and the index; ``close()`` stops all three."""
+
+    def __init__(self, config: MasterConfig) -> None:
+        self.config = config
+        self.index = ClusterIndex()
+        self._server: asyncio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("master server is not started")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._on_connect, self.config.host, self.config.port)
+        self._reaper = asyncio.create_task(self._reap_forever())
+        log.info("kvbridge master listening on %s:%d", *self.address)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in (self._reaper, *self._conns) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _reap_forever(self) -> None:
+        period = min(0.5, self.config.heartbeat_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            dropped = self.index.expire(time.monotonic(), self.config.heartbeat_timeout_s)
+            if dropped:
+                log.warning("kvbridge master dropped silent nodes %s", dropped)
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (ProtocolError, AuthError) as exc:
+            code = "auth" if isinstance(exc, AuthError) else "protocol"
+            log.info("kvbridge master closing connection: %s", exc)
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await write_message(writer, ErrorReply(code, str(exc)), self.config.auth_timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.info("kvbridge master connection ended: %r", exc)
+        except asyncio.CancelledError:
+            pass  # server shutdown; this is the connection's top-level task
+        finally:
+            if task is not None:
+                self._conns.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cfg = self.config
+        hello = await read_message(reader, cfg.auth_timeout_s, cfg.max_frame_bytes)
+        check_hello(hello, cfg.token)
+        await write_message(writer, HelloAck("kvbridge-master"), cfg.auth_timeout_s)
+        while True:
+            request = await read_message(reader, cfg.idle_timeout_s, cfg.max_frame_bytes)
+            await write_message(writer, self._handle(request), cfg.idle_timeout_s)
+
+    def _handle(self, request: object) -> object:
+        """Applies one request to the index; a rejected request is an ErrorReply, not a raise."""
+        now = time.monotonic()
+        index = self.index
+        try:
+            if isinstance(request, Lookup):
+                return LookupReply(index.lookup(request.block_hashes))
+            if isinstance(request, InsertBlocks):
+                index.insert(request.node_id, request.tier, request.block_hashes)
+            elif isinstance(request, RemoveBlocks):
+                index.remove(request.node_id, request.tier, request.block_hashes)
+            elif isinstance(request, Heartbeat):
+                index.heartbeat(request.node_id, request.load, now)
+            elif isinstance(request, RegisterNode):
+                index.register(request.node_id, request.endpoint, request.load, now)
+            elif isinstance(request, ListNodes):
+                return NodesReply(index.nodes(now))
+            else:
+                raise ProtocolError(f"unexpected request {type(request).__name__}")
+        except UnknownNode as exc:
+            return ErrorReply(UNKNOWN_NODE, str(exc))
+        except ValueError as exc:
+            return ErrorReply("invalid", str(exc))
+        return Ok()
+
+
+class MasterThread:
+    """Runs a MasterServer on its own event loop in a background thread (tests, `serve`)."""
+
+    def __init__(self, config: MasterConfig, start_timeout_s: float = 10.0) -> None:
+        self.server = MasterServer(config)
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvbridge-master", daemon=True)
+        self._thread.start()
+        if not self._started.wait(start_timeout_s):
+            raise RuntimeError(f"kvbridge master did not start within {start_timeout_s}s")
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.server.start())
+        except BaseException as exc:  # reported to the constructor's caller
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self.server.close())
+        self._loop.close()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout_s)
+
+    def __enter__(self) -> MasterThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def serve_forever(config: MasterConfig) -> None:
+    """Runs a master until cancelled (the CLI's entry point)."""
+    server = MasterServer(config)
+    await server.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.close()
