@@ -1,0 +1,69 @@
+"""DeepSeek-V2/V3-style decoder (MLA attention, dense SwiGLU MLP) over the paged latent cache.
+
+Parameter names match HF `DeepseekV2ForCausalLM` / `DeepseekV3ForCausalLM` checkpoints.
+MoE layers are not implemented: config parsing rejects checkpoints that have any.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from backends.engine.attention import PagedPlan, build_plan
+from backends.engine.config import ModelConfig
+from backends.engine.model_api import AttentionMetadata
+from backends.engine.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from backends.engine.models.mla import MLAttention
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = MLAttention(config)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                slot_mapping: torch.Tensor, plan: PagedPlan, cache: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, slot_mapping, plan, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """CausalLM (see model_api.py) with kv_width = kv_lora_rank + qk_rope_head_dim."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.mla is None:
+            raise ValueError(f"architecture {config.architecture!r} has no MLA config")
+        self.config = config
+        self.num_layers = config.num_layers
+        self.kv_width = config.kv_width
+        self.model = DeepseekModel(config)
+        self.rotary = RotaryEmbedding(config.rope, config.mla.qk_rope_head_dim)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(f"kv_caches: expected {self.num_layers} layers, got {len(kv_caches)}")
+        plan = build_plan(meta, kv_caches[0].shape[1])
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, slot_mapping=meta.slot_mapping, plan=plan, cache=cache)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

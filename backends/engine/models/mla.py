@@ -1,0 +1,118 @@
+"""DeepSeek multi-head latent attention (MLA) over a paged latent cache.
+
+Cache per token: the normalized compressed latent (kv_lora_rank) then the rope'd shared key
+(qk_rope_head_dim) -- FlashMLA's layout. Parameter names match HF DeepSeek-V2/V3.
+Prefill expands the latents through kv_b_proj (as HF does); decode uses the absorbed form:
+q_nope is folded into latent space with W_UK, attention runs over the latent cache as one
+shared KV head, and W_UV maps the result back to per-head values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from backends.engine.attention import PagedPlan, gather, sdpa_span, write_cache
+from backends.engine.config import MLAConfig, ModelConfig
+from backends.engine.models.layers import RMSNorm, apply_rope_interleave, apply_rope_neox
+
+# HF builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps, not rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        mla = config.mla
+        if mla is None:
+            raise RuntimeError("MLAttention needs config.mla")
+        self.mla: MLAConfig = mla
+        self.num_heads = config.num_heads
+        self.scale = mla.qk_head_dim**-0.5
+        hidden, bias, heads = config.hidden_size, config.attention_bias, config.num_heads
+        self.q_proj: nn.Linear | None = None
+        self.q_a_proj: nn.Linear | None = None
+        self.q_a_layernorm: RMSNorm | None = None
+        self.q_b_proj: nn.Linear | None = None
+        if mla.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, heads * mla.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, mla.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, heads * mla.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(
+            mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * mla.v_head_dim, hidden, bias=bias)
+        self.rope = apply_rope_interleave if mla.rope_interleave else apply_rope_neox
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_proj is not None:
+            return self.q_proj(x)
+        if self.q_a_proj is None or self.q_a_layernorm is None or self.q_b_proj is None:
+            raise RuntimeError("MLAttention without q projections")
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                slot_mapping: torch.Tensor, plan: PagedPlan, cache: torch.Tensor) -> torch.Tensor:
+        mla, num_tokens = self.mla, x.shape[0]
+        q = self._query(x).view(num_tokens, self.num_heads, mla.qk_head_dim)
+        q_nope, q_pe = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split(
+            [mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe = self.rope(q_pe, cos, sin)
+        k_pe = self.rope(k_pe[:, None, :], cos, sin)[:, 0, :]
+        write_cache(cache, slot_mapping, torch.cat((latent, k_pe), dim=-1))
+        if plan.decode_only:
+            out = self._decode_absorbed(q_nope, q_pe, cache, plan)
+        else:
+            out = self._prefill_expanded(torch.cat((q_nope, q_pe), dim=-1), cache, plan)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+    def _absorb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, R] and W_UV [H, v, R] as views of kv_b_proj.weight."""
+        mla = self.mla
+        w = self.kv_b_proj.weight.view(
+            self.num_heads, mla.qk_nope_head_dim + mla.v_head_dim, mla.kv_lora_rank)
+        return w[:, : mla.qk_nope_head_dim], w[:, mla.qk_nope_head_dim:]
+
+    def _decode_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                         plan: PagedPlan) -> torch.Tensor:
+        """One query per sequence: [B, H, *] -> [B, H, v_head_dim] over the latent cache."""
+        if plan.slots is None or plan.valid is None:
+            raise RuntimeError("decode plan without slots")
+        w_uk, w_uv = self._absorb_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]
+        q_full = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, R + rope]
+        return mla_decode_torch(q_full, cache, plan, self.mla.kv_lora_rank, self.scale, w_uv)
+
+    def _prefill_expanded(self, q: torch.Tensor, cache: torch.Tensor,
+                          plan: PagedPlan) -> torch.Tensor:
+        mla = self.mla
+        out = q.new_empty(q.shape[0], self.num_heads, mla.v_head_dim)
+        for span in plan.spans:
+            entries = gather(cache, span.slots)  # [ctx, R + rope]
+            kv = self.kv_b_proj(entries[:, : mla.kv_lora_rank]).view(
+                -1, self.num_heads, mla.qk_nope_head_dim + mla.v_head_dim)
+            k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
+            k_pe = entries[:, None, mla.kv_lora_rank:].expand(-1, self.num_heads, -1)
+            k = torch.cat((k_nope, k_pe), dim=-1)
+            out[span.query_start:span.query_end] = sdpa_span(
+                q[span.query_start:span.query_end], k, v, span, self.scale)
+        return out
+
+
+def mla_decode_torch(q_full: torch.Tensor, cache: torch.Tensor, plan: PagedPlan,
+                     kv_lora_rank: int, scale: float, w_uv: torch.Tensor) -> torch.Tensor:
+    """Absorbed MLA decode: q_full [B, H, R + rope] over gathered latents -> [B, H, v]."""
+    if plan.slots is None or plan.valid is None:
+        raise RuntimeError("decode plan without slots")
+    entries = gather(cache, plan.slots)  # [B, L, R + rope]
+    scores = torch.bmm(q_full, entries.transpose(1, 2)).float() * scale  # [B, H, L]
+    scores = scores.masked_fill(~plan.valid[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q_full.dtype)
+    out_latent = torch.bmm(probs, entries[..., :kv_lora_rank])  # [B, H, R]
+    return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
