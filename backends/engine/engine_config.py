@@ -22,6 +22,7 @@ class EngineConfig:
     max_num_batched_tokens: per-step token budget (decode tokens plus prefill chunks).
     max_model_len: most tokens (prompt + output) per sequence; None takes the model's limit.
     seed: seeds the engine generator used by unseeded sampled requests.
+    kv_import_timeout_s: deadline for reading one request's imported KV (then recompute).
     """
 
     block_size: int | None = None
@@ -33,6 +34,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    kv_import_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -57,11 +59,10 @@ class EngineConfig:
     def resolve(self, *, is_mla: bool, model_max_len: int, kv_bytes_per_token: int) -> EngineConfig:
         """A copy with every None filled in for a given model.
 
-        `kv_bytes_per_token` covers all layers. Raises ValueError when the pool cannot hold
-        one sequence of `max_model_len` tokens.
+        `kv_bytes_per_token` covers all layers. max_model_len defaults to the smaller of the
+        model's limit and the pool's capacity; ValueError when an explicit one exceeds the pool.
         """
         block_size = self.block_size or (MLA_BLOCK_SIZE if is_mla else DEFAULT_BLOCK_SIZE)
-        max_model_len = self.max_model_len or model_max_len
         num_blocks = self.num_blocks or self.kv_cache_memory_bytes // (
             kv_bytes_per_token * block_size
         )
@@ -69,6 +70,13 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_memory_bytes={self.kv_cache_memory_bytes} holds no block of "
                 f"{block_size} tokens ({kv_bytes_per_token} bytes per token)"
+            )
+        capacity = num_blocks * block_size
+        max_model_len = self.max_model_len or min(model_max_len, capacity)
+        if max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds the KV pool ({num_blocks} blocks of "
+                f"{block_size} tokens)"
             )
         return dataclasses.replace(
             self, block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len

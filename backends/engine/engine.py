@@ -1,0 +1,273 @@
+"""LLMEngine: the request API over scheduler, runner and sampler (see docs/contracts.md).
+
+One thread drives an engine: `add_request`, `abort`, `step`, `export_kv` and `release_kv` are
+not thread-safe. `step` reads as schedule -> run -> postprocess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from backends.engine.block_manager import BlockManager
+from backends.engine.engine_config import EngineConfig
+from backends.engine.hooks import KVHooks, KVSource
+from backends.engine.kv_transfer import KVAdmission, PagedCacheAccess, export_kv
+from backends.engine.loader import LoadedModel, load_model
+from backends.engine.outputs import GenerationResult, KVExport, KVLayout, RequestOutput
+from backends.engine.postprocess import StopChecker, TextState
+from backends.engine.runner import ModelRunner
+from backends.engine.sampler import Sampler, SampleRow
+from backends.engine.sampling_params import SamplingParams
+from backends.engine.scheduler import ScheduledSeq, Scheduler
+from backends.engine.sequence import Sequence
+
+
+class LLMEngine:
+    """A paged-KV engine over one model. `config` is resolved against the model at init."""
+
+    def __init__(
+        self,
+        source: str | LoadedModel,
+        config: EngineConfig | None = None,
+        hooks: KVHooks | None = None,
+    ) -> None:
+        config = config or EngineConfig()
+        loaded = (
+            load_model(source, dtype=config.torch_dtype, device=config.device)
+            if isinstance(source, str)
+            else source
+        )
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.hooks = hooks
+        mc = loaded.config
+        elem = torch.empty((), dtype=config.torch_dtype).element_size()
+        self.config = config.resolve(
+            is_mla=mc.mla is not None,
+            model_max_len=mc.max_position_embeddings,
+            kv_bytes_per_token=mc.num_layers * mc.kv_width * elem,
+        )
+        cfg = self.config
+        block_size, num_blocks = _resolved(cfg.block_size), _resolved(cfg.num_blocks)
+        self.max_model_len = _resolved(cfg.max_model_len)
+        self.kv_layout = KVLayout(
+            config.dtype, mc.num_layers, block_size, mc.kv_width, mc.kv_width * elem
+        )
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(
+            loaded.model,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            dtype=cfg.torch_dtype,
+            device=torch.device(cfg.device),
+        )
+        self.cache_access = PagedCacheAccess(self.runner.kv_caches, self.kv_layout)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            admission=KVAdmission(self.cache_access, hooks, cfg.kv_import_timeout_s),
+        )
+        eos = tuple(dict.fromkeys((self.tokenizer.eos_token_id, *mc.eos_token_ids)))
+        self.sampler = Sampler(eos, cfg.seed)
+        self.stop_checker = StopChecker(self.tokenizer, eos, self.max_model_len)
+        self._seqs: dict[str, Sequence] = {}
+        self._texts: dict[str, TextState] = {}
+        self._held: dict[str, Sequence] = {}  # finished prefill-only requests holding KV
+        self._pending: list[RequestOutput] = []
+        self._arrivals = 0
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        *,
+        prefill_only: bool = False,
+        kv_source: KVSource | None = None,
+        prior_output_ids: Seq[int] = (),
+    ) -> None:
+        """Queue a request. ValueError (field and value named) for any bad input."""
+        if request_id in self._seqs or request_id in self._held:
+            raise ValueError(f"request_id {request_id!r} is already in the engine")
+        params.validate(self.max_model_len, len(prompt_token_ids))
+        vocab = self.model_config.vocab_size
+        bad = [t for t in [*prompt_token_ids, *prior_output_ids] if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(prior_output_ids) >= params.max_tokens:
+            raise ValueError(
+                f"prior_output_ids has {len(prior_output_ids)} tokens, "
+                f"not fewer than max_tokens={params.max_tokens}"
+            )
+        if kv_source is not None and not 0 < kv_source.num_tokens <= len(prompt_token_ids):
+            raise ValueError(
+                f"kv_source.num_tokens must be in (0, {len(prompt_token_ids)}], "
+                f"got {kv_source.num_tokens}"
+            )
+        seq = Sequence(
+            request_id,
+            prompt_token_ids,
+            params,
+            arrival_index=self._arrivals,
+            prefill_only=prefill_only,
+            kv_source=kv_source,
+            prior_output_ids=prior_output_ids,
+        )
+        self._arrivals += 1
+        self._seqs[request_id] = seq
+        self._texts[request_id] = TextState()
+        self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs) or bool(self._pending)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; one output per request that sampled or ended."""
+        outputs, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule().scheduled
+        if not scheduled:
+            return outputs
+        logits = self.runner.execute(scheduled)
+        sampling = [item for item in scheduled if item.samples]
+        rows = [SampleRow(item.seq.params, item.seq.num_output_tokens) for item in sampling]
+        sampled = self.sampler.sample(logits, rows) if rows else None
+        for item in scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self._publish(item)
+        if sampled is not None:
+            for i, item in enumerate(sampling):
+                lp = sampled.logprobs[i] if sampled.logprobs is not None else None
+                outputs.append(self._postprocess(item.seq, sampled.token_ids[i], lp))
+        return outputs
+
+    def _publish(self, item: ScheduledSeq) -> None:
+        seq = item.seq
+        full = seq.num_computed_tokens // self.kv_layout.block_size
+        if self.hooks is None or full <= seq.num_published_blocks:
+            return
+        self.hooks.blocks_computed(
+            seq.request_id,
+            seq.token_ids[: full * self.kv_layout.block_size],
+            list(seq.block_table[seq.num_published_blocks : full]),
+            self.cache_access,
+        )
+        seq.num_published_blocks = full
+
+    def _postprocess(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        if seq.params.logprobs and logprob is not None:
+            seq.logprobs.append(logprob)
+        state = self._texts[seq.request_id]
+        reason = self.stop_checker.check(seq, state)
+        finished = reason is not None or seq.prefill_only
+        seq.finish_reason = reason
+        text = self.stop_checker.visible_text(seq, state, finished)
+        if finished:
+            self._finish(seq)
+        new_logprobs = (logprob,) if seq.params.logprobs and logprob is not None else ()
+        return self._output(seq, (token,), new_logprobs, text, finished)
+
+    def _output(
+        self,
+        seq: Sequence,
+        new_ids: tuple[int, ...],
+        new_logprobs: tuple[float, ...],
+        text: str,
+        finished: bool,
+    ) -> RequestOutput:
+        return RequestOutput(
+            seq.request_id,
+            new_ids,
+            new_logprobs,
+            text,
+            finished,
+            seq.finish_reason,
+            seq.num_prompt_tokens,
+            seq.num_output_tokens,
+            seq.num_cached_tokens,
+        )
+
+    def _finish(self, seq: Sequence) -> None:
+        del self._seqs[seq.request_id]
+        self._texts.pop(seq.request_id, None)
+        self.scheduler.finish(seq, keep_blocks=seq.prefill_only)
+        if seq.prefill_only:
+            self._held[seq.request_id] = seq
+        elif self.hooks is not None:
+            self.hooks.request_finished(seq.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """End a request now and free its blocks; the next step emits its 'abort' output.
+
+        Unknown or already finished ids are ignored; for a finished prefill-only request whose
+        KV is held this is `release_kv`.
+        """
+        if request_id in self._held:
+            self.release_kv(request_id)
+            return
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return
+        seq.finish_reason = "abort"
+        text = self._texts[request_id].text
+        self._finish(seq)
+        self._pending.append(self._output(seq, (), (), text, True))
+
+    def export_kv(self, request_id: str) -> KVExport:
+        """The prompt KV of a finished prefill-only request (valid until `release_kv`)."""
+        seq = self._held.get(request_id)
+        if seq is None:
+            raise ValueError(f"request_id {request_id!r} holds no exported KV")
+        return export_kv(seq, self.cache_access)
+
+    def release_kv(self, request_id: str) -> None:
+        """Free the blocks of a finished prefill-only request."""
+        seq = self._held.pop(request_id, None)
+        if seq is None:
+            raise ValueError(f"request_id {request_id!r} holds no exported KV")
+        self.block_manager.free(seq.block_table)
+        seq.block_table = []
+        if self.hooks is not None:
+            self.hooks.request_finished(request_id)
+
+    def generate(
+        self,
+        prompts: Seq[Seq[int]],
+        params: SamplingParams | Seq[SamplingParams],
+    ) -> list[GenerationResult]:
+        """Run `prompts` to completion (ids "0", "1", ...); results in prompt order."""
+        all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+        if len(all_params) != len(prompts):
+            raise ValueError(f"params has {len(all_params)} entries for {len(prompts)} prompts")
+        ids = [f"gen-{self._arrivals + i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, all_params, strict=True):
+            self.add_request(rid, prompt, p)
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        logprobs: dict[str, list[float]] = {rid: [] for rid in ids}
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                tokens[out.request_id] += out.new_token_ids
+                logprobs[out.request_id] += out.new_logprobs
+                if out.finished:
+                    final[out.request_id] = out
+        return [
+            GenerationResult(
+                rid,
+                tuple(prompt),
+                tuple(tokens[rid]),
+                tuple(logprobs[rid]),
+                final[rid].text,
+                final[rid].finish_reason,
+            )
+            for rid, prompt in zip(ids, prompts, strict=True)
+        ]
+
+
+def _resolved(value: int | None) -> int:
+    if value is None:
+        raise RuntimeError("engine config was not resolved")
+    return value

@@ -1,0 +1,100 @@
+"""ModelRunner: owns the paged KV cache tensors and runs one scheduled step through the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from backends.engine.model_api import AttentionMetadata
+from backends.engine.scheduler import ScheduledSeq
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # rows of the flattened step whose logits are sampled
+
+
+class ModelRunner:
+    """Runs `model` (a model_api.CausalLM) over `num_blocks` blocks of `block_size` tokens.
+
+    The cache is one zeroed tensor `[num_blocks, block_size, kv_width]` per layer on `device`;
+    the runner never frees or reuses blocks itself (the block manager decides).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        num_layers: int = model.num_layers  # type: ignore[assignment]
+        kv_width: int = model.kv_width  # type: ignore[assignment]
+        self.kv_caches = [
+            torch.zeros(num_blocks, block_size, kv_width, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+
+    def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
+        """Flatten the step's new tokens and describe where their KV lives."""
+        bs = self.block_size
+        query_start_loc = [0]
+        context_lens: list[int] = []
+        tokens: list[int] = []
+        positions: list[np.ndarray] = []
+        for item in batch:
+            start = item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            tokens.extend(item.seq.token_ids[start:end])
+            positions.append(np.arange(start, end, dtype=np.int64))
+            query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
+            context_lens.append(end)
+        max_blocks = max(-(-c // bs) for c in context_lens)
+        tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
+        slot_parts = []
+        for i, item in enumerate(batch):
+            row = np.asarray(item.seq.block_table[: -(-context_lens[i] // bs)], dtype=np.int64)
+            tables[i, : len(row)] = row
+            pos = positions[i]
+            slot_parts.append(row[pos // bs] * bs + pos % bs)
+        pos_all = np.concatenate(positions)
+        slots = np.concatenate(slot_parts)
+        sample = [query_start_loc[i + 1] - 1 for i, item in enumerate(batch) if item.samples]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            query_start_loc=query_start_loc,
+            context_lens=torch.tensor(context_lens, dtype=torch.int64, device=dev),
+            block_tables=torch.from_numpy(tables).to(dev),
+            max_context_len=max(context_lens),
+            decode_only=len(tokens) == len(batch),
+        )
+        return StepInputs(
+            input_ids=torch.tensor(tokens, dtype=torch.int64, device=dev),
+            positions=torch.from_numpy(pos_all).to(dev),
+            meta=meta,
+            sample_indices=torch.tensor(sample, dtype=torch.int64, device=dev),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Run the step; logits `[N, vocab]` float32 for the sequences that sample, in order."""
+        inputs = self.prepare(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        if inputs.sample_indices.numel() == 0:
+            return hidden.new_empty((0, 0), dtype=torch.float32)
+        logits: torch.Tensor = self.model.compute_logits(  # type: ignore[operator]
+            hidden.index_select(0, inputs.sample_indices)
+        )
+        return logits
