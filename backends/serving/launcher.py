@@ -7,6 +7,7 @@ for the grace period, then SIGKILL to the group. Every wait has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -67,7 +68,7 @@ def server_command(spec: LaunchSpec) -> list[str]:
         f"--grpc-address={p.address}", f"--grpc-port={p.grpc_port}",
         f"--metrics-address={p.address}", f"--metrics-port={p.metrics_port}",
         "--allow-gpu-metrics=false",
-        "--exit-timeout-secs=10",
+        "--exit-timeout-secs=5",
         f"--log-verbose={spec.log_verbose}",
         *spec.extra_args,
     ]
@@ -176,14 +177,10 @@ class TritonServer:
 
 def _signal_pid(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -1,0 +1,181 @@
+"""YAML deployments → a model repository (and the per-model ``1/engine.yaml``).
+
+A deployment file (every key optional; unknown, missing-value or invalid keys raise ValueError
+naming the key path)::
+
+    model: tiny-llama            # preset name or HF checkpoint directory
+    disaggregation: true         # false: colocated workers with role "both"
+    prefill: {count: 1, devices: [cpu]}
+    decode: {count: 1, devices: [cpu]}
+    engine: {block_size: 16, num_blocks: 512, max_num_seqs: 32,
+             max_num_batched_tokens: 1024, max_model_len: 1024, dtype: float32}
+    serving: {max_tokens: 1024, prefix: ""}
+
+Models generated: ``<prefix>llm`` and ``<prefix>ensemble`` (pd_orchestrator), and workers
+``<prefix>prefill[_i]`` / ``<prefix>decode[_i]`` (disaggregated) or ``<prefix>worker[_i]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from backends.serving import specs
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """What ``1/engine.yaml`` holds: the model source and the EngineConfig fields we expose."""
+
+    source: str = "tiny-llama"
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int = 512
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    max_model_len: int = 1024
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    count: int = 1
+    devices: tuple[str, ...] = ("cpu",)
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    model: str = "tiny-llama"
+    disaggregation: bool = True
+    prefill: Pool = Pool()
+    decode: Pool = Pool()
+    engine: EngineSpec = EngineSpec()
+    max_tokens: int = 1024
+    prefix: str = ""
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise ValueError(f"{where}{key}: unknown key (expected one of {sorted(allowed)})")
+
+
+def _typed(value: Any, kind: type, path: str) -> Any:
+    if value is None:
+        raise ValueError(f"{path}: missing value")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{path}: expected a positive integer, got {value!r}")
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{path}: expected true or false, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise ValueError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def parse_engine_spec(data: Mapping[str, Any], where: str = "engine.") -> EngineSpec:
+    names = {f.name: f for f in fields(EngineSpec)}
+    _check_keys(data, set(names), where)
+    values = {k: _typed(v, type(getattr(EngineSpec(), k)), where + k) for k, v in data.items()}
+    if values.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"{where}dtype: expected float32, float16 or bfloat16, got {values['dtype']!r}")
+    return EngineSpec(**values)
+
+
+def _pool(data: Any, where: str) -> Pool:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    _check_keys(data, {"count", "devices"}, where + ".")
+    count = _typed(data.get("count", 1), int, where + ".count")
+    devices = data.get("devices", ["cpu"])
+    if not isinstance(devices, list) or not devices or not all(isinstance(d, str) for d in devices):
+        raise ValueError(f"{where}.devices: expected a non-empty list of device names, got {devices!r}")
+    return Pool(count, tuple(devices))
+
+
+def parse_deployment(data: Mapping[str, Any]) -> Deployment:
+    """A Deployment from parsed YAML; ValueError names the first bad key."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"deployment: expected a mapping at the top level, got {type(data).__name__}")
+    _check_keys(data, {"model", "disaggregation", "prefill", "decode", "engine", "serving"}, "")
+    serving = data.get("serving", {}) or {}
+    _check_keys(serving, {"max_tokens", "prefix"}, "serving.")
+    model = _typed(data.get("model", "tiny-llama"), str, "model")
+    engine = parse_engine_spec({"source": model, **(data.get("engine") or {})})
+    return Deployment(
+        model=model, disaggregation=_typed(data.get("disaggregation", True), bool, "disaggregation"),
+        prefill=_pool(data.get("prefill", {}), "prefill"), decode=_pool(data.get("decode", {}), "decode"),
+        engine=engine, max_tokens=_typed(serving.get("max_tokens", 1024), int, "serving.max_tokens"),
+        prefix=str(serving.get("prefix", "")))
+
+
+def load_deployment(path: str | Path) -> Deployment:
+    text = Path(path).read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    return parse_deployment(data)
+
+
+def load_engine_spec(path: str | Path) -> EngineSpec:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a mapping")
+    return parse_engine_spec(data, where=f"{path}: ")
+
+
+def _names(prefix: str, base: str, count: int) -> list[str]:
+    return [f"{prefix}{base}" if i == 0 else f"{prefix}{base}_{i}" for i in range(count)]
+
+
+def _worker_specs(dep: Deployment) -> list[tuple[specs.ModelSpec, EngineSpec]]:
+    pools = [("prefill", dep.prefill), ("decode", dep.decode)] if dep.disaggregation else \
+        [("both", Pool(dep.decode.count, dep.decode.devices))]
+    out = []
+    for role, pool in pools:
+        base = "worker" if role == "both" else role
+        for i, name in enumerate(_names(dep.prefix, base, pool.count)):
+            engine = EngineSpec(**{f.name: getattr(dep.engine, f.name) for f in fields(EngineSpec)}
+                                | {"device": pool.devices[i % len(pool.devices)]})
+            out.append((specs.ModelSpec(name, "pd_worker", 0, specs.WORKER_INPUTS, specs.WORKER_OUTPUTS,
+                                        {"role": role}), engine))
+    return out
+
+
+def model_specs(dep: Deployment) -> list[tuple[specs.ModelSpec, EngineSpec | None]]:
+    """Every model of the deployment with its engine spec (None for orchestrators)."""
+    workers = _worker_specs(dep)
+    by_role = {r: ",".join(s.name for s, _ in workers if s.parameters["role"] == r)
+               for r in ("prefill", "decode", "both")}
+    common = {"source": dep.model, "max_tokens": str(dep.max_tokens),
+              "max_model_len": str(dep.engine.max_model_len),
+              "disaggregation": "on" if dep.disaggregation else "off",
+              "prefill_models": by_role["prefill"],
+              "decode_models": by_role["decode"] or by_role["both"]}
+    public: list[tuple[specs.ModelSpec, EngineSpec | None]] = [
+        (specs.ModelSpec(f"{dep.prefix}llm", "pd_orchestrator", 0, specs.LLM_INPUTS,
+                         specs.LLM_OUTPUTS, {**common, "api": "llm"}), None),
+        (specs.ModelSpec(f"{dep.prefix}ensemble", "pd_orchestrator", 64, specs.ENSEMBLE_INPUTS,
+                         specs.ENSEMBLE_OUTPUTS, {**common, "api": "ensemble"}), None)]
+    return public + [(s, e) for s, e in workers]
+
+
+def write_repository(dep: Deployment, dest: str | Path) -> list[str]:
+    """Write every model's config.pbtxt (and 1/engine.yaml) under ``dest``; returns model names."""
+    root = Path(dest)
+    names = []
+    for spec, engine in model_specs(dep):
+        version = root / spec.name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        (root / spec.name / "config.pbtxt").write_text(specs.render_config(spec))
+        if engine is not None:
+            data = {f.name: getattr(engine, f.name) for f in fields(EngineSpec)}
+            (version / "engine.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        else:
+            (version / ".keep").write_text("")
+        names.append(spec.name)
+    return names

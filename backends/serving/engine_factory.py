@@ -1,0 +1,26 @@
+"""Building a worker's LLMEngine from its ``1/engine.yaml``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from backends.serving.deploy import EngineSpec, load_engine_spec
+
+
+def engine_spec_for(model_dir: Path) -> EngineSpec:
+    """``<model_dir>/1/engine.yaml`` if present, else the defaults (tiny preset on CPU)."""
+    path = model_dir / "1" / "engine.yaml"
+    return load_engine_spec(path) if path.is_file() else EngineSpec()
+
+
+def build_engine(spec: EngineSpec) -> Any:
+    """An LLMEngine for ``spec`` (imports torch and the engine lazily)."""
+    from backends.engine.engine import LLMEngine
+    from backends.engine.engine_config import EngineConfig
+
+    config = EngineConfig(
+        block_size=spec.block_size, num_blocks=spec.num_blocks, max_num_seqs=spec.max_num_seqs,
+        max_num_batched_tokens=spec.max_num_batched_tokens, max_model_len=spec.max_model_len,
+        device=spec.device, dtype=spec.dtype)
+    return LLMEngine(spec.source, config)

@@ -1,0 +1,59 @@
+"""Error categories of the serving layer and their Triton error codes.
+
+Caller mistakes are ValueError (INVALID_ARG); a cancelled request is RequestCancelled
+(CANCELLED); a worker that cannot serve is WorkerUnavailable (UNAVAILABLE); anything else is
+INTERNAL. ``triton_error`` is the only place that builds a ``pb_utils.TritonError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+INVALID_ARG = "INVALID_ARG"
+CANCELLED = "CANCELLED"
+UNAVAILABLE = "UNAVAILABLE"
+INTERNAL = "INTERNAL"
+
+
+class RequestCancelled(Exception):
+    """The client cancelled the request (or the server aborted it on the client's behalf)."""
+
+
+class WorkerUnavailable(RuntimeError):
+    """A worker model could not take or finish the request (not a caller mistake)."""
+
+
+class WorkerError(RuntimeError):
+    """A worker answered with an error; ``code`` is the Triton code name it carried."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def error_code(exc: BaseException) -> str:
+    """The Triton error code name for ``exc``."""
+    if isinstance(exc, RequestCancelled):
+        return CANCELLED
+    if isinstance(exc, WorkerError):
+        return exc.code
+    if isinstance(exc, WorkerUnavailable):
+        return UNAVAILABLE
+    if isinstance(exc, ValueError):
+        return INVALID_ARG
+    return INTERNAL
+
+
+def triton_error(pb_utils: Any, exc: BaseException) -> Any:
+    """A ``pb_utils.TritonError`` carrying ``exc``'s message and code."""
+    code = error_code(exc)
+    return pb_utils.TritonError(str(exc) or type(exc).__name__, getattr(pb_utils.TritonError, code))
+
+
+def code_name(pb_utils: Any, error: Any) -> str:
+    """The code name (e.g. "INVALID_ARG") of a ``pb_utils.TritonError`` received from a model."""
+    code = error.code()
+    for name in (INVALID_ARG, CANCELLED, UNAVAILABLE, INTERNAL):
+        if code == getattr(pb_utils.TritonError, name):
+            return name
+    return INTERNAL

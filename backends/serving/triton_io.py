@@ -1,0 +1,65 @@
+"""Glue between pb_utils objects and our numpy-level codecs (runs inside the Triton stub).
+
+``pb_utils`` is passed in rather than imported so this module imports anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.serving.errors import triton_error
+from backends.serving.worker_io import WorkerUpdate, update_tensors
+
+
+def request_inputs(request: Any) -> dict[str, np.ndarray]:
+    """Every input tensor of a pb_utils request, by name."""
+    return {t.name(): t.as_numpy() for t in request.inputs()}
+
+
+def request_parameters(request: Any) -> dict[str, Any]:
+    raw = request.parameters()
+    if not raw:
+        return {}
+    data = json.loads(raw) if isinstance(raw, str) else raw
+    return dict(data) if isinstance(data, Mapping) else {}
+
+
+def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
+    """The string parameters of a model's config (from ``initialize``'s args)."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def model_dir(args: Mapping[str, str]) -> Path:
+    """The model's directory (python-based backends get it as ``model_repository``)."""
+    return Path(args["model_repository"])
+
+
+def make_response(pb_utils: Any, tensors: Mapping[str, np.ndarray]) -> Any:
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor(name, value) for name, value in tensors.items()])
+
+
+class TritonSink:
+    """A worker request's response sender, as WorkerService's ResponseSink."""
+
+    def __init__(self, pb_utils: Any, request: Any) -> None:
+        self._pb = pb_utils
+        self._request = request
+        self._sender = request.get_response_sender()
+
+    def send(self, update: WorkerUpdate) -> None:
+        flags = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if update.final else 0
+        self._sender.send(make_response(self._pb, update_tensors(update)), flags=flags)
+
+    def fail(self, exc: BaseException) -> None:
+        response = self._pb.InferenceResponse(output_tensors=[], error=triton_error(self._pb, exc))
+        self._sender.send(response, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def is_cancelled(self) -> bool:
+        return bool(self._sender.is_cancelled())

@@ -1,0 +1,241 @@
+"""The pd_worker service: one LLMEngine, its engine thread and a response thread.
+
+Threads and ownership: only the engine thread touches the engine. ``submit`` and ``close`` put
+commands on a queue; the engine thread adds requests, steps the engine, polls cancellation and
+hands each result to the response thread, which alone calls the sinks (Triton response senders).
+Every request ends with exactly one final response: its last tokens, a hand-off (prefill), or
+an error (CANCELLED after abort, INVALID_ARG for a bad request, INTERNAL/UNAVAILABLE otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from backends.engine.outputs import KVExport, RequestOutput
+from backends.serving.errors import RequestCancelled, WorkerUnavailable
+from backends.serving.worker_io import WorkerJob, WorkerUpdate
+
+LOG = logging.getLogger(__name__)
+CANCEL_POLL_S = 0.02
+IDLE_WAIT_S = 0.05
+
+
+class ResponseSink(Protocol):
+    """Where one request's responses go. Called from the response thread only."""
+
+    def send(self, update: WorkerUpdate) -> None: ...
+    def fail(self, exc: BaseException) -> None: ...
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedKV:
+    """A prefill's KV, now owned by the transport: the handle bytes and what moved."""
+
+    handle: bytes
+    num_bytes: int
+    elapsed_ns: int
+
+
+class KVTransfer(Protocol):
+    """kvbridge as the worker sees it: publish a prefill's KV; open an import by handle."""
+
+    def publish(self, export: KVExport) -> PublishedKV: ...
+    def source(self, handle: bytes) -> Any: ...  # an engine KVSource
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    num_free_blocks: int
+    num_total_blocks: int
+    num_running: int
+
+
+@dataclass(slots=True)
+class _Active:
+    job: WorkerJob
+    sink: ResponseSink
+
+
+class WorkerService:
+    """Serves WorkerJobs on one engine. ``close()`` aborts what runs and joins both threads."""
+
+    def __init__(self, engine: Any, role: str, kv: KVTransfer | None = None) -> None:
+        self._engine = engine
+        self.role = role
+        self._kv = kv
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._responses: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._active: dict[str, _Active] = {}
+        self._closed = False
+        self._last_cancel_poll = 0.0
+        self._aborted: set[str] = set()
+        self.stats = self._read_stats()
+        self._engine_thread = threading.Thread(target=self._engine_loop, name="pd-engine", daemon=True)
+        self._response_thread = threading.Thread(target=self._response_loop, name="pd-respond", daemon=True)
+        self._engine_thread.start()
+        self._response_thread.start()
+
+    def submit(self, job: WorkerJob, sink: ResponseSink) -> None:
+        """Queue ``job``; its responses go to ``sink``. Cancel jobs answer at once."""
+        if job.request_type == "cancel":
+            self._commands.put(("abort", job.request_id))
+            self._respond(sink.send, WorkerUpdate((), (), True, "", 0, 0, 0))
+            return
+        if job.request_type == "context_only" and self.role == "decode" or \
+                job.request_type == "generation_only" and self.role == "prefill":
+            self._respond(sink.fail, ValueError(
+                f"request_type {job.request_type!r} is not served by a {self.role!r} worker"))
+            return
+        self._commands.put(("add", _Active(job, sink)))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._commands.put(("close", None))
+        self._engine_thread.join(timeout_s)
+        self._responses.put(None)
+        self._response_thread.join(timeout_s)
+
+    def _respond(self, fn: Callable[[Any], None], arg: Any) -> None:
+        self._responses.put(lambda: fn(arg))
+
+    def _response_loop(self) -> None:
+        while True:
+            item = self._responses.get()
+            if item is None:
+                return
+            try:
+                item()
+            except Exception:  # a broken client connection must not stop the others
+                LOG.exception("sending a response failed")
+
+    def _engine_loop(self) -> None:
+        while not self._closed:
+            self._drain_commands(block=not self._engine.has_unfinished())
+            self._poll_cancelled()
+            if self._engine.has_unfinished() or self._aborted:
+                self._step()
+        for rid in list(self._active):
+            self._finish_error(rid, WorkerUnavailable("worker is shutting down"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            kind, arg = self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()
+            while True:
+                self._apply(kind, arg)
+                kind, arg = self._commands.get_nowait()
+        except queue.Empty:
+            return
+
+    def _apply(self, kind: str, arg: Any) -> None:
+        if kind == "close":
+            self._closed = True
+        elif kind == "abort" and arg in self._active:
+            self._abort(arg)
+        elif kind == "add":
+            self._add(arg)
+
+    def _add(self, active: _Active) -> None:
+        job = active.job
+        if job.request_id in self._active:
+            self._respond(active.sink.fail, ValueError(f"request id {job.request_id!r} is already running"))
+            return
+        try:
+            kv_source = None
+            if job.request_type == "generation_only":
+                if self._kv is None:
+                    raise WorkerUnavailable("generation_only needs a KV transport; none is configured")
+                kv_source = self._kv.source(job.kv_handle)
+            self._engine.add_request(
+                job.request_id, list(job.prompt_ids), job.params,
+                prefill_only=job.request_type == "context_only", kv_source=kv_source,
+                prior_output_ids=list(job.prior_output_ids))
+        except Exception as exc:  # ValueError → INVALID_ARG for this request only
+            self._respond(active.sink.fail, exc)
+            return
+        self._active[job.request_id] = active
+
+    def _poll_cancelled(self) -> None:
+        now = time.monotonic()
+        if now - self._last_cancel_poll < CANCEL_POLL_S:
+            return
+        self._last_cancel_poll = now
+        for rid, active in list(self._active.items()):
+            try:
+                cancelled = active.sink.is_cancelled()
+            except Exception:
+                cancelled = True
+            if cancelled:
+                self._abort(rid)
+
+    def _abort(self, rid: str) -> None:
+        if rid not in self._aborted:
+            self._aborted.add(rid)
+            self._engine.abort(rid)
+
+    def _step(self) -> None:
+        try:
+            outputs = self._engine.step()
+        except Exception as exc:
+            LOG.exception("engine step failed")
+            for rid in list(self._active):
+                self._engine.abort(rid)
+                self._aborted.discard(rid)
+                self._finish_error(rid, RuntimeError(f"engine step failed: {exc}"))
+            return
+        for out in outputs:
+            self._route(out)
+        for rid in self._aborted:  # an abort whose final output the engine did not report
+            self._finish_error(rid, RequestCancelled(f"request {rid} cancelled"))
+        self._aborted.clear()
+        self.stats = self._read_stats()
+
+    def _route(self, out: RequestOutput) -> None:
+        active = self._active.get(out.request_id)
+        if active is None:
+            return
+        if out.finish_reason == "abort":
+            self._finish_error(out.request_id, RequestCancelled(f"request {out.request_id} cancelled"))
+            return
+        published = None
+        if active.job.request_type == "context_only" and out.finished:
+            try:
+                published = self._hand_off(out)
+            except Exception as exc:
+                self._finish_error(out.request_id, exc)
+                return
+        update = WorkerUpdate(
+            out.new_token_ids, out.new_logprobs, out.finished, out.finish_reason or "",
+            out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens,
+            published.handle if published else b"", published.num_bytes if published else 0,
+            published.elapsed_ns if published else 0)
+        if out.finished:
+            del self._active[out.request_id]
+        self._respond(active.sink.send, update)
+
+    def _hand_off(self, out: RequestOutput) -> PublishedKV | None:
+        """Publish a finished prefill's KV (unless the first token ended it) and free its blocks."""
+        try:
+            if out.finish_reason is not None:
+                return None
+            if self._kv is None:
+                raise WorkerUnavailable("context_only needs a KV transport; none is configured")
+            return self._kv.publish(self._engine.export_kv(out.request_id))
+        finally:
+            with contextlib.suppress(ValueError):  # nothing held: the engine already freed it
+                self._engine.release_kv(out.request_id)
+
+    def _finish_error(self, rid: str, exc: BaseException) -> None:
+        active = self._active.pop(rid, None)
+        if active is not None:
+            self._respond(active.sink.fail, exc)
+
+    def _read_stats(self) -> WorkerStats:
+        bm = self._engine.block_manager
+        return WorkerStats(bm.num_free_blocks, bm.num_total_blocks, len(self._active))

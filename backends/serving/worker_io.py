@@ -1,0 +1,166 @@
+"""The worker models' wire format (TensorRT-LLM core tensor names), both directions.
+
+Request tensors: input_ids INT32 [-1], request_output_len INT32 [1], sampling tensors
+(temperature, runtime_top_k, runtime_top_p, min_tokens, random_seed, end_id, ignore_eos,
+return_log_probs, stop_words), prior_output_ids INT32 [-1] and context_phase_params UINT8 [-1].
+Request parameters: ``request_type`` (context_only | generation_only | context_and_generation
+| cancel) and ``pd_request_id`` (the id cancel refers to).
+Response tensors: output_ids INT32 [-1] (this response's new tokens), sequence_length INT32 [1],
+output_log_probs FP32 [-1], finish_reason STRING [1] ("" while running or at hand-off),
+num_input_tokens / num_cached_tokens INT32 [1], context_phase_params UINT8 [-1] (prefill
+hand-off only), kv_transfer_bytes INT64 [1], kv_transfer_ns INT64 [1].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from backends.engine.sampling_params import SamplingParams
+from backends.serving.requests import Inputs
+
+RequestType = Literal["context_only", "generation_only", "context_and_generation", "cancel"]
+REQUEST_TYPES: tuple[RequestType, ...] = (
+    "context_only", "generation_only", "context_and_generation", "cancel")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerJob:
+    """One request to a worker. ``kv_handle`` is set for generation_only (the prefill's handle)."""
+
+    request_id: str
+    request_type: RequestType
+    prompt_ids: tuple[int, ...] = ()
+    params: SamplingParams = SamplingParams()
+    prior_output_ids: tuple[int, ...] = ()
+    kv_handle: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerUpdate:
+    """One worker response. ``final`` marks the request's last response."""
+
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple[float, ...]
+    final: bool
+    finish_reason: str  # "" while running and at a prefill hand-off
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    context_phase_params: bytes = b""
+    kv_transfer_bytes: int = 0
+    kv_transfer_ns: int = 0
+
+
+def _i32(values: object) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32).reshape(-1)
+
+
+def job_tensors(job: WorkerJob) -> dict[str, np.ndarray]:
+    """Tensors the orchestrator sends for ``job`` (parameters go separately: job_parameters)."""
+    p = job.params
+    tensors = {
+        "input_ids": _i32(job.prompt_ids),
+        "request_output_len": _i32([p.max_tokens]),
+        "temperature": np.array([p.temperature], dtype=np.float32),
+        "runtime_top_k": _i32([p.top_k]),
+        "runtime_top_p": np.array([p.top_p], dtype=np.float32),
+        "min_tokens": _i32([p.min_tokens]),
+        "ignore_eos": np.array([p.ignore_eos], dtype=bool),
+        "return_log_probs": np.array([p.logprobs], dtype=bool),
+        "stop_token_ids": _i32(p.stop_token_ids),
+        "stop_words": np.array([s.encode() for s in p.stop] or [b""], dtype=np.object_),
+        "prior_output_ids": _i32(job.prior_output_ids),
+        "context_phase_params": np.frombuffer(job.kv_handle, dtype=np.uint8).copy(),
+    }
+    if p.seed is not None:
+        tensors["random_seed"] = np.array([p.seed], dtype=np.uint64)
+    return tensors
+
+
+def job_parameters(job: WorkerJob) -> str:
+    return json.dumps({"request_type": job.request_type, "pd_request_id": job.request_id})
+
+
+def _opt(inputs: Inputs, name: str) -> np.ndarray | None:
+    array = inputs.get(name)
+    return None if array is None else np.asarray(array).reshape(-1)
+
+
+def _scalar(inputs: Inputs, name: str, default: float | int | bool) -> float | int | bool:
+    array = _opt(inputs, name)
+    return default if array is None or array.size == 0 else array[0].item()
+
+
+def _ints(inputs: Inputs, name: str) -> tuple[int, ...]:
+    array = _opt(inputs, name)
+    return () if array is None else tuple(int(t) for t in array)
+
+
+def parse_job(inputs: Inputs, parameters: Mapping[str, object], fallback_id: str) -> WorkerJob:
+    """Worker request tensors + parameters → WorkerJob; ValueError names the bad field."""
+    request_type = str(parameters.get("request_type", "context_and_generation"))
+    if request_type not in REQUEST_TYPES:
+        raise ValueError(f"request_type must be one of {list(REQUEST_TYPES)}, got {request_type!r}")
+    request_id = str(parameters.get("pd_request_id") or fallback_id)
+    if request_type == "cancel":
+        return WorkerJob(request_id, "cancel")
+    ids = _opt(inputs, "input_ids")
+    if ids is None or ids.size == 0:
+        raise ValueError("input_ids: required and must not be empty")
+    stop_words = _opt(inputs, "stop_words")
+    stop = () if stop_words is None else tuple(
+        w.decode() if isinstance(w, bytes) else str(w) for w in stop_words if w)
+    seed = _opt(inputs, "random_seed")
+    params = SamplingParams(
+        max_tokens=int(_scalar(inputs, "request_output_len", 16)),
+        temperature=float(_scalar(inputs, "temperature", 1.0)),
+        top_k=int(_scalar(inputs, "runtime_top_k", 0)),
+        top_p=float(_scalar(inputs, "runtime_top_p", 1.0)),
+        min_tokens=int(_scalar(inputs, "min_tokens", 0)),
+        seed=None if seed is None or seed.size == 0 else int(seed[0]),
+        stop_token_ids=_ints(inputs, "stop_token_ids"),
+        stop=stop, ignore_eos=bool(_scalar(inputs, "ignore_eos", False)),
+        logprobs=bool(_scalar(inputs, "return_log_probs", False)))
+    handle = _opt(inputs, "context_phase_params")
+    kv_handle = b"" if handle is None else handle.astype(np.uint8).tobytes()
+    if request_type == "generation_only" and not kv_handle:
+        raise ValueError("context_phase_params: required for request_type 'generation_only'")
+    return WorkerJob(request_id, request_type, _ints(inputs, "input_ids"), params,  # type: ignore[arg-type]
+                     _ints(inputs, "prior_output_ids"), kv_handle)
+
+
+def update_tensors(update: WorkerUpdate) -> dict[str, np.ndarray]:
+    """Response tensors of one WorkerUpdate."""
+    return {
+        "output_ids": _i32(update.new_token_ids),
+        "sequence_length": _i32([update.num_prompt_tokens + update.num_output_tokens]),
+        "output_log_probs": np.asarray(update.new_logprobs, dtype=np.float32).reshape(-1),
+        "finish_reason": np.array([update.finish_reason.encode()], dtype=np.object_),
+        "num_input_tokens": _i32([update.num_prompt_tokens]),
+        "num_output_tokens": _i32([update.num_output_tokens]),
+        "num_cached_tokens": _i32([update.num_cached_tokens]),
+        "context_phase_params": np.frombuffer(update.context_phase_params, dtype=np.uint8).copy(),
+        "kv_transfer_bytes": np.array([update.kv_transfer_bytes], dtype=np.int64),
+        "kv_transfer_ns": np.array([update.kv_transfer_ns], dtype=np.int64),
+    }
+
+
+def parse_update(outputs: Mapping[str, np.ndarray], final: bool) -> WorkerUpdate:
+    """Inverse of update_tensors (the orchestrator's side)."""
+    def one(name: str) -> int:
+        return int(np.asarray(outputs[name]).reshape(-1)[0])
+    reason = np.asarray(outputs["finish_reason"]).reshape(-1)[0]
+    return WorkerUpdate(
+        new_token_ids=tuple(int(t) for t in np.asarray(outputs["output_ids"]).reshape(-1)),
+        new_logprobs=tuple(float(x) for x in np.asarray(outputs["output_log_probs"]).reshape(-1)),
+        final=final,
+        finish_reason=reason.decode() if isinstance(reason, bytes) else str(reason),
+        num_prompt_tokens=one("num_input_tokens"), num_output_tokens=one("num_output_tokens"),
+        num_cached_tokens=one("num_cached_tokens"),
+        context_phase_params=np.asarray(outputs["context_phase_params"], dtype=np.uint8).tobytes(),
+        kv_transfer_bytes=one("kv_transfer_bytes"), kv_transfer_ns=one("kv_transfer_ns"))
