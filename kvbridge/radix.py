@@ -323,7 +323,12 @@ class RadixTree:
             peers = self._anchored[node.anchor]
             peers[peers.index(node)] = head
         parent.children[head.key[0]] = head
-        node.key, node.values, node.parent, node.anchor = node.key[cut:], node.values[cut:], head, None
+        node.key, node.values, node.parent, node.anchor = (
+            node.key[cut:],
+            node.values[cut:],
+            head,
+            None,
+        )
         for block_hash in head.key:
             self._where[block_hash] = head
 
@@ -455,7 +460,9 @@ class RadixTree:
             ):
                 raise RuntimeError(f"node {node.uid}: evictable leaf missing from the queue")
         if seen != len(self._where):
-            raise RuntimeError(f"tree holds {seen} blocks but the hash map holds {len(self._where)}")
+            raise RuntimeError(
+                f"tree holds {seen} blocks but the hash map holds {len(self._where)}"
+            )
         registered = sum(len(v) for v in self._anchored.values())
         anchored = sum(1 for c in self.root.children.values() if c.anchor is not None)
         if registered != anchored:
@@ -472,6 +479,8 @@ class RadixTree:
             raise RuntimeError(f"node {node.uid}: attached but still anchored")
         if parent is self.root and node.anchor is not None:
             if node.anchor in self._where:
-                raise RuntimeError(f"node {node.uid}: anchor is indexed but the run is not attached")
+                raise RuntimeError(
+                    f"node {node.uid}: anchor is indexed but the run is not attached"
+                )
             if node not in self._anchored.get(node.anchor, []):
                 raise RuntimeError(f"node {node.uid}: anchored segment not registered")

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from kvbridge.eviction import FIFOPolicy, make_policy
 from kvbridge.hashing import BlockHash, hash_blocks
-from kvbridge.radix import BlockRemoved, BlockStored, Chain, EvictedBlock, Node, RadixEvent, RadixTree
+from kvbridge.radix import (
+    BlockRemoved,
+    BlockStored,
+    Chain,
+    EvictedBlock,
+    Node,
+    RadixEvent,
+    RadixTree,
+)
 
 
 def chain(*tokens: int) -> list[BlockHash]:
