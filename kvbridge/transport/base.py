@@ -1,0 +1,210 @@
+"""The transport interface: move a multi-layer KV payload layer by layer.
+
+A payload is ``num_layers`` layers of ``layer_nbytes`` bytes each. On either side a layer is
+a list of contiguous byte *runs* (e.g. the blocks of one layer at some pool slots, adjacent
+slots merged), described by :class:`LayerBuffers`; the two sides may split a layer
+differently. The producer calls ``start_send`` and then ``publish_layer(i)`` as soon as layer
+i's KV is written (layers in order), so layer i travels while layer i+1 is computed; the
+consumer's ``start_recv`` handle lets it wait for layer i alone (``wait_layer``) or all.
+
+Ownership: the transport reads the source runs from ``publish_layer(i)`` until the send
+handle is closed, and writes the destination runs until the receive handle is closed; when
+``pins`` is given, the source slots are pinned from ``start_send`` to ``close()``. Deadlines
+are absolute ``time.monotonic()`` values; a wait past its deadline raises TransferTimeout and
+every handle's ``close()`` releases what it holds (idempotent).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+from kvbridge.pool import PoolHandle, SlotAllocator
+
+
+class LayerBuffers(Protocol):
+    num_layers: int
+    layer_nbytes: int
+
+    def layer_runs(self, layer: int) -> list[np.ndarray]:
+        """Contiguous 1-D uint8 views (no copies) covering the layer in order."""
+        ...
+
+
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
+    """Merges slots into (first_slot, count) runs of consecutive slots, in the given order."""
+    runs: list[tuple[int, int]] = []
+    for slot in slots:
+        if runs and runs[-1][0] + runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((slot, 1))
+    return runs
+
+
+class PoolRegion:
+    """The blocks at ``slots`` of a pool array [num_layers, num_slots, block_bytes] (uint8)."""
+
+    def __init__(self, array: np.ndarray, slots: Sequence[int]) -> None:
+        if array.ndim != 3 or array.dtype != np.uint8 or not array.flags.c_contiguous:
+            raise ValueError(f"array: expected a C-contiguous uint8 [L, S, B] array, got {array.dtype} {array.shape}")
+        if not slots or any(not 0 <= s < array.shape[1] for s in slots):
+            raise ValueError(f"slots: expected slots in [0, {array.shape[1]}), got {list(slots)[:16]}")
+        self.array = array
+        self.slots = tuple(slots)
+        self.num_layers = int(array.shape[0])
+        self.layer_nbytes = len(self.slots) * int(array.shape[2])
+        self._runs = slot_runs(self.slots)
+
+    def layer_runs(self, layer: int) -> list[np.ndarray]:
+        view = self.array[layer]
+        return [view[first:first + count].reshape(-1) for first, count in self._runs]
+
+
+class ArrayLayers:
+    """Per-layer arrays of any dtype (each C-contiguous), seen as bytes; e.g. one [n, bs, w] per layer."""
+
+    def __init__(self, layers: Sequence[np.ndarray]) -> None:
+        if not layers:
+            raise ValueError("layers: expected at least one layer")
+        flat = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in layers]
+        for i, (orig, view) in enumerate(zip(layers, flat, strict=True)):
+            if not np.shares_memory(orig, view):
+                raise ValueError(f"layers[{i}]: must be C-contiguous (a copy would hide the writes)")
+            if view.nbytes != flat[0].nbytes:
+                raise ValueError(f"layers[{i}]: {view.nbytes} bytes, layer 0 has {flat[0].nbytes}")
+        self._flat = flat
+        self.num_layers = len(flat)
+        self.layer_nbytes = int(flat[0].nbytes)
+
+    def layer_runs(self, layer: int) -> list[np.ndarray]:
+        return [self._flat[layer]]
+
+
+def piece_views(runs: Sequence[np.ndarray], offset: int, nbytes: int) -> list[memoryview]:
+    """Memoryviews of bytes [offset, offset + nbytes) of a layer split into ``runs``."""
+    views: list[memoryview] = []
+    for run in runs:
+        size = run.nbytes
+        if offset >= size:
+            offset -= size
+            continue
+        take = min(size - offset, nbytes)
+        views.append(run[offset:offset + take].data)
+        nbytes -= take
+        offset = 0
+        if nbytes == 0:
+            break
+    if nbytes:
+        raise ValueError(f"nbytes: {nbytes} bytes past the end of the layer")
+    return views
+
+
+def copy_runs(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> None:
+    """Copies a layer from ``src`` runs into ``dst`` runs (same total), one memcpy per overlap."""
+    si = di = s_off = d_off = 0
+    while si < len(src) and di < len(dst):
+        take = min(src[si].nbytes - s_off, dst[di].nbytes - d_off)
+        np.copyto(dst[di][d_off:d_off + take], src[si][s_off:s_off + take])
+        s_off += take
+        d_off += take
+        if s_off == src[si].nbytes:
+            si, s_off = si + 1, 0
+        if d_off == dst[di].nbytes:
+            di, d_off = di + 1, 0
+    if si != len(src) or di != len(dst):
+        raise ValueError("dst: source and destination layers differ in size")
+
+
+@dataclass(frozen=True, slots=True)
+class TransferSpec:
+    """What the consumer needs to receive one transfer (the producer fills it in).
+
+    ``endpoint`` ("host:port") is the producer's block server (tcp); ``pool`` the producer's
+    shared-memory pool (shm). ``source_slots`` are the producer's slots; with an empty
+    ``transfer_id`` a tcp receiver pulls those (already written) slots from the pool the
+    block server serves, instead of a published transfer.
+    """
+
+    transfer_id: str
+    num_layers: int
+    layer_nbytes: int
+    endpoint: str = ""
+    pool: PoolHandle | None = None
+    source_slots: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.transfer_id) > 200 or not all(c.isalnum() or c in "._-" for c in self.transfer_id):
+            raise ValueError(f"transfer_id: expected [A-Za-z0-9._-]{{0,200}}, got {self.transfer_id!r}")
+        if self.num_layers < 1 or self.layer_nbytes < 1:
+            raise ValueError(f"num_layers/layer_nbytes: expected >= 1, got {self.num_layers}/{self.layer_nbytes}")
+
+    def check_buffers(self, buffers: LayerBuffers, side: str) -> None:
+        if (buffers.num_layers, buffers.layer_nbytes) != (self.num_layers, self.layer_nbytes):
+            raise ValueError(
+                f"{side}: buffers hold {buffers.num_layers} layers x {buffers.layer_nbytes} bytes, "
+                f"spec says {self.num_layers} x {self.layer_nbytes}"
+            )
+
+
+class SendHandle(ABC):
+    @abstractmethod
+    def publish_layer(self, layer: int) -> None:
+        """Layer ``layer`` (the next in order) is written and may be sent."""
+
+    @abstractmethod
+    def poll(self) -> int:
+        """Layers the consumer has received so far (non-blocking)."""
+
+    @abstractmethod
+    def wait(self, deadline: float) -> None:
+        """Blocks until the consumer has every layer; TransferTimeout past ``deadline``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Ends the transfer (aborting it if unfinished) and releases pins. Idempotent."""
+
+
+class RecvHandle(ABC):
+    @abstractmethod
+    def poll(self) -> int:
+        """Layers complete in the destination so far (non-blocking)."""
+
+    @abstractmethod
+    def wait_layer(self, layer: int, deadline: float) -> None:
+        """Blocks until layers 0..``layer`` are in the destination."""
+
+    def wait(self, deadline: float) -> None:
+        self.wait_layer(self.num_layers - 1, deadline)
+
+    num_layers: int
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stops writing into the destination and releases the connection. Idempotent."""
+
+
+class Transport(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def start_send(self, spec: TransferSpec, source: LayerBuffers, pins: SlotAllocator | None = None) -> SendHandle:
+        ...
+
+    @abstractmethod
+    def start_recv(self, spec: TransferSpec, dest: LayerBuffers) -> RecvHandle:
+        ...
+
+    @abstractmethod
+    def close(self) -> None:
+        ...
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left until ``deadline`` (monotonic), never negative."""
+    return max(0.0, deadline - time.monotonic())
