@@ -67,6 +67,7 @@ class Scheduler:
         self.admission = admission
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # running total, for metrics and tests
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -113,6 +114,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.block_manager.free(seq.block_table)
         seq.reset_for_recompute()
