@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import mmap
 import os
 import re
@@ -143,7 +144,11 @@ class HostBlockPool:
         self.array = np.empty((0, 0, 0), dtype=np.uint8)
         mm, self._mmap = self._mmap, None
         try:
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:
+                gc.collect()  # views kept alive only by garbage cycles (e.g. stored tracebacks)
+                mm.close()
         except BufferError as exc:
             raise RuntimeError(f"pool {self.handle.name!r} closed while numpy views still reference it") from exc
         finally:

@@ -190,10 +190,12 @@ class TcpTransport(Transport):
     def endpoint(self) -> str:
         return self.server.endpoint
 
-    def spec_for(self, transfer_id: str, num_layers: int, layer_nbytes: int) -> TransferSpec:
+    def spec_for(self, transfer_id: str, num_layers: int, layer_nbytes: int,
+                 source_slots: tuple[int, ...] = ()) -> TransferSpec:
+        """A published transfer's spec; ``source_slots`` are what ``start_send(pins=...)`` pins."""
         if not transfer_id:
             raise ValueError("transfer_id: must be non-empty for a published transfer")
-        return TransferSpec(transfer_id, num_layers, layer_nbytes, endpoint=self.endpoint)
+        return TransferSpec(transfer_id, num_layers, layer_nbytes, endpoint=self.endpoint, source_slots=source_slots)
 
     def serve_pool(self, pool: HostBlockPool, allocator: SlotAllocator) -> None:
         self.server.serve_pool(pool, allocator)

@@ -128,7 +128,8 @@ class PublishedTransfer(SendHandle):
     def finish(self, error: KVBridgeError | None) -> None:
         with self._cond:
             self._done = error is None
-            self._error = error
+            # no traceback: its frames would keep the connection's buffer views alive
+            self._error = None if error is None else error.with_traceback(None)
             self._cond.notify_all()
 
 

@@ -29,7 +29,7 @@ def source_slots(alloc: SlotAllocator) -> tuple[int, ...]:
 def make_spec(transport: Transport, name: str, pool: HostBlockPool, slots: tuple[int, ...]) -> TransferSpec:
     layer_nbytes = len(slots) * LAYOUT.block_bytes
     if name == "tcp":
-        return transport.spec_for("xfer-1", LAYOUT.num_layers, layer_nbytes)  # type: ignore[attr-defined]
+        return transport.spec_for("xfer-1", LAYOUT.num_layers, layer_nbytes, slots)  # type: ignore[attr-defined]
     return TransferSpec("xfer-1", LAYOUT.num_layers, layer_nbytes, pool=pool.handle, source_slots=slots)
 
 

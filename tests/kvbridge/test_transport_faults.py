@@ -1,0 +1,174 @@
+"""Transfers past their deadline, pulls by KV handle, auth, registry and optional adapters."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from transport_procs import LAYOUT, pattern, source_slots
+
+from kvbridge.errors import RemoteError, TransferTimeout, TransportUnavailable
+from kvbridge.handle import KVHandle, KVLayoutSpec
+from kvbridge.pool import HostBlockPool, SlotAllocator
+from kvbridge.transport.base import PoolRegion, TransferSpec
+from kvbridge.transport.deepep import DeepEPTransport, deepep_available
+from kvbridge.transport.nixl import NixlTransport, nixl_available
+from kvbridge.transport.registry import get_transport
+from kvbridge.transport.shm import ShmTransport
+from kvbridge.transport.tcp import TcpTransport, pull_spec
+
+
+class Side:
+    """A pool with its allocator; ``slots`` allocated (source: (1, 2, 5); dest: [0, 1, 2])."""
+
+    def __init__(self, source: bool) -> None:
+        self.pool = HostBlockPool.create(LAYOUT)
+        self.alloc = SlotAllocator(LAYOUT.num_slots)
+        self.slots = source_slots(self.alloc) if source else tuple(self.alloc.allocate(3) or ())
+        if source:
+            for layer in range(LAYOUT.num_layers):
+                for k, slot in enumerate(self.slots):
+                    self.pool.block(layer, slot)[:] = pattern(layer, k)
+
+    def region(self) -> PoolRegion:
+        return PoolRegion(self.pool.array, self.slots)
+
+    def release_and_check(self) -> None:
+        """No leak: only our own reference is left on each slot, and freeing empties the pool."""
+        self.alloc.check_integrity()
+        assert [self.alloc.refcount(s) for s in self.slots] == [1, 1, 1]
+        self.alloc.free(self.slots)
+        self.alloc.check_integrity()
+        assert self.alloc.num_free == LAYOUT.num_slots
+
+
+@pytest.fixture()
+def sides() -> Iterator[tuple[Side, Side]]:
+    src, dst = Side(source=True), Side(source=False)
+    yield src, dst
+    src.pool.close()
+    dst.pool.close()
+
+
+def spec_for(name: str, transport: object, src: Side) -> TransferSpec:
+    nbytes = 3 * LAYOUT.block_bytes
+    if name == "tcp":
+        assert isinstance(transport, TcpTransport)
+        return transport.spec_for("xfer-1", LAYOUT.num_layers, nbytes, src.slots)
+    return TransferSpec("xfer-1", LAYOUT.num_layers, nbytes, pool=src.pool.handle, source_slots=src.slots)
+
+
+@pytest.mark.parametrize("name", ["shm", "tcp"])
+def test_receiver_deadline_raises_and_leaks_nothing(name: str, sides: tuple[Side, Side]) -> None:
+    src, dst = sides
+    producer, consumer = get_transport(name)(), get_transport(name)()
+    try:
+        spec = spec_for(name, producer, src)
+        send = producer.start_send(spec, src.region(), pins=src.alloc)
+        assert [src.alloc.refcount(s) for s in src.slots] == [2, 2, 2]
+        send.publish_layer(0)  # the producer never gets to layer 1
+        recv = consumer.start_recv(spec, dst.region())
+        where = " from " + spec.endpoint if name == "tcp" else ""
+        with pytest.raises(TransferTimeout, match=rf"{name} recv xfer-1{where} timed out after 0.2\d\ds; "
+                                                  r"pending: layers \[1, 2, 3\]$"):
+            recv.wait(time.monotonic() + 0.2)
+        assert recv.poll() == 1
+        np.testing.assert_array_equal(dst.pool.block(0, 0), pattern(0, 0))
+        recv.close()
+        with pytest.raises((RemoteError, TransferTimeout)) as info:
+            send.wait(time.monotonic() + 0.3)
+        expected = ("remote error [aborted]: shm transfer xfer-1: the consumer gave up" if name == "shm"
+                    else "tcp send xfer-1 timed out after 0.3")
+        assert str(info.value).startswith(expected)
+        send.close()
+        send.close()
+        src.release_and_check()
+        dst.release_and_check()
+    finally:
+        producer.close()
+        consumer.close()
+
+
+def test_source_side_deadline_ends_the_pull(sides: tuple[Side, Side]) -> None:
+    src, dst = sides
+    producer, consumer = TcpTransport(), TcpTransport(timeout_s=0.2)
+    try:
+        spec = spec_for("tcp", producer, src)
+        send = producer.start_send(spec, src.region(), pins=src.alloc)
+        send.publish_layer(0)
+        recv = consumer.start_recv(spec, dst.region())
+        with pytest.raises(RemoteError, match=r"\[timeout\]: tcp serve xfer-1 timed out after 0.2\d\ds; "
+                                              r"pending: producer publishing layers \[1, 2, 3\]"):
+            recv.wait(time.monotonic() + 10)
+        with pytest.raises(TransferTimeout, match="tcp serve xfer-1 timed out"):
+            send.wait(time.monotonic() + 10)
+        recv.close()
+        send.close()
+        src.release_and_check()
+        dst.release_and_check()
+    finally:
+        producer.close()
+        consumer.close()
+
+
+def test_pull_by_kv_handle_pins_until_done(sides: tuple[Side, Side]) -> None:
+    src, dst = sides
+    server, client = TcpTransport(token="s3"), TcpTransport(token="s3")
+    try:
+        server.serve_pool(src.pool, src.alloc)
+        layout = KVLayoutSpec("uint8", LAYOUT.num_layers, 16, 256, 256)
+        handle = KVHandle(request_id="r1", block_hashes=(b"a", b"b"), num_tokens=40, source_endpoint=server.endpoint,
+                          source_node="p0", tier="active", layout=layout, transport="tcp",
+                          pool_name=src.pool.handle.name, block_slots=src.slots)
+        handle = KVHandle.from_bytes(handle.to_bytes())
+        recv = client.start_recv(pull_spec(handle), dst.region())
+        recv.wait(time.monotonic() + 10)
+        recv.close()
+        for layer in range(LAYOUT.num_layers):
+            for k, slot in enumerate(dst.slots):
+                np.testing.assert_array_equal(dst.pool.block(layer, slot), pattern(layer, k))
+        deadline = time.monotonic() + 5
+        while src.alloc.refcount(src.slots[0]) != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server unpins right after the receiver's PullDone
+        bad = TransferSpec("", LAYOUT.num_layers, LAYOUT.block_bytes, endpoint=server.endpoint, source_slots=(7,))
+        one = PoolRegion(dst.pool.array, (3,))
+        with pytest.raises(RemoteError, match=r"\[invalid\]: ids: pin of slot 7 which is not allocated"):
+            client.start_recv(bad, one).wait(time.monotonic() + 5)
+        with pytest.raises(RemoteError, match=r"\[auth\]: bad token from peer 'tcp-recv'"):
+            TcpTransport(token="nope").start_recv(bad, one)
+        src.release_and_check()
+        dst.release_and_check()
+    finally:
+        server.close()
+        client.close()
+
+
+def test_registry() -> None:
+    assert get_transport("shm") is ShmTransport
+    assert get_transport("tcp") is TcpTransport
+    with pytest.raises(ValueError, match=r"unknown transport 'udp' \(known: \['deepep', 'nixl', 'shm', 'tcp'\]\)"):
+        get_transport("udp")
+
+
+def test_block_server_refuses_exposed_bind_without_token() -> None:
+    with pytest.raises(ValueError, match=r"binding '0.0.0.0' beyond loopback requires a token"):
+        _ = TcpTransport(host="0.0.0.0").endpoint
+
+
+@pytest.mark.skipif(nixl_available(), reason="nixl is installed; the adapter's transfers need an RDMA setup")
+def test_nixl_missing_is_a_clear_error() -> None:
+    with pytest.raises(TransportUnavailable, match="transport 'nixl' needs the 'nixl' package"):
+        NixlTransport()
+
+
+@pytest.mark.skipif(deepep_available(), reason="deep_ep is installed; the adapter's transfers need NVSHMEM")
+def test_deepep_missing_is_a_clear_error() -> None:
+    with pytest.raises(TransportUnavailable, match="transport 'deepep' needs the 'deep_ep' package"):
+        DeepEPTransport()
+
+
+@pytest.mark.skipif(not nixl_available(), reason="nixl is not installed")
+def test_nixl_transfers() -> None:
+    pytest.skip("nixl adapter transfers are not implemented in this build")
