@@ -153,6 +153,7 @@ def model_specs(dep: Deployment) -> list[tuple[specs.ModelSpec, EngineSpec | Non
                for r in ("prefill", "decode", "both")}
     common = {"source": dep.model, "max_tokens": str(dep.max_tokens),
               "max_model_len": str(dep.engine.max_model_len),
+              "block_size": str(dep.engine.block_size),
               "disaggregation": "on" if dep.disaggregation else "off",
               "prefill_models": by_role["prefill"],
               "decode_models": by_role["decode"] or by_role["both"]}

@@ -22,8 +22,11 @@ class WorkerMetrics:
     def __init__(self, pb_utils: Any, model: str, stats: Callable[[], Any]) -> None:
         mf = pb_utils.MetricFamily
         labels = {"model": model}
-        self._used = mf("pd_kv_blocks_used", "KV blocks in use", mf.GAUGE).Metric(labels=labels)
-        self._free = mf("pd_kv_blocks_free", "KV blocks free", mf.GAUGE).Metric(labels=labels)
+        # A MetricFamily must outlive its Metrics: keep both.
+        self._families = (mf("pd_kv_blocks_used", "KV blocks in use", mf.GAUGE),
+                          mf("pd_kv_blocks_free", "KV blocks free", mf.GAUGE))
+        self._used = self._families[0].Metric(labels=labels)
+        self._free = self._families[1].Metric(labels=labels)
         self._stats = stats
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pd-metrics", daemon=True)
@@ -46,12 +49,15 @@ class RequestMetrics:
     def __init__(self, pb_utils: Any, model: str) -> None:
         mf = pb_utils.MetricFamily
         labels = {"model": model}
+        self._families: list[Any] = []  # a MetricFamily must outlive its Metrics
 
         def hist(name: str, doc: str) -> Any:
-            return mf(name, doc, mf.HISTOGRAM).Metric(labels=labels, buckets=LATENCY_BUCKETS)
+            self._families.append(mf(name, doc, mf.HISTOGRAM))
+            return self._families[-1].Metric(labels=labels, buckets=LATENCY_BUCKETS)
 
         def counter(name: str, doc: str) -> Any:
-            return mf(name, doc, mf.COUNTER).Metric(labels=labels)
+            self._families.append(mf(name, doc, mf.COUNTER))
+            return self._families[-1].Metric(labels=labels)
 
         self.ttft = hist("pd_ttft_seconds", "time to first token")
         self.tpot = hist("pd_tpot_seconds", "time per output token after the first")

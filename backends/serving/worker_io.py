@@ -13,7 +13,6 @@ hand-off only), kv_transfer_bytes INT64 [1], kv_transfer_ns INT64 [1].
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -82,8 +81,8 @@ def job_tensors(job: WorkerJob) -> dict[str, np.ndarray]:
     return tensors
 
 
-def job_parameters(job: WorkerJob) -> str:
-    return json.dumps({"request_type": job.request_type, "pd_request_id": job.request_id})
+def job_parameters(job: WorkerJob) -> dict[str, str]:
+    return {"request_type": job.request_type, "pd_request_id": job.request_id}
 
 
 def _opt(inputs: Inputs, name: str) -> np.ndarray | None:
@@ -150,15 +149,16 @@ def update_tensors(update: WorkerUpdate) -> dict[str, np.ndarray]:
     }
 
 
-def parse_update(outputs: Mapping[str, np.ndarray], final: bool) -> WorkerUpdate:
-    """Inverse of update_tensors (the orchestrator's side)."""
+def parse_update(outputs: Mapping[str, np.ndarray]) -> WorkerUpdate:
+    """Inverse of update_tensors (the orchestrator's side). A response is final when it carries
+    a finish reason or a KV hand-off."""
     def one(name: str) -> int:
         return int(np.asarray(outputs[name]).reshape(-1)[0])
     reason = np.asarray(outputs["finish_reason"]).reshape(-1)[0]
     return WorkerUpdate(
         new_token_ids=tuple(int(t) for t in np.asarray(outputs["output_ids"]).reshape(-1)),
         new_logprobs=tuple(float(x) for x in np.asarray(outputs["output_log_probs"]).reshape(-1)),
-        final=final,
+        final=bool(reason) or bool(np.asarray(outputs["context_phase_params"]).size),
         finish_reason=reason.decode() if isinstance(reason, bytes) else str(reason),
         num_prompt_tokens=one("num_input_tokens"), num_output_tokens=one("num_output_tokens"),
         num_cached_tokens=one("num_cached_tokens"),

@@ -1,0 +1,96 @@
+"""Reaching the worker models from the orchestrator through BLS (inside the Triton stub).
+
+``async_exec(decoupled=True)`` hands back a response iterator whose ``next`` blocks until the
+worker's next response; each ``next`` runs on a dedicated thread pool so the event loop (and
+every other request) keeps going. A worker error response becomes WorkerError with its code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from backends.serving import specs
+from backends.serving.errors import WorkerError, code_name, triton_error
+from backends.serving.public_io import Chunk, ensemble_tensors, llm_tensors
+from backends.serving.requests import GenerateRequest
+from backends.serving.triton_io import make_response
+from backends.serving.worker_io import (
+    WorkerJob,
+    WorkerUpdate,
+    job_parameters,
+    job_tensors,
+    parse_update,
+)
+
+WORKER_OUTPUT_NAMES = [t.name for t in specs.WORKER_OUTPUTS]
+_DONE = object()
+
+
+class BlsWorkers:
+    """WorkerClient over pb_utils BLS. ``close()`` stops its thread pool."""
+
+    def __init__(self, pb_utils: Any, max_threads: int = 256) -> None:
+        self._pb = pb_utils
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="pd-bls")
+
+    def _request(self, model: str, job: WorkerJob) -> Any:
+        tensors = [self._pb.Tensor(n, v) for n, v in job_tensors(job).items()]
+        return self._pb.InferenceRequest(
+            model_name=model, inputs=tensors, requested_output_names=WORKER_OUTPUT_NAMES,
+            parameters=job_parameters(job))
+
+    async def stream(self, model: str, job: WorkerJob) -> AsyncIterator[WorkerUpdate]:
+        responses = await self._request(model, job).async_exec(decoupled=True)
+        iterator = iter(responses)
+        loop = asyncio.get_running_loop()
+        while True:
+            response: Any = await loop.run_in_executor(self._pool, next, iterator, _DONE)
+            if response is _DONE:
+                return
+            if response.has_error():
+                err = response.error()
+                raise WorkerError(f"{model}: {err.message()}", code_name(self._pb, err))
+            outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
+            if not outputs:
+                continue  # the empty flag-only final response
+            update = parse_update(outputs)
+            yield update
+            if update.final:
+                return
+
+    async def cancel(self, model: str, request_id: str) -> None:
+        job = WorkerJob(request_id, "cancel")
+        async for _ in self.stream(model, job):
+            pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TritonChannel:
+    """ClientChannel over a public request's response sender."""
+
+    def __init__(self, pb_utils: Any, request: Any, req: GenerateRequest | None, block_size: int) -> None:
+        self._pb = pb_utils
+        self._request = request
+        self._sender = request.get_response_sender()
+        self.req = req
+        self._block_size = block_size
+
+    def send(self, chunk: Chunk, final: bool) -> None:
+        if self.req is None:
+            raise RuntimeError("TritonChannel.send before the request was parsed")
+        tensors = llm_tensors(self.req, chunk) if self.req.api == "llm" \
+            else ensemble_tensors(chunk, self._block_size)
+        flags = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        self._sender.send(make_response(self._pb, tensors), flags=flags)
+
+    def fail(self, exc: BaseException) -> None:
+        response = self._pb.InferenceResponse(output_tensors=[], error=triton_error(self._pb, exc))
+        self._sender.send(response, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def is_cancelled(self) -> bool:
+        return bool(self._request.is_cancelled())
