@@ -23,7 +23,7 @@ Imports no torch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from kvbridge.eviction import EvictionPolicy, EvictionQueue, LRUPolicy
@@ -122,6 +122,11 @@ class RadixTree:
 
     def __contains__(self, block_hash: object) -> bool:
         return block_hash in self._where
+
+    def blocks(self) -> Iterator[tuple[BlockHash, int]]:
+        """Every (hash, value) indexed here, in no particular order."""
+        for block_hash, node in self._where.items():
+            yield block_hash, node.values[node.key.index(block_hash)]
 
     def value_of(self, block_hash: BlockHash) -> int:
         node = self._where[block_hash]
