@@ -33,11 +33,12 @@ class SeqSpan:
 
 @dataclass(frozen=True, slots=True)
 class PagedPlan:
-    """Per-forward gather plan. Decode: `slots` [B, L] and `valid` [B, L] (True = real token)."""
+    """Per-forward gather plan. Decode: `block_ids` [B, n] (the first n blocks of each table)
+    and `valid` [B, n * block_size] (True = a real token of that sequence)."""
 
     decode_only: bool
     spans: tuple[SeqSpan, ...]
-    slots: torch.Tensor | None
+    block_ids: torch.Tensor | None
     valid: torch.Tensor | None
 
 
@@ -48,11 +49,9 @@ def build_plan(meta: AttentionMetadata, block_size: int) -> PagedPlan:
     offsets = torch.arange(block_size, device=device, dtype=torch.int64)
     if meta.decode_only:
         num_blocks = -(-meta.max_context_len // block_size)
-        slots = (tables[:, :num_blocks, None] * block_size + offsets).flatten(1)
-        slots = slots[:, : meta.max_context_len]
-        positions = torch.arange(meta.max_context_len, device=device)
+        positions = torch.arange(num_blocks * block_size, device=device)
         valid = positions[None, :] < meta.context_lens.to(device)[:, None]
-        return PagedPlan(True, (), slots.contiguous(), valid)
+        return PagedPlan(True, (), tables[:, :num_blocks].contiguous(), valid)
     spans = []
     context_lens = meta.context_lens.tolist()
     for i, ctx in enumerate(context_lens):
@@ -75,9 +74,15 @@ def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.T
 
 
 def gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Rows of the flattened cache at `slots` (any shape) -> `[*slots.shape, kv_width]`."""
-    flat = cache.view(-1, cache.shape[-1])
-    return flat[slots.reshape(-1)].view(*slots.shape, cache.shape[-1])
+    """Rows of the flattened cache at `slots` [n] -> `[n, kv_width]`."""
+    return cache.view(-1, cache.shape[-1]).index_select(0, slots)
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Whole blocks `block_ids` [B, n] -> `[B, n * block_size, kv_width]` (a copy)."""
+    batch, num_blocks = block_ids.shape
+    blocks = cache.index_select(0, block_ids.reshape(-1))
+    return blocks.view(batch, num_blocks * cache.shape[1], cache.shape[2])
 
 
 def sdpa_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SeqSpan,
@@ -98,10 +103,10 @@ def gqa_attention(q: torch.Tensor, cache: torch.Tensor, plan: PagedPlan, num_kv_
     head_dim = q.shape[-1]
     kv_dim = num_kv_heads * head_dim
     if plan.decode_only:
-        if plan.slots is None or plan.valid is None:
-            raise RuntimeError("decode plan without slots")
-        kv = gather(cache, plan.slots)
-        batch, length = plan.slots.shape
+        if plan.block_ids is None or plan.valid is None:
+            raise RuntimeError("decode plan without block ids")
+        kv = gather_blocks(cache, plan.block_ids)
+        batch, length = plan.valid.shape
         k = kv[..., :kv_dim].view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
         v = kv[..., kv_dim:].view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(

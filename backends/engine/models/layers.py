@@ -22,10 +22,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        shape = (x.shape[-1],)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, shape, self.weight, self.eps)
+        # HF order: statistics in float32, cast back, then scale in the activation dtype.
+        return self.weight * F.rms_norm(x.float(), shape, None, self.eps).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -77,13 +78,18 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
+def neox_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step tables for `apply_rope_neox`: [T, 1, dim] cos and sign-folded sin."""
+    return torch.cat((cos, cos), dim=-1)[:, None, :], torch.cat((-sin, sin), dim=-1)[:, None, :]
+
+
 def apply_rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (Llama). x [T, heads, dim]; cos/sin [T, dim/2]."""
-    half = x.shape[-1] // 2
-    c = torch.cat((cos, cos), dim=-1)[:, None, :]
-    s = torch.cat((sin, sin), dim=-1)[:, None, :]
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * c + rotated * s
+    """Rotate-half RoPE (Llama/HF): x [T, heads, dim]; cos/sin from `neox_tables`.
+
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) folded into the sign
+    of the sin table so that one roll replaces the two halves.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def apply_rope_interleave(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,13 @@ from torch import nn
 from backends.engine.attention import PagedPlan, build_plan, gqa_attention, write_cache
 from backends.engine.config import ModelConfig
 from backends.engine.model_api import AttentionMetadata
-from backends.engine.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope_neox
+from backends.engine.models.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    apply_rope_neox,
+    neox_tables,
+)
 
 
 class LlamaAttention(nn.Module):
@@ -34,10 +40,9 @@ class LlamaAttention(nn.Module):
         num_tokens = x.shape[0]
         q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x)
         q = apply_rope_neox(q, cos, sin)
         k = apply_rope_neox(k, cos, sin)
-        write_cache(cache, slot_mapping, torch.cat((k.flatten(1), v), dim=-1))
+        write_cache(cache, slot_mapping, torch.cat((k.flatten(1), self.v_proj(x)), dim=-1))
         out = gqa_attention(q, cache, plan, self.num_kv_heads, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))
 
@@ -84,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"kv_caches: expected {self.num_layers} layers, got {len(kv_caches)}")
         plan = build_plan(meta, kv_caches[0].shape[1])
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
+        cos, sin = neox_tables(*self.rotary(positions, h.dtype))
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             h = layer(h, cos, sin, meta.slot_mapping, plan, cache)
         return self.model.norm(h)

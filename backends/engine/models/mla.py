@@ -12,9 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backends.engine.attention import PagedPlan, gather, sdpa_span, write_cache
+from backends.engine.attention import PagedPlan, gather, gather_blocks, sdpa_span, write_cache
 from backends.engine.config import MLAConfig, ModelConfig
-from backends.engine.models.layers import RMSNorm, apply_rope_interleave, apply_rope_neox
+from backends.engine.models.layers import (
+    RMSNorm,
+    apply_rope_interleave,
+    apply_rope_neox,
+    neox_tables,
+)
 
 # HF builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -46,7 +51,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(
             mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * mla.v_head_dim, hidden, bias=bias)
-        self.rope = apply_rope_interleave if mla.rope_interleave else apply_rope_neox
+        self.rope_interleave = mla.rope_interleave
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_proj is not None:
@@ -63,14 +68,23 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split(
             [mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_pe = self.rope(q_pe, cos, sin)
-        k_pe = self.rope(k_pe[:, None, :], cos, sin)[:, 0, :]
+        q_pe, k_pe = self._rope(q_pe, k_pe, cos, sin)
         write_cache(cache, slot_mapping, torch.cat((latent, k_pe), dim=-1))
         if plan.decode_only:
             out = self._decode_absorbed(q_nope, q_pe, cache, plan)
         else:
             out = self._prefill_expanded(torch.cat((q_nope, q_pe), dim=-1), cache, plan)
         return self.o_proj(out.reshape(num_tokens, -1))
+
+    def _rope(self, q_pe: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_pe [T, H, rope], k_pe [T, rope]: rotated together (one shared key head)."""
+        both = torch.cat((q_pe, k_pe[:, None, :]), dim=1)
+        if self.rope_interleave:
+            both = apply_rope_interleave(both, cos, sin)
+        else:
+            both = apply_rope_neox(both, *neox_tables(cos, sin))
+        return both[:, : self.num_heads], both[:, self.num_heads]
 
     def _absorb_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, R] and W_UV [H, v, R] as views of kv_b_proj.weight."""
@@ -82,8 +96,6 @@ class MLAttention(nn.Module):
     def _decode_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
                          plan: PagedPlan) -> torch.Tensor:
         """One query per sequence: [B, H, *] -> [B, H, v_head_dim] over the latent cache."""
-        if plan.slots is None or plan.valid is None:
-            raise RuntimeError("decode plan without slots")
         w_uk, w_uv = self._absorb_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]
         q_full = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, R + rope]
@@ -108,9 +120,9 @@ class MLAttention(nn.Module):
 def mla_decode_torch(q_full: torch.Tensor, cache: torch.Tensor, plan: PagedPlan,
                      kv_lora_rank: int, scale: float, w_uv: torch.Tensor) -> torch.Tensor:
     """Absorbed MLA decode: q_full [B, H, R + rope] over gathered latents -> [B, H, v]."""
-    if plan.slots is None or plan.valid is None:
-        raise RuntimeError("decode plan without slots")
-    entries = gather(cache, plan.slots)  # [B, L, R + rope]
+    if plan.block_ids is None or plan.valid is None:
+        raise RuntimeError("decode plan without block ids")
+    entries = gather_blocks(cache, plan.block_ids)  # [B, L, R + rope]
     scores = torch.bmm(q_full, entries.transpose(1, 2)).float() * scale  # [B, H, L]
     scores = scores.masked_fill(~plan.valid[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q_full.dtype)
