@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ HFGreedy = Callable[[str, list[int], int], tuple[list[int], torch.Tensor]]
 def hf_greedy(tmp_path_factory: pytest.TempPathFactory) -> HFGreedy:
     """(preset, prompt, max_new_tokens) -> (HF greedy tokens, log_softmax of HF raw logits)."""
     transformers = pytest.importorskip("transformers")
-    models: dict[str, torch.nn.Module] = {}
+    models: dict[str, Any] = {}
     results: dict[tuple[str, tuple[int, ...], int], tuple[list[int], torch.Tensor]] = {}
 
     def run(name: str, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
