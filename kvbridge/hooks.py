@@ -1,0 +1,164 @@
+"""``StoreKVHooks``: the engine's KVHooks protocol over a BlockStore and host block pools.
+
+The engine's protocols (backends/engine/hooks.py) are duck-typed here; kvbridge imports
+nothing from backends. Block data lives in host pools laid out per layer as
+``[num_slots, block_bytes]`` uint8 (kvbridge.pool.HostBlockPool fits): one block of one layer
+is ``block_size * bytes_per_token_per_layer`` raw bytes, whatever the dtype.
+
+- ``lookup_prefix``: hashes the full blocks and asks the store (no state change).
+- ``load_prefix``: pins the matched blocks (``acquire``) and writes their KV into the
+  engine's blocks layer by layer.
+- ``blocks_computed``: copies newly full blocks out of the engine's cache into fresh pool
+  slots, then publishes them (a block is published only after its KV is written).
+- ``request_finished``: releases the request's blocks to the history tier.
+
+Not thread-safe: the engine calls hooks from its step thread only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from kvbridge.hashing import BlockHash, hash_blocks
+from kvbridge.store import BlockStore
+from kvbridge.tiers import PoolName
+
+
+class LayerPool(Protocol):
+    """A block pool seen per layer: ``layer(i)`` is a writable ``[num_slots, block_bytes]``
+    uint8 view."""
+
+    def layer(self, layer: int) -> np.ndarray: ...
+
+
+class CacheAccess(Protocol):
+    """The engine's KVCacheAccess, duck-typed (layout: dtype, num_layers, block_size,
+    kv_width, bytes_per_token_per_layer)."""
+
+    layout: Any
+
+    def read_blocks(self, layer: int, block_ids: Sequence[int]) -> torch.Tensor: ...
+    def write_blocks(self, layer: int, block_ids: Sequence[int], data: torch.Tensor) -> None: ...
+
+
+class PoolMover:
+    """``BlockMover`` copying every layer between a hot and a cold host pool."""
+
+    def __init__(self, num_layers: int, hot: LayerPool, cold: LayerPool | None = None) -> None:
+        self.num_layers = num_layers
+        self._pools: dict[PoolName, LayerPool | None] = {"hot": hot, "cold": cold}
+
+    def copy(
+        self, src: PoolName, src_slots: Sequence[int], dst: PoolName, dst_slots: Sequence[int]
+    ) -> None:
+        src_pool, dst_pool = self._pools[src], self._pools[dst]
+        if src_pool is None or dst_pool is None:
+            raise RuntimeError(f"copy from {src} to {dst}: pool not configured")
+        for layer in range(self.num_layers):
+            dst_pool.layer(layer)[list(dst_slots)] = src_pool.layer(layer)[list(src_slots)]
+
+
+class StoreKVHooks:
+    """Implements the engine's ``KVHooks`` over ``store`` whose hot pool is ``hot_pool``."""
+
+    def __init__(
+        self,
+        store: BlockStore,
+        hot_pool: LayerPool,
+        block_size: int,
+        extra_key: bytes | str = b"",
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.store = store
+        self.hot_pool = hot_pool
+        self.block_size = block_size
+        self.extra_key = extra_key
+        self._chains: dict[str, list[BlockHash]] = {}
+
+    # ---- KVHooks ----
+    def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
+        max_blocks = max(len(token_ids) - 1, 0) // self.block_size
+        hashes = hash_blocks(
+            token_ids[: max_blocks * self.block_size], self.block_size, self.extra_key
+        )
+        return self.store.lookup(hashes).num_blocks * self.block_size
+
+    def load_prefix(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        block_ids: Sequence[int],
+        cache: CacheAccess,
+    ) -> int:
+        num_blocks = min(len(block_ids), len(token_ids) // self.block_size)
+        hashes = self._chain(request_id, token_ids[: num_blocks * self.block_size])
+        slots = self.store.acquire(request_id, hashes[:num_blocks])
+        if not slots:
+            return 0
+        self._check_layout(cache)
+        dtype = getattr(torch, cache.layout.dtype)
+        shape = (len(slots), self.block_size, cache.layout.kv_width)
+        for layer in range(cache.layout.num_layers):
+            raw = torch.from_numpy(self.hot_pool.layer(layer)[slots])
+            cache.write_blocks(layer, block_ids[: len(slots)], raw.view(dtype).reshape(shape))
+        return len(slots) * self.block_size
+
+    def blocks_computed(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        block_ids: Sequence[int],
+        cache: CacheAccess,
+    ) -> None:
+        hashes = self._chain(request_id, token_ids)
+        start = len(hashes) - len(block_ids)
+        held = self.store.held_blocks(request_id)
+        if held < start or held >= len(hashes):
+            return  # a gap (the chain must stay contiguous) or nothing new
+        new_hashes, new_ids = hashes[held:], list(block_ids[held - start :])
+        slots = self.store.allocate_slots(len(new_hashes))
+        if slots is None:
+            return  # no room: these blocks simply are not cached
+        try:
+            self._check_layout(cache)
+            for layer in range(cache.layout.num_layers):
+                data = cache.read_blocks(layer, new_ids).contiguous().cpu()
+                raw = data.view(torch.uint8).reshape(len(new_ids), -1).numpy()
+                self.hot_pool.layer(layer)[slots] = raw
+        except BaseException:
+            self.store.abandon_slots(slots)
+            raise
+        self.store.publish(request_id, new_hashes, slots)
+
+    def request_finished(self, request_id: str) -> None:
+        self._chains.pop(request_id, None)
+        self.store.release(request_id)
+
+    # ---- helpers ----
+    def _chain(self, request_id: str, token_ids: Sequence[int]) -> list[BlockHash]:
+        """Hashes of the full blocks of token_ids, extending this request's cached chain."""
+        chain = self._chains.setdefault(request_id, [])
+        num_blocks = len(token_ids) // self.block_size
+        if len(chain) > num_blocks:
+            return chain[:num_blocks]
+        done = len(chain) * self.block_size
+        parent = chain[-1] if chain else None
+        tail = token_ids[done : num_blocks * self.block_size]
+        chain.extend(hash_blocks(tail, self.block_size, self.extra_key, parent_hash=parent))
+        return chain
+
+    def _check_layout(self, cache: CacheAccess) -> None:
+        layout = cache.layout
+        if layout.block_size != self.block_size:
+            raise ValueError(
+                f"cache.layout.block_size {layout.block_size} != hooks block_size {self.block_size}"
+            )
+        block_bytes = self.hot_pool.layer(0).shape[1]
+        expected = layout.block_size * layout.bytes_per_token_per_layer
+        if block_bytes != expected:
+            raise ValueError(f"pool block_bytes {block_bytes} != cache block bytes {expected}")
