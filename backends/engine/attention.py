@@ -34,12 +34,13 @@ class SeqSpan:
 @dataclass(frozen=True, slots=True)
 class PagedPlan:
     """Per-forward gather plan. Decode: `block_ids` [B, n] (the first n blocks of each table)
-    and `valid` [B, n * block_size] (True = a real token of that sequence)."""
+    and `valid` [B, n * block_size] (True = a real token of that sequence); `context_lens` [B]."""
 
     decode_only: bool
     spans: tuple[SeqSpan, ...]
     block_ids: torch.Tensor | None
     valid: torch.Tensor | None
+    context_lens: torch.Tensor | None
 
 
 def build_plan(meta: AttentionMetadata, block_size: int) -> PagedPlan:
@@ -50,11 +51,11 @@ def build_plan(meta: AttentionMetadata, block_size: int) -> PagedPlan:
     if meta.decode_only:
         num_blocks = -(-meta.max_context_len // block_size)
         positions = torch.arange(num_blocks * block_size, device=device)
-        valid = positions[None, :] < meta.context_lens.to(device)[:, None]
-        return PagedPlan(True, (), tables[:, :num_blocks].contiguous(), valid)
+        context_lens = meta.context_lens.to(device)
+        valid = positions[None, :] < context_lens[:, None]
+        return PagedPlan(True, (), tables[:, :num_blocks].contiguous(), valid, context_lens)
     spans = []
-    context_lens = meta.context_lens.tolist()
-    for i, ctx in enumerate(context_lens):
+    for i, ctx in enumerate(meta.context_lens.tolist()):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         num_blocks = -(-ctx // block_size)
         slots = (tables[i, :num_blocks, None] * block_size + offsets).flatten()[:ctx]
@@ -65,7 +66,7 @@ def build_plan(meta: AttentionMetadata, block_size: int) -> PagedPlan:
             query_pos = torch.arange(ctx - q_len, ctx, device=device)
             mask = key_pos[None, :] <= query_pos[:, None]
         spans.append(SeqSpan(start, end, slots, mask, causal=q_len == ctx and q_len > 1))
-    return PagedPlan(False, tuple(spans), None, None)
+    return PagedPlan(False, tuple(spans), None, None, None)
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:

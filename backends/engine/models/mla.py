@@ -14,6 +14,7 @@ from torch import nn
 
 from backends.engine.attention import PagedPlan, gather, gather_blocks, sdpa_span, write_cache
 from backends.engine.config import MLAConfig, ModelConfig
+from backends.engine.flashmla import flash_mla_decode, flash_mla_usable
 from backends.engine.models.layers import (
     RMSNorm,
     apply_rope_interleave,
@@ -99,7 +100,14 @@ class MLAttention(nn.Module):
         w_uk, w_uv = self._absorb_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]
         q_full = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, R + rope]
-        return mla_decode_torch(q_full, cache, plan, self.mla.kv_lora_rank, self.scale, w_uv)
+        rank = self.mla.kv_lora_rank
+        if flash_mla_usable(cache, rank, self.mla.qk_rope_head_dim):
+            if plan.block_ids is None or plan.context_lens is None:
+                raise RuntimeError("decode plan without block ids")
+            out_latent = flash_mla_decode(
+                q_full, cache, plan.block_ids, plan.context_lens, rank, self.scale)
+            return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+        return mla_decode_torch(q_full, cache, plan, rank, self.scale, w_uv)
 
     def _prefill_expanded(self, q: torch.Tensor, cache: torch.Tensor,
                           plan: PagedPlan) -> torch.Tensor:
