@@ -101,6 +101,17 @@ class MatchResult:
     last_node_blocks: int
 
 
+def _common_prefix(key: list[BlockHash], idx: int, hashes: list[BlockHash], pos: int) -> int:
+    """Length of the common run of key[idx:] and hashes[pos:] (slice compare first)."""
+    limit = min(len(key) - idx, len(hashes) - pos)
+    if key[idx : idx + limit] == hashes[pos : pos + limit]:
+        return limit
+    same = 0
+    while same < limit and key[idx + same] == hashes[pos + same]:
+        same += 1
+    return same
+
+
 class RadixTree:
     """The index; see the module docstring. Not thread-safe: one owner serializes calls."""
 
@@ -227,8 +238,9 @@ class RadixTree:
         pos, total, new_blocks = 0, len(hashes), 0
         while pos < total:
             if idx < len(node.key):
-                if node.key[idx] == hashes[pos]:
-                    idx, pos = idx + 1, pos + 1
+                same = _common_prefix(node.key, idx, hashes, pos)
+                if same:
+                    idx, pos = idx + same, pos + same
                     continue
                 self._split(node, idx)
                 node = node.parent  # type: ignore[assignment]
@@ -267,9 +279,11 @@ class RadixTree:
     ) -> int:
         """Creates a run from hashes[pos:] up to the first hash already indexed (an anchored
         segment that continues it, which gets adopted); returns where the run ends."""
-        end = pos
-        while end < len(hashes) and hashes[end] not in self._where:
-            end += 1
+        end = len(hashes)
+        if not self._where.keys().isdisjoint(hashes[pos:]):
+            end = pos
+            while end < len(hashes) and hashes[end] not in self._where:
+                end += 1
         if end == pos:
             raise ValueError(
                 f"hashes[{pos}] is already indexed under a different parent (not a chain)"
@@ -289,12 +303,13 @@ class RadixTree:
         self._next_uid += 1
         node.key, node.values, node.parent = key, values, parent
         parent.children[key[0]] = node
-        for block_hash in key:
-            self._where[block_hash] = node
+        self._where.update(dict.fromkeys(key, node))
         return node
 
     def _adopt_orphans(self, node: Node) -> None:
         """Re-attaches anchored root segments whose anchor is one of ``node``'s blocks."""
+        if not self._anchored or self._anchored.keys().isdisjoint(node.key):
+            return
         for block_hash in list(node.key):
             orphans = self._anchored.pop(block_hash, None)
             if not orphans:
@@ -334,8 +349,7 @@ class RadixTree:
             head,
             None,
         )
-        for block_hash in head.key:
-            self._where[block_hash] = head
+        self._where.update(dict.fromkeys(head.key, head))
 
     def _touch_up(self, node: Node) -> None:
         walk: Node | None = node

@@ -15,6 +15,7 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kvbridge.hashing import BlockHash  # noqa: E402
 from kvbridge.pool import HostBlockPool, PoolLayout  # noqa: E402
 from kvbridge.transport.base import PoolRegion, TransferSpec  # noqa: E402
 from kvbridge.transport.registry import get_transport  # noqa: E402
@@ -140,10 +142,71 @@ def print_transfer_table(rows: list[TransferRow]) -> None:
         print(f"{row.transport:<10}{size:>10}{row.gbps:>10.2f}{row.memcpy_gbps:>14.2f}{row.ratio:>8.2f}")
 
 
-def radix_section() -> list[dict[str, object]]:
-    """Owned by kvindex: radix match/insert ops/s at 10k, 100k and 1M cached blocks."""
-    print("radix section: not written yet (owner: kvindex)")
-    return []
+RADIX_SIZES = (10_000, 100_000, 1_000_000)
+RADIX_CHAIN_BLOCKS, RADIX_SHARED_BLOCKS, RADIX_ROOTS = 64, 16, 16
+
+
+@dataclass(frozen=True, slots=True)
+class RadixRow:
+    cached_blocks: int
+    op: str
+    ops_per_s: float
+    blocks_per_s: float
+
+
+def _radix_chain(
+    rng: np.random.Generator, roots: list[list[BlockHash]], root: int
+) -> list[BlockHash]:
+    """A 64-block chain: one of 16 shared 16-block prefixes, then 48 unique random hashes."""
+    fresh = RADIX_CHAIN_BLOCKS - RADIX_SHARED_BLOCKS
+    raw = rng.bytes(32 * fresh)
+    return roots[root] + [BlockHash(raw[i * 32 : (i + 1) * 32]) for i in range(fresh)]
+
+
+def _radix_timed(
+    op: str, cached: int, blocks_per_op: int, fn: Callable[..., object], args: list[tuple]
+) -> RadixRow:
+    start = time.perf_counter()
+    for arg in args:
+        fn(*arg)
+    elapsed = time.perf_counter() - start
+    return RadixRow(cached, op, len(args) / elapsed, len(args) * blocks_per_op / elapsed)
+
+
+def radix_rows(cached_blocks: int, num_ops: int = 5000) -> list[RadixRow]:
+    """match_prefix / insert / evict rates on a tree holding ``cached_blocks`` blocks."""
+    from kvbridge.radix import RadixTree
+
+    rng = np.random.default_rng(cached_blocks)
+    roots = [
+        [BlockHash(rng.bytes(32)) for _ in range(RADIX_SHARED_BLOCKS)] for _ in range(RADIX_ROOTS)
+    ]
+    tree = RadixTree()
+    chains: list[list[BlockHash]] = []
+    values = list(range(RADIX_CHAIN_BLOCKS))
+    while tree.num_blocks < cached_blocks:
+        chain = _radix_chain(rng, roots, len(chains) % RADIX_ROOTS)
+        tree.insert(chain, values)
+        chains.append(chain)
+    picks = rng.integers(0, len(chains), num_ops)
+    queries = [(chains[i] + roots[0][:8],) for i in picks]  # full hit, then a miss
+    new = [(_radix_chain(rng, roots, i % RADIX_ROOTS), values) for i in range(num_ops)]
+    total = RADIX_CHAIN_BLOCKS
+    rows = [_radix_timed("match_prefix", cached_blocks, total, tree.match_prefix, queries)]
+    rows.append(_radix_timed("insert", cached_blocks, total, tree.insert, new))
+    rows.append(_radix_timed("evict(64)", cached_blocks, 64, tree.evict, [(64,)] * num_ops))
+    tree.check_integrity()
+    return rows
+
+
+def radix_section(sizes: tuple[int, ...] = RADIX_SIZES) -> list[dict[str, object]]:
+    """Radix match/insert/evict ops/s at 10k, 100k and 1M cached blocks (64-block chains
+    over 16 shared 16-block prefixes; match = a cached chain plus 8 missing blocks)."""
+    rows = [row for size in sizes for row in radix_rows(size)]
+    print(f"{'cached blocks':>14}{'op':>14}{'ops/s':>12}{'blocks/s':>14}")
+    for row in rows:
+        print(f"{row.cached_blocks:>14,}{row.op:>14}{row.ops_per_s:>12,.0f}{row.blocks_per_s:>14,.0f}")
+    return [asdict(row) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
