@@ -97,6 +97,9 @@ class StoreKVHooks:
     ) -> int:
         num_blocks = min(len(block_ids), len(token_ids) // self.block_size)
         hashes = self._chain(request_id, token_ids[: num_blocks * self.block_size])
+        # A preempted request is re-admitted without request_finished: its published blocks
+        # go back to history first, then the match (usually those very blocks) is pinned.
+        self.store.release(request_id)
         slots = self.store.acquire(request_id, hashes[:num_blocks])
         if not slots:
             return 0

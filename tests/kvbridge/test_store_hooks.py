@@ -101,3 +101,32 @@ def test_a_different_namespace_does_not_share(
     assert hooks.lookup_prefix("x", prompt(4, 12)) == 0
     assert engine.hooks is not None
     assert engine.hooks.lookup_prefix("x", prompt(4, 12)) == 8
+
+
+def test_preempted_requests_reuse_their_own_published_blocks(
+    model: LoadedModel, pools: tuple[HostBlockPool, HostBlockPool]
+) -> None:
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = {"x": prompt(7, 16), "y": prompt(8, 16)}
+    config = EngineConfig(block_size=BLOCK_SIZE, num_blocks=12, max_num_batched_tokens=64)
+    plain = LLMEngine(model, config)
+    expected = {
+        rid: list(o.output_token_ids)
+        for rid, o in zip(prompts, plain.generate(list(prompts.values()), params), strict=True)
+    }
+    engine, store = make_engine(model, *pools)
+    engine = LLMEngine(model, config, hooks=engine.hooks)
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    got: dict[str, list[int]] = {rid: [] for rid in prompts}
+    cached: dict[str, int] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+            cached[out.request_id] = out.num_cached_tokens
+    assert engine.scheduler.num_preemptions == 1  # y is preempted once, then re-admitted
+    assert got == expected
+    assert cached == {"x": 0, "y": 16}  # y reloads the 4 blocks it had published
+    store.check_integrity()
+    engine.block_manager.check_integrity()
+    assert store.stats().active.num_blocks == 0
