@@ -233,6 +233,7 @@ class RadixTree:
         if not hashes:
             return 0
         hashes = hashes if isinstance(hashes, list) else list(hashes)
+        self._check_chain(hashes, parent_hash)
         self._clock += 1
         node, idx = self._cursor_after(parent_hash)
         pos, total, new_blocks = 0, len(hashes), 0
@@ -263,6 +264,21 @@ class RadixTree:
         """``insert`` for each chain in order; returns the total of new blocks."""
         return sum(self.insert(c.hashes, c.values, c.parent_hash) for c in chains)
 
+    def _check_chain(self, hashes: list[BlockHash], parent_hash: BlockHash | None) -> None:
+        """ValueError (before any change) if an indexed block of ``hashes`` has another parent."""
+        if self._where.keys().isdisjoint(hashes):
+            return
+        for i, block_hash in enumerate(hashes):
+            node = self._where.get(block_hash)
+            if node is None:
+                continue
+            stored = node.parent_hash_of(node.key.index(block_hash))
+            given = hashes[i - 1] if i else parent_hash
+            if stored != given:
+                raise ValueError(
+                    f"hashes[{i}] is already indexed under a different parent (not a chain)"
+                )
+
     def _cursor_after(self, parent_hash: BlockHash | None) -> tuple[Node, int]:
         if parent_hash is None or parent_hash not in self._where:
             return self.root, 0
@@ -285,9 +301,7 @@ class RadixTree:
             while end < len(hashes) and hashes[end] not in self._where:
                 end += 1
         if end == pos:
-            raise ValueError(
-                f"hashes[{pos}] is already indexed under a different parent (not a chain)"
-            )
+            raise RuntimeError(f"hashes[{pos}] is indexed but was not reached by the walk")
         node = self._make_node(parent, hashes[pos:end], list(values[pos:end]))
         if parent is self.root:
             node.anchor = hashes[pos - 1] if pos > 0 else parent_hash

@@ -147,7 +147,7 @@ class BlockStore:
         returns its hot-pool slots (readable until ``release``). Cold blocks are promoted;
         the prefix is cut where promotion would not fit in the hot pool."""
         if request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} already holds blocks")
+            raise ValueError(f"request_id {request_id!r} is already registered; release it first")
         chain = list(hashes)
         segments = self._fit(self._segments(chain))
         self._count_hits(segments)

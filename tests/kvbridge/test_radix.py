@@ -297,3 +297,16 @@ def test_radix_against_oracle(ops: list[tuple[str, list[int], int]]) -> None:
         tree.check_integrity()
         assert tree.num_blocks == len(oracle.blocks)
         assert all(tree.value_of(h) == v for h, (v, _) in oracle.blocks.items())
+
+
+def test_a_block_under_another_parent_is_rejected_before_any_change() -> None:
+    tree = RadixTree()
+    tree.insert(A, [10, 11, 12, 13])
+    bogus = [C[0], A[2]]  # A[2]'s stored parent is A[1], not C[0]
+    with pytest.raises(
+        ValueError, match=r"hashes\[1\] is already indexed under a different parent"
+    ):
+        tree.insert(bogus, [1, 2])
+    assert C[0] not in tree
+    assert tree.num_blocks == 4
+    tree.check_integrity()

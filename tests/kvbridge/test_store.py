@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from kvbridge.hashing import BlockHash, hash_blocks
 from kvbridge.radix import BlockRemoved, BlockStored
 from kvbridge.store import BlockStore
-from kvbridge.tiers import InMemorySlotAllocator, PoolName, StoreConfig, TierEvent, TierStats
+from kvbridge.tiers import (
+    InMemorySlotAllocator,
+    PoolName,
+    StoreConfig,
+    StoreMatch,
+    TierEvent,
+    TierStats,
+)
 
 NBYTES = 10
 
@@ -105,7 +112,7 @@ def test_acquire_moves_hot_blocks_into_active_and_back() -> None:
     assert f.store.acquire("r2", A[:2] + C) == [0, 1]
     f.store.check_integrity()
     assert f.view(A) == (("active", "active", "hot", "hot"), (0, 1, 2, 3))
-    with pytest.raises(ValueError, match="request_id 'r2' already holds blocks"):
+    with pytest.raises(ValueError, match="request_id 'r2' is already registered; release it first"):
         f.store.acquire("r2", A)
     f.store.release("r2")
     f.store.check_integrity()
@@ -241,3 +248,19 @@ def test_store_random_lifecycles_keep_integrity_and_data(seed: int) -> None:
                 assert f.mover.data["hot"][slot] == h
         for h, slot in f.store.tree("cold").blocks():
             assert f.mover.data["cold"][slot] == h
+
+
+def test_store_runs_on_the_shared_memory_pool_allocator() -> None:
+    from kvbridge.pool import SlotAllocator
+
+    hot, cold = SlotAllocator(4), SlotAllocator(4)
+    store = BlockStore(StoreConfig(2, 4), hot, cold)
+    slots = store.allocate_slots(4)
+    assert slots == [0, 1, 2, 3]
+    store.publish("r", A, slots)
+    assert store.release("r") == 4  # a3, a2 demote to cold slots 0 1; hot slots 2 3 freed
+    assert store.lookup(A) == StoreMatch(4, ("hot", "hot", "cold", "cold"), (0, 1, 0, 1))
+    store.check_integrity()
+    hot.check_integrity()
+    cold.check_integrity()
+    assert (hot.num_free, cold.num_free) == (2, 2)
