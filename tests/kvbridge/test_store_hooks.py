@@ -22,8 +22,8 @@ PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def model() -> LoadedModel:
-    return load_model("tiny-llama")
+def model(request: pytest.FixtureRequest) -> LoadedModel:
+    return load_model(getattr(request, "param", "tiny-llama"))
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -66,6 +66,7 @@ def make_engine(
     return engine, store
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mla"], indirect=True)
 def test_repeated_prompt_loads_the_stored_prefix(
     model: LoadedModel, pools: tuple[HostBlockPool, HostBlockPool]
 ) -> None:
