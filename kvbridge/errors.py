@@ -18,6 +18,10 @@ class ProtocolError(KVBridgeError):
     """A malformed, oversized, wrong-version or unexpected frame."""
 
 
+class ChecksumMismatch(ProtocolError):
+    """Bytes received do not hash to what the sender said: corrupted on the way; never use them."""
+
+
 class AuthError(KVBridgeError):
     """A peer did not authenticate (missing or wrong token)."""
 

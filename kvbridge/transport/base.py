@@ -128,7 +128,8 @@ class TransferSpec:
     ``endpoint`` ("host:port") is the producer's block server (tcp); ``pool`` the producer's
     shared-memory pool (shm). ``source_slots`` are the producer's slots; with an empty
     ``transfer_id`` a tcp receiver pulls those (already written) slots from the pool the
-    block server serves, instead of a published transfer.
+    block server serves, instead of a published transfer; ``pool_name`` then names the
+    pool those slots belong to (the server refuses a pull or pin of another pool).
     """
 
     transfer_id: str
@@ -137,6 +138,7 @@ class TransferSpec:
     endpoint: str = ""
     pool: PoolHandle | None = None
     source_slots: tuple[int, ...] = ()
+    pool_name: str = ""
 
     def __post_init__(self) -> None:
         if len(self.transfer_id) > 200 or not all(c.isalnum() or c in "._-" for c in self.transfer_id):

@@ -1,27 +1,42 @@
-"""Block-transfer wire messages (framing in kvbridge.protocol).
+"""Block-server wire messages (framing in kvbridge.protocol).
 
-Flow on one connection: client Hello -> HelloAck; client PullRequest; then for each layer in
-order, its chunks: ChunkHeader frame followed by ``nbytes`` raw bytes (crc32 of those bytes
-when the request asked for checksums, else 0); finally client PullDone. The server may send
-ErrorReply instead of any ChunkHeader and then closes.
+A connection authenticates once (client Hello -> HelloAck) and then carries any number of
+requests, one at a time, so clients pool their connections:
+
+- pull: client PullRequest; then for each layer in order, its chunks: a ChunkHeader frame
+  followed by ``nbytes`` raw bytes (``checksum`` is the xxh3_64 of those bytes when the
+  request asked for checksums, else 0); finally client PullDone.
+- pin (shm pull by handle): client PinRequest; the server pins the slots and answers
+  PinGranted (with the pool to map); the client copies from the shared pool and sends Unpin.
+  The server unpins on Unpin, on the pin's deadline, or when the connection drops.
+
+The server may answer ErrorReply instead of any ChunkHeader or PinGranted; it then closes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvbridge.pool import PoolHandle
 from kvbridge.protocol import message
 
 MAX_PULL_TIMEOUT_S = 3600.0
 
 
+def _check_timeout(timeout_s: float) -> None:
+    if not 0 < timeout_s <= MAX_PULL_TIMEOUT_S:
+        raise ValueError(f"timeout_s: expected in (0, {MAX_PULL_TIMEOUT_S}], got {timeout_s}")
+
+
 @message("pull")
 @dataclass(frozen=True, slots=True)
 class PullRequest:
-    """Pull a published transfer (``transfer_id``) or, with an empty id, pool ``slots``."""
+    """Pull a published transfer (``transfer_id``) or, with an empty id, ``slots`` of the
+    served pool (named ``pool_name``; '' skips that check)."""
 
     transfer_id: str
     slots: tuple[int, ...]
+    pool_name: str
     num_layers: int
     layer_nbytes: int
     timeout_s: float
@@ -30,8 +45,7 @@ class PullRequest:
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.layer_nbytes < 1:
             raise ValueError(f"num_layers/layer_nbytes: expected >= 1, got {self.num_layers}/{self.layer_nbytes}")
-        if not 0 < self.timeout_s <= MAX_PULL_TIMEOUT_S:
-            raise ValueError(f"timeout_s: expected in (0, {MAX_PULL_TIMEOUT_S}], got {self.timeout_s}")
+        _check_timeout(self.timeout_s)
         if not self.transfer_id and not self.slots:
             raise ValueError("transfer_id/slots: one of them is required")
 
@@ -42,10 +56,37 @@ class ChunkHeader:
     layer: int
     offset: int
     nbytes: int
-    crc32: int
+    checksum: int
 
 
 @message("pull_done")
 @dataclass(frozen=True, slots=True)
 class PullDone:
     num_layers: int
+
+
+@message("pin")
+@dataclass(frozen=True, slots=True)
+class PinRequest:
+    """Pin ``slots`` of the served pool (named ``pool_name``) for at most ``timeout_s``."""
+
+    pool_name: str
+    slots: tuple[int, ...]
+    timeout_s: float
+
+    def __post_init__(self) -> None:
+        if not self.slots:
+            raise ValueError("slots: expected at least one slot to pin")
+        _check_timeout(self.timeout_s)
+
+
+@message("pin_granted")
+@dataclass(frozen=True, slots=True)
+class PinGranted:
+    pool: PoolHandle
+
+
+@message("unpin")
+@dataclass(frozen=True, slots=True)
+class Unpin:
+    num_slots: int

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 from kvbridge.errors import RemoteError, TransferTimeout, describe_pending
-from kvbridge.pool import SHM_DIR, HostBlockPool, SlotAllocator
+from kvbridge.handle import KVHandle
+from kvbridge.pool import SHM_DIR, HostBlockPool, PoolHandle, SlotAllocator
 from kvbridge.transport.base import (
     LayerBuffers,
     PoolRegion,
@@ -31,6 +33,8 @@ from kvbridge.transport.base import (
     Transport,
     copy_runs,
 )
+from kvbridge.transport.shm_pull import ShmPullHandle
+from kvbridge.transport.tcp_conn import ConnectionPool
 
 _CTL_MAGIC = 0x4B56425843544C31  # "KVBXCTL1"
 _MAGIC, _NUM_LAYERS, _PUBLISHED, _ACKED, _STATE, _LAYER_NBYTES = range(6)
@@ -184,13 +188,33 @@ class ShmRecvHandle(RecvHandle):
             self._ctl = None
 
 
+def shm_pull_spec(handle: KVHandle) -> TransferSpec:
+    """The spec that pulls a finished prefill's blocks by handle (pinned through its block server)."""
+    if not handle.pool_name:
+        raise ValueError(f"handle.pool_name: request {handle.request_id!r} has no shared-memory pool")
+    layout = handle.layout
+    return TransferSpec("", layout.num_layers, len(handle.block_slots) * layout.block_bytes,
+                        endpoint=handle.source_endpoint, source_slots=handle.block_slots,
+                        pool_name=handle.pool_name)
+
+
 class ShmTransport(Transport):
-    """Same-host transfers; keeps the producer pools it mapped until ``close()``."""
+    """Same-host transfers; keeps the producer pools it mapped (and its pin connections) until ``close()``.
+
+    Two receive modes: a published transfer (spec with a ``transfer_id`` and the producer's
+    pool; progress through the control file) or, with an empty ``transfer_id``, a pull by KV
+    handle (spec from :func:`shm_pull_spec`; the slots are pinned through the producer's
+    block server at ``spec.endpoint`` for the pull, see shm_pull.py).
+    """
 
     name = "shm"
 
-    def __init__(self) -> None:
+    def __init__(self, *, token: str | None = None, timeout_s: float = 60.0, connect_timeout_s: float = 5.0) -> None:
         self._pools: dict[str, HostBlockPool] = {}
+        self._lock = threading.Lock()
+        self.timeout_s = timeout_s
+        self.connections = ConnectionPool(token=token, peer="shm-pin", connect_timeout_s=connect_timeout_s,
+                                          sock_buf_bytes=0)
 
     @staticmethod
     def spec_for(transfer_id: str, pool: HostBlockPool, slots: tuple[int, ...]) -> TransferSpec:
@@ -206,15 +230,30 @@ class ShmTransport(Transport):
         return ShmSendHandle(spec, pins)
 
     def start_recv(self, spec: TransferSpec, dest: LayerBuffers) -> RecvHandle:
-        if spec.pool is None or not spec.transfer_id:
-            raise ValueError("spec: shm needs a transfer_id and the producer's pool handle")
         spec.check_buffers(dest, "dest")
-        pool = self._pools.get(spec.pool.name)
-        if pool is None:
-            pool = self._pools[spec.pool.name] = HostBlockPool.attach(spec.pool)
-        return ShmRecvHandle(spec, PoolRegion(pool.array, spec.source_slots), dest)
+        if not spec.transfer_id:
+            if not spec.endpoint or not spec.source_slots:
+                raise ValueError("spec: an shm pull by handle needs the block server endpoint and source slots")
+            return ShmPullHandle(spec, dest, connections=self.connections, attach=self.attach,
+                                 timeout_s=self.timeout_s)
+        if spec.pool is None:
+            raise ValueError("spec: shm needs a transfer_id and the producer's pool handle")
+        return ShmRecvHandle(spec, PoolRegion(self.attach(spec.pool).array, spec.source_slots), dest)
+
+    def attach(self, handle: PoolHandle) -> HostBlockPool:
+        """The producer pool ``handle`` names, mapped once and kept until ``close()``."""
+        with self._lock:
+            pool = self._pools.get(handle.name)
+            if pool is None or pool.layout != handle.layout:
+                if pool is not None:
+                    raise ValueError(f"handle.layout: pool {handle.name!r} is mapped with {pool.layout}, "
+                                     f"not {handle.layout}")
+                pool = self._pools[handle.name] = HostBlockPool.attach(handle)
+            return pool
 
     def close(self) -> None:
-        pools, self._pools = self._pools, {}
+        self.connections.close()
+        with self._lock:
+            pools, self._pools = self._pools, {}
         for pool in pools.values():
             pool.close()

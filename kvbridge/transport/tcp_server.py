@@ -1,23 +1,31 @@
-"""The block server: the producer side of the tcp transport (one per node).
+"""The block server: the producer side of the tcp transport, and the pin service of shm pulls.
 
-Serves two kinds of pulls: a *published transfer* (registered by ``start_send``; layers go
-out as the producer publishes them) and *pool slots* (already-written blocks of the pool
-given to ``serve_pool``, e.g. a decode pulling a finished prefill's KV by handle). Slots of a
-pool pull are pinned in the pool's SlotAllocator for the duration of the pull and unpinned
-when it ends, whatever the outcome. Each pull has the deadline its request names; past it the
-server sends ErrorReply("timeout") and drops the connection.
-Threads: one accept thread plus one thread per open connection (at most ``max_connections``);
-``close()`` shuts every socket and joins every thread.
+One per node. Connections are persistent (clients pool them): after Hello, a connection
+serves requests one after another (see kvbridge.transport.messages):
+
+- a pull of a *published transfer* (registered by ``start_send``; layers go out as the
+  producer publishes them) or of *pool slots* (already-written blocks of the pool given to
+  ``serve_pool``, e.g. a decode pulling a finished prefill's KV by handle). Slots of a pool
+  pull are pinned in the pool's SlotAllocator for the pull and unpinned when it ends,
+  whatever the outcome. Chunks go out with one ``sendmsg`` of header + views, each with its
+  xxh3_64 when asked.
+- a *pin* (shm pull by handle): pinned until the client's Unpin, the pin's deadline, or the
+  connection's end, whichever comes first; an abandoned pin expires, it never leaks.
+
+Each request has the deadline it names; past it the server sends ErrorReply("timeout") and
+drops the connection (any failure drops it). Threads: one accept thread plus one persistent
+thread per open connection (at most ``max_connections``), never one per request; ``close()``
+shuts every socket and joins every thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import threading
 import time
-import zlib
 
 from kvbridge.errors import (
     AuthError,
@@ -25,7 +33,6 @@ from kvbridge.errors import (
     ProtocolError,
     RemoteError,
     TransferTimeout,
-    describe_pending,
 )
 from kvbridge.pool import HostBlockPool, SlotAllocator
 from kvbridge.protocol import (
@@ -36,101 +43,35 @@ from kvbridge.protocol import (
     encode_frame,
     recv_message,
 )
-from kvbridge.transport.base import (
-    LayerBuffers,
-    PoolRegion,
-    SendHandle,
-    TransferSpec,
-    piece_views,
-    remaining,
+from kvbridge.transport.base import LayerBuffers, PoolRegion, piece_views, remaining
+from kvbridge.transport.messages import (
+    ChunkHeader,
+    PinGranted,
+    PinRequest,
+    PullDone,
+    PullRequest,
+    Unpin,
 )
-from kvbridge.transport.messages import ChunkHeader, PullDone, PullRequest
+from kvbridge.transport.tcp_conn import checksum, recv_request, send_buffers, tune
+from kvbridge.transport.tcp_publish import PublishedTransfer
 
 log = logging.getLogger(__name__)
 AUTH_TIMEOUT_S = 5.0
+IDLE_TIMEOUT_S = 300.0
 
 
-class PublishedTransfer(SendHandle):
-    """A send handle of the tcp transport: layers wait here until a receiver pulls them."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Source:
+    """What a pull streams from; ``release()`` unpins a pool pull's slots."""
 
-    def __init__(self, server: BlockServer, spec: TransferSpec, source: LayerBuffers,
-                 pins: SlotAllocator | None) -> None:
-        self.spec = spec
-        self._source: LayerBuffers | None = source
-        self._server = server
-        self._cond = threading.Condition()
-        self._published = 0
-        self._sent = 0
-        self._done = False
-        self._claimed = False
-        self._closed = False
-        self._error: KVBridgeError | None = None
-        self._pins = pins
-        if pins is not None:
-            pins.pin(spec.source_slots)
+    buffers: LayerBuffers
+    transfer: PublishedTransfer | None
+    allocator: SlotAllocator | None = None
+    slots: tuple[int, ...] = ()
 
-    def publish_layer(self, layer: int) -> None:
-        with self._cond:
-            if layer != self._published or layer >= self.spec.num_layers:
-                raise ValueError(f"layer: expected to publish layer {self._published} next, got {layer}")
-            self._published += 1
-            self._cond.notify_all()
-
-    def poll(self) -> int:
-        return self._sent
-
-    def wait(self, deadline: float) -> None:
-        start = time.monotonic()
-        with self._cond:
-            self._cond.wait_for(lambda: self._done or self._error is not None, remaining(deadline))
-            if self._error is not None:
-                raise self._error
-            if not self._done:
-                pending = describe_pending(list(range(self._sent, self.spec.num_layers)))
-                raise TransferTimeout(f"tcp send {self.spec.transfer_id}", deadline - start, pending)
-
-    @property
-    def source(self) -> LayerBuffers:
-        if self._source is None:
-            raise RemoteError("aborted", f"transfer {self.spec.transfer_id} was closed by its producer")
-        return self._source
-
-    def close(self) -> None:
-        self._server.unregister(self.spec.transfer_id, self)
-        with self._cond:
-            self._closed = True
-            self._source = None  # the connection thread holds its own reference while streaming
-            self._cond.notify_all()
-        if self._pins is not None:
-            pins, self._pins = self._pins, None
-            pins.unpin(self.spec.source_slots)
-
-    # ----- called by the server's connection thread
-
-    def claim(self) -> None:
-        with self._cond:
-            if self._claimed or self._closed:
-                raise ValueError(f"transfer_id: {self.spec.transfer_id!r} is already being pulled or closed")
-            self._claimed = True
-
-    def wait_published(self, layer: int, deadline: float, start: float) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._published > layer or self._closed, remaining(deadline))
-            if self._closed:
-                raise RemoteError("aborted", f"transfer {self.spec.transfer_id} was closed by its producer")
-            if self._published <= layer:
-                pending = describe_pending(list(range(self._published, self.spec.num_layers)))
-                raise TransferTimeout(f"tcp serve {self.spec.transfer_id}", deadline - start, f"producer publishing {pending}")
-
-    def layer_sent(self, layer: int) -> None:
-        self._sent = layer + 1
-
-    def finish(self, error: KVBridgeError | None) -> None:
-        with self._cond:
-            self._done = error is None
-            # no traceback: its frames would keep the connection's buffer views alive
-            self._error = None if error is None else error.with_traceback(None)
-            self._cond.notify_all()
+    def release(self) -> None:
+        if self.allocator is not None:
+            self.allocator.unpin(self.slots)
 
 
 class BlockServer:
@@ -200,46 +141,99 @@ class BlockServer:
             thread.start()
 
     def _serve_conn(self, sock: socket.socket) -> None:
-        transfer: PublishedTransfer | None = None
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sock_buf_bytes)
+            tune(sock, self._sock_buf_bytes)
             sock.settimeout(AUTH_TIMEOUT_S)
             check_hello(recv_message(sock), self._token)
             sock.sendall(encode_frame(HelloAck("kvbridge-block-server")))
-            request = recv_message(sock)
-            if not isinstance(request, PullRequest):
-                raise ProtocolError(f"expected PullRequest, got {type(request).__name__}")
-            start = time.monotonic()
-            deadline = start + request.timeout_s
-            with self._source_for(request, deadline, start) as (source, transfer):
-                self._stream(sock, request, source, transfer, deadline, start)
-                sock.settimeout(remaining(deadline))
-                done = recv_message(sock)
-                if done != PullDone(request.num_layers):
-                    raise ProtocolError(f"expected PullDone({request.num_layers}), got {done!r:.80}")
-            if transfer is not None:
-                transfer.finish(None)
+            while not self._closed:
+                sock.settimeout(IDLE_TIMEOUT_S)
+                request = recv_request(sock)
+                if isinstance(request, PullRequest):
+                    self._serve_pull(sock, request)
+                elif isinstance(request, PinRequest):
+                    if not self._serve_pin(sock, request):
+                        return
+                elif request is None:
+                    return
+                else:
+                    raise ProtocolError(f"expected PullRequest or PinRequest, got {type(request).__name__}")
         except (KVBridgeError, ValueError, OSError) as exc:
-            self._fail(sock, transfer, exc)
+            self._fail(sock, exc)
         finally:
             with self._lock:
                 self._conns.pop(sock, None)
             sock.close()
 
-    def _fail(self, sock: socket.socket, transfer: PublishedTransfer | None, exc: Exception) -> None:
+    def _fail(self, sock: socket.socket, exc: Exception) -> None:
         code = {AuthError: "auth", ProtocolError: "protocol", TransferTimeout: "timeout",
                 RemoteError: "aborted"}.get(type(exc), "invalid" if isinstance(exc, ValueError) else "io")
-        log.info("kvbridge block server: pull failed (%s): %s", code, exc)
-        if transfer is not None:
-            err = exc if isinstance(exc, KVBridgeError) else RemoteError(code, str(exc))
-            transfer.finish(err)
+        log.info("kvbridge block server: request failed (%s): %s", code, exc)
         if code != "io":
             try:
                 sock.settimeout(1.0)
                 sock.sendall(encode_frame(ErrorReply(code, str(exc))))
             except OSError:
                 pass
+
+    def _serve_pull(self, sock: socket.socket, request: PullRequest) -> None:
+        start = time.monotonic()
+        deadline = start + request.timeout_s
+        source = self._source_for(request, deadline, start)
+        try:
+            self._stream(sock, request, source, deadline, start)
+            sock.settimeout(max(remaining(deadline), 1e-3))
+            done = recv_message(sock)
+            if done != PullDone(request.num_layers):
+                raise ProtocolError(f"expected PullDone({request.num_layers}), got {done!r:.80}")
+        except (KVBridgeError, ValueError, OSError) as exc:
+            if source.transfer is not None:
+                code = "invalid" if isinstance(exc, ValueError) else "io"
+                source.transfer.finish(exc if isinstance(exc, KVBridgeError) else RemoteError(code, str(exc)))
+            raise
+        finally:
+            source.release()
+        if source.transfer is not None:
+            source.transfer.finish(None)
+
+    def _serve_pin(self, sock: socket.socket, request: PinRequest) -> bool:
+        """Pins, grants, holds the pin until Unpin or the deadline; False ends the connection.
+
+        On any failure the consumer is told (ErrorReply) and the connection shut down *before*
+        the slots are unpinned, so a consumer that still sees its connection open after a
+        copy knows the pin held during it.
+        """
+        start = time.monotonic()
+        pool, allocator = self._served_pool(request.pool_name)
+        allocator.pin(request.slots)
+        try:
+            sock.sendall(encode_frame(PinGranted(pool.handle)))
+            sock.settimeout(max(request.timeout_s - (time.monotonic() - start), 1e-3))
+            try:
+                reply = recv_request(sock)
+            except TimeoutError:
+                raise TransferTimeout(f"shm pin of {len(request.slots)} slots", request.timeout_s,
+                                      "the consumer's unpin") from None
+            if reply is None:
+                return False
+            if reply != Unpin(len(request.slots)):
+                raise ProtocolError(f"expected Unpin({len(request.slots)}), got {reply!r:.80}")
+            return True
+        except (KVBridgeError, ValueError, OSError) as exc:
+            self._fail(sock, exc)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            return False
+        finally:
+            allocator.unpin(request.slots)
+
+    def _served_pool(self, pool_name: str) -> tuple[HostBlockPool, SlotAllocator]:
+        if self._pool is None:
+            raise ValueError("slots: this block server serves no pool")
+        pool, allocator = self._pool
+        if pool_name and pool_name != pool.handle.name:
+            raise ValueError(f"pool_name: this block server serves pool {pool.handle.name!r}, not {pool_name!r}")
+        return pool, allocator
 
     def _source_for(self, request: PullRequest, deadline: float, start: float) -> _Source:
         if request.transfer_id:
@@ -250,51 +244,28 @@ class BlockServer:
             if transfer is None:
                 raise TransferTimeout(f"tcp serve {request.transfer_id}", deadline - start, "producer start_send")
             transfer.claim()
-            return _Source(transfer.source, transfer, None, ())
-        if self._pool is None:
-            raise ValueError("slots: this block server serves no pool")
-        pool, allocator = self._pool
+            return _Source(transfer.source, transfer)
+        pool, allocator = self._served_pool(request.pool_name)
         allocator.pin(request.slots)
         return _Source(PoolRegion(pool.array, request.slots), None, allocator, request.slots)
 
-    def _stream(self, sock: socket.socket, request: PullRequest, source: LayerBuffers,
-                transfer: PublishedTransfer | None, deadline: float, start: float) -> None:
-        if (source.num_layers, source.layer_nbytes) != (request.num_layers, request.layer_nbytes):
+    def _stream(self, sock: socket.socket, request: PullRequest, source: _Source, deadline: float,
+                start: float) -> None:
+        buffers, transfer = source.buffers, source.transfer
+        if (buffers.num_layers, buffers.layer_nbytes) != (request.num_layers, request.layer_nbytes):
             raise ValueError(
                 f"request: asks {request.num_layers} layers x {request.layer_nbytes} bytes, "
-                f"source has {source.num_layers} x {source.layer_nbytes}"
+                f"source has {buffers.num_layers} x {buffers.layer_nbytes}"
             )
         for layer in range(request.num_layers):
             if transfer is not None:
                 transfer.wait_published(layer, deadline, start)
             sock.settimeout(max(remaining(deadline), 1e-3))
-            runs = source.layer_runs(layer)
+            runs = buffers.layer_runs(layer)
             for offset in range(0, request.layer_nbytes, self._chunk_bytes):
                 nbytes = min(self._chunk_bytes, request.layer_nbytes - offset)
                 views = piece_views(runs, offset, nbytes)
-                crc = 0
-                if request.checksum:
-                    for view in views:
-                        crc = zlib.crc32(view, crc)
-                sock.sendall(encode_frame(ChunkHeader(layer, offset, nbytes, crc)))
-                for view in views:
-                    sock.sendall(view)
+                digest = checksum(views) if request.checksum else 0
+                send_buffers(sock, [encode_frame(ChunkHeader(layer, offset, nbytes, digest)), *views])
             if transfer is not None:
                 transfer.layer_sent(layer)
-
-
-class _Source:
-    """Context manager that unpins a pool pull's slots when the pull ends."""
-
-    def __init__(self, buffers: LayerBuffers, transfer: PublishedTransfer | None,
-                 allocator: SlotAllocator | None, slots: tuple[int, ...]) -> None:
-        self._value = (buffers, transfer)
-        self._allocator = allocator
-        self._slots = slots
-
-    def __enter__(self) -> tuple[LayerBuffers, PublishedTransfer | None]:
-        return self._value
-
-    def __exit__(self, *exc: object) -> None:
-        if self._allocator is not None:
-            self._allocator.unpin(self._slots)
