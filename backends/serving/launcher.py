@@ -164,6 +164,7 @@ class TritonServer:
                 proc.wait(timeout=10.0)
             # Stubs whose parent died still carry the group id: make sure none survives.
             _signal_group(proc.pid, signal.SIGKILL)
+            _wait_group_gone(proc.pid, timeout_s=10.0)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -179,6 +180,17 @@ def _signal_pid(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Waits until no process of group ``pgid`` is left (killpg(0) probes without signalling)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -1,0 +1,61 @@
+"""One real tritonserver per test session, serving a colocated deployment of the tiny preset.
+
+The server runs from the pytriton wheel (or a system install), on free loopback ports, with a
+backend directory laid out in a temp dir; teardown stops it and checks no stub survives.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from backends.serving.deploy import Deployment, EngineSpec, write_repository
+from backends.serving.install import find_triton
+from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
+from backends.serving.layout import layout_backend_dir
+
+NUM_BLOCKS = 128
+MAX_TOKENS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    server: TritonServer
+    http_url: str
+    grpc_url: str
+    metrics_url: str
+    num_blocks: int
+
+
+def _stub_pids(pgid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,pgid,comm"], capture_output=True, text=True, check=True)
+    return [int(line.split()[0]) for line in out.stdout.splitlines()[1:]
+            if line.split()[1] == str(pgid) and "triton" in line]
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    try:
+        install = find_triton()
+    except RuntimeError as exc:
+        pytest.skip(f"no tritonserver: {exc}")
+    root = tmp_path_factory.mktemp("triton")
+    deployment = Deployment(disaggregation=False, max_tokens=MAX_TOKENS,
+                            engine=EngineSpec(num_blocks=NUM_BLOCKS, max_num_seqs=32, max_model_len=512))
+    write_repository(deployment, root / "models")
+    backend_dir = layout_backend_dir(install, root / "backends")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    spec = LaunchSpec(install, root / "models", backend_dir, ServerPorts(http_port, grpc_port, metrics_port))
+    server = TritonServer(spec, root / "tritonserver.log")
+    server.start()
+    pgid = server.pid
+    try:
+        server.wait_ready(300)
+        yield Served(server, server.http_url, server.grpc_url, f"http://127.0.0.1:{metrics_port}/metrics",
+                     NUM_BLOCKS)
+    finally:
+        server.close()
+        assert pgid is not None and _stub_pids(pgid) == []
