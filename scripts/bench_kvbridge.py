@@ -199,10 +199,20 @@ def radix_rows(cached_blocks: int, num_ops: int = 5000) -> list[RadixRow]:
     return rows
 
 
+def _hash_row(num_ops: int = 500, block_size: int = 16) -> RadixRow:
+    """hash_blocks over 64-block token sequences (the cost a prompt pays before a lookup)."""
+    from kvbridge.hashing import hash_blocks
+
+    rng = np.random.default_rng(0)
+    seqs = [(rng.integers(0, 32000, 64 * block_size).tolist(), block_size, "model") for _ in range(num_ops)]
+    return _radix_timed("hash_blocks", 0, 64, hash_blocks, seqs)
+
+
 def radix_section(sizes: tuple[int, ...] = RADIX_SIZES) -> list[dict[str, object]]:
     """Radix match/insert/evict ops/s at 10k, 100k and 1M cached blocks (64-block chains
     over 16 shared 16-block prefixes; match = a cached chain plus 8 missing blocks)."""
     rows = [row for size in sizes for row in radix_rows(size)]
+    rows.append(_hash_row())
     print(f"{'cached blocks':>14}{'op':>14}{'ops/s':>12}{'blocks/s':>14}")
     for row in rows:
         print(f"{row.cached_blocks:>14,}{row.op:>14}{row.ops_per_s:>12,.0f}{row.blocks_per_s:>14,.0f}")
