@@ -34,16 +34,18 @@ class SeqSpan:
 @dataclass(frozen=True, slots=True)
 class PagedPlan:
     """Per-forward gather plan. Decode: `block_ids` [B, n] (the first n blocks of each table)
-    and `valid` [B, n * block_size] (True = a real token of that sequence); `context_lens` [B]."""
+    and `valid` [B, n * block_size] (True = a real token of that sequence); `context_lens` [B];
+    `bias` [B, 1, 1, n * block_size]: 0 for real tokens, -inf for padding (the cache dtype)."""
 
     decode_only: bool
     spans: tuple[SeqSpan, ...]
     block_ids: torch.Tensor | None
     valid: torch.Tensor | None
     context_lens: torch.Tensor | None
+    bias: torch.Tensor | None
 
 
-def build_plan(meta: AttentionMetadata, block_size: int) -> PagedPlan:
+def build_plan(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> PagedPlan:
     """Precompute what every layer needs to read the cache for this step."""
     device = meta.slot_mapping.device
     tables = meta.block_tables.to(device=device, dtype=torch.int64)
@@ -53,7 +55,9 @@ def build_plan(meta: AttentionMetadata, block_size: int) -> PagedPlan:
         positions = torch.arange(num_blocks * block_size, device=device)
         context_lens = meta.context_lens.to(device)
         valid = positions[None, :] < context_lens[:, None]
-        return PagedPlan(True, (), tables[:, :num_blocks].contiguous(), valid, context_lens)
+        bias = torch.zeros(valid.shape, dtype=dtype, device=device)
+        bias = bias.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+        return PagedPlan(True, (), tables[:, :num_blocks].contiguous(), valid, context_lens, bias)
     spans = []
     for i, ctx in enumerate(meta.context_lens.tolist()):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
@@ -66,7 +70,7 @@ def build_plan(meta: AttentionMetadata, block_size: int) -> PagedPlan:
             query_pos = torch.arange(ctx - q_len, ctx, device=device)
             mask = key_pos[None, :] <= query_pos[:, None]
         spans.append(SeqSpan(start, end, slots, mask, causal=q_len == ctx and q_len > 1))
-    return PagedPlan(False, tuple(spans), None, None, None)
+    return PagedPlan(False, tuple(spans), None, None, None, None)
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
@@ -104,17 +108,17 @@ def gqa_attention(q: torch.Tensor, cache: torch.Tensor, plan: PagedPlan, num_kv_
     head_dim = q.shape[-1]
     kv_dim = num_kv_heads * head_dim
     if plan.decode_only:
-        if plan.block_ids is None or plan.valid is None:
+        if plan.block_ids is None or plan.bias is None:
             raise RuntimeError("decode plan without block ids")
         kv = gather_blocks(cache, plan.block_ids)
-        batch, length = plan.valid.shape
+        batch, length = kv.shape[:2]
         k = kv[..., :kv_dim].view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
         v = kv[..., kv_dim:].view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :], k, v, attn_mask=plan.valid[:, None, None, :], scale=scale,
-            enable_gqa=num_kv_heads != q.shape[1],
-        )
-        return out[:, :, 0, :]
+        # A decode query attends to every real token, so the query heads sharing a KV head
+        # can ride as that head's "query rows": one plain SDPA without GQA expansion.
+        grouped = q.view(batch, num_kv_heads, q.shape[1] // num_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=plan.bias, scale=scale)
+        return out.reshape(q.shape)
     out = torch.empty_like(q)
     for span in plan.spans:
         kv = gather(cache, span.slots)

@@ -24,7 +24,7 @@ def test_flash_mla_matches_torch_decode() -> None:
     tables = torch.randperm(32, device="cuda")[: 5 * num_blocks].view(5, num_blocks).int()
     meta = AttentionMetadata(torch.zeros(5, dtype=torch.int64, device="cuda"), list(range(6)),
                              context, tables, int(context.max()), True)
-    plan = build_plan(meta, block_size)
+    plan = build_plan(meta, block_size, cache.dtype)
     q = torch.randn(5, heads, rank + rope, device="cuda", generator=gen, dtype=torch.bfloat16)
     w_uv = torch.eye(rank, device="cuda", dtype=torch.bfloat16)[None].expand(heads, -1, -1)
     assert flash_mla_usable(cache, rank, rope)

@@ -58,7 +58,7 @@ class DeepseekForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"kv_caches: expected {self.num_layers} layers, got {len(kv_caches)}")
-        plan = build_plan(meta, kv_caches[0].shape[1])
+        plan = build_plan(meta, kv_caches[0].shape[1], kv_caches[0].dtype)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.engine.config import RopeConfig
+from backends.engine.models.fused import FusedLinear, merge_fused_on_load
 
 
 class RMSNorm(nn.Module):
@@ -30,16 +31,18 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); parameter names match HF's LlamaMLP."""
+    """down(silu(gate(x)) * up(x)); state-dict names match HF's LlamaMLP (gate/up are fused)."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        parts = (("gate_proj", intermediate), ("up_proj", intermediate))
+        self.gate_up_proj = FusedLinear(hidden, parts, bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        merge_fused_on_load(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU) over the paged KV cache.
 
-Parameter names match HF `LlamaForCausalLM` checkpoints (model.embed_tokens.weight,
-model.layers.N.self_attn.q_proj.weight, ..., lm_head.weight) so safetensors load directly.
+State-dict names match HF `LlamaForCausalLM` checkpoints (model.embed_tokens.weight,
+model.layers.N.self_attn.q_proj.weight, ..., lm_head.weight) so safetensors load directly;
+q/k/v and gate/up run as fused matmuls (models/fused.py maps the names).
 Cache layout per token: K (num_kv_heads x head_dim) then V.
 """
 
@@ -13,6 +14,7 @@ from torch import nn
 from backends.engine.attention import PagedPlan, build_plan, gqa_attention, write_cache
 from backends.engine.config import ModelConfig
 from backends.engine.model_api import AttentionMetadata
+from backends.engine.models.fused import FusedLinear, merge_fused_on_load
 from backends.engine.models.layers import (
     RMSNorm,
     RotaryEmbedding,
@@ -30,19 +32,19 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        parts = (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size))
+        self.qkv_proj = FusedLinear(hidden, parts, bias)
+        self.o_proj = nn.Linear(q_size, hidden, bias=bias)
+        merge_fused_on_load(self)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 slot_mapping: torch.Tensor, plan: PagedPlan, cache: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q = apply_rope_neox(q, cos, sin)
-        k = apply_rope_neox(k, cos, sin)
-        write_cache(cache, slot_mapping, torch.cat((k.flatten(1), self.v_proj(x)), dim=-1))
+        q, k, v = self.qkv_proj(x)
+        q = apply_rope_neox(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope_neox(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        write_cache(cache, slot_mapping, torch.cat((k.flatten(1), v), dim=-1))
         out = gqa_attention(q, cache, plan, self.num_kv_heads, self.scale)
         return self.o_proj(out.reshape(num_tokens, -1))
 
@@ -87,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"kv_caches: expected {self.num_layers} layers, got {len(kv_caches)}")
-        plan = build_plan(meta, kv_caches[0].shape[1])
+        plan = build_plan(meta, kv_caches[0].shape[1], kv_caches[0].dtype)
         h = self.model.embed_tokens(input_ids)
         cos, sin = neox_tables(*self.rotary(positions, h.dtype))
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):

@@ -15,6 +15,7 @@ from torch import nn
 from backends.engine.attention import PagedPlan, gather, gather_blocks, sdpa_span, write_cache
 from backends.engine.config import MLAConfig, ModelConfig
 from backends.engine.flashmla import flash_mla_decode, flash_mla_usable
+from backends.engine.models.fused import FusedLinear, merge_fused_on_load
 from backends.engine.models.layers import (
     RMSNorm,
     apply_rope_interleave,
@@ -37,37 +38,43 @@ class MLAttention(nn.Module):
         self.scale = mla.qk_head_dim**-0.5
         hidden, bias, heads = config.hidden_size, config.attention_bias, config.num_heads
         self.q_proj: nn.Linear | None = None
-        self.q_a_proj: nn.Linear | None = None
+        self.kv_a_proj_with_mqa: nn.Linear | None = None
+        self.qkv_a_proj: FusedLinear | None = None
         self.q_a_layernorm: RMSNorm | None = None
         self.q_b_proj: nn.Linear | None = None
         if mla.q_lora_rank is None:
             self.q_proj = nn.Linear(hidden, heads * mla.qk_head_dim, bias=False)
+            self.kv_a_proj_with_mqa = nn.Linear(
+                hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias)
         else:
-            self.q_a_proj = nn.Linear(hidden, mla.q_lora_rank, bias=bias)
+            parts = (("q_a_proj", mla.q_lora_rank),
+                     ("kv_a_proj_with_mqa", mla.kv_lora_rank + mla.qk_rope_head_dim))
+            self.qkv_a_proj = FusedLinear(hidden, parts, bias)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(mla.q_lora_rank, heads * mla.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(
-            hidden, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(
             mla.kv_lora_rank, heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * mla.v_head_dim, hidden, bias=bias)
         self.rope_interleave = mla.rope_interleave
+        merge_fused_on_load(self)
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_proj is not None:
-            return self.q_proj(x)
-        if self.q_a_proj is None or self.q_a_layernorm is None or self.q_b_proj is None:
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [T, H * qk_head_dim], compressed kv [T, kv_lora_rank + rope]) of the input."""
+        if self.q_proj is not None and self.kv_a_proj_with_mqa is not None:
+            return self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        if self.qkv_a_proj is None or self.q_a_layernorm is None or self.q_b_proj is None:
             raise RuntimeError("MLAttention without q projections")
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_a, kv_a = self.qkv_a_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(q_a)), kv_a
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 slot_mapping: torch.Tensor, plan: PagedPlan, cache: torch.Tensor) -> torch.Tensor:
         mla, num_tokens = self.mla, x.shape[0]
-        q = self._query(x).view(num_tokens, self.num_heads, mla.qk_head_dim)
-        q_nope, q_pe = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split(
-            [mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+        q, kv_a = self._project(x)
+        q_nope, q_pe = q.view(num_tokens, self.num_heads, mla.qk_head_dim).split(
+            [mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
+        latent, k_pe = kv_a.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         q_pe, k_pe = self._rope(q_pe, k_pe, cos, sin)
         write_cache(cache, slot_mapping, torch.cat((latent, k_pe), dim=-1))
@@ -128,11 +135,10 @@ class MLAttention(nn.Module):
 def mla_decode_torch(q_full: torch.Tensor, cache: torch.Tensor, plan: PagedPlan,
                      kv_lora_rank: int, scale: float, w_uv: torch.Tensor) -> torch.Tensor:
     """Absorbed MLA decode: q_full [B, H, R + rope] over gathered latents -> [B, H, v]."""
-    if plan.block_ids is None or plan.valid is None:
+    if plan.block_ids is None or plan.bias is None:
         raise RuntimeError("decode plan without block ids")
     entries = gather_blocks(cache, plan.block_ids)  # [B, L, R + rope]
-    scores = torch.bmm(q_full, entries.transpose(1, 2)).float() * scale  # [B, H, L]
-    scores = scores.masked_fill(~plan.valid[:, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q_full.dtype)
+    scores = torch.baddbmm(plan.bias[:, 0], q_full, entries.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_full.dtype)  # [B, H, L]
     out_latent = torch.bmm(probs, entries[..., :kv_lora_rank])  # [B, H, R]
     return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
