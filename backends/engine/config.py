@@ -17,12 +17,14 @@ DEEPSEEK_V2 = "DeepseekV2ForCausalLM"
 DEEPSEEK_V3 = "DeepseekV3ForCausalLM"
 SUPPORTED_ARCHITECTURES = (LLAMA, DEEPSEEK_V2, DEEPSEEK_V3)
 MODEL_TYPES = {LLAMA: "llama", DEEPSEEK_V2: "deepseek_v2", DEEPSEEK_V3: "deepseek_v3"}
-ROPE_TYPES = ("default", "llama3")
+ROPE_TYPES = ("default", "llama3", "yarn")
 
 
 @dataclass(frozen=True, slots=True)
 class RopeConfig:
-    """Rotary embedding: `rope_type` 'default' or 'llama3' (the llama3 fields apply then)."""
+    """Rotary embedding, as HF's rope_parameters: `rope_type` 'default', 'llama3' (factor,
+    low/high_freq_factor, original_max_position_embeddings) or 'yarn' (factor, beta_fast,
+    beta_slow, mscale, mscale_all_dim, attention_factor, truncate, original_max_...)."""
 
     theta: float
     rope_type: str = "default"
@@ -30,6 +32,12 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +143,8 @@ def _rope(raw: Mapping[str, Any]) -> RopeConfig:
     theta = float(_require(params, "rope_theta", float))
     if rope_type == "default":
         return RopeConfig(theta=theta)
+    if rope_type == "yarn":
+        return _yarn(params, theta, _optional(raw, "max_position_embeddings", int, 2048))
     return RopeConfig(
         theta=theta,
         rope_type=rope_type,
@@ -144,6 +154,24 @@ def _rope(raw: Mapping[str, Any]) -> RopeConfig:
         original_max_position_embeddings=int(
             _require(params, "original_max_position_embeddings", int)
         ),
+    )
+
+
+def _yarn(params: Mapping[str, Any], theta: float, max_positions: int) -> RopeConfig:
+    original = int(_require(params, "original_max_position_embeddings", int))
+    factor = params.get("factor")
+    attention_factor = params.get("attention_factor")
+    return RopeConfig(
+        theta=theta,
+        rope_type="yarn",
+        factor=float(factor) if factor is not None else max_positions / original,
+        original_max_position_embeddings=original,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=float(params.get("mscale") or 0.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        attention_factor=float(attention_factor) if attention_factor is not None else None,
+        truncate=bool(params.get("truncate", True)),
     )
 
 

@@ -145,6 +145,12 @@ VARIANTS = {
     # DeepSeek-V3 with rope_interleave off (rotate-half on the rope part).
     "v3-no-interleave": {**PRESETS["tiny-mla"].hf_config, "rope_interleave": False,
                          "num_hidden_layers": 2, "first_k_dense_replace": 2},
+    # DeepSeek-V3 with yarn rope (legacy "type" key): cos/sin attention factor + mscale^2.
+    "v3-yarn": {**PRESETS["tiny-mla"].hf_config, "num_hidden_layers": 2,
+                "first_k_dense_replace": 2, "max_position_embeddings": 4096,
+                "rope_scaling": {"type": "yarn", "factor": 8.0, "beta_fast": 32, "beta_slow": 1,
+                                 "mscale": 1.0, "mscale_all_dim": 0.8,
+                                 "original_max_position_embeddings": 512}},
     # Llama with tied embeddings, plain rope, MHA.
     "llama-tied-mha": {**PRESETS["tiny-llama"].hf_config, "tie_word_embeddings": True,
                        "rope_scaling": None, "num_key_value_heads": 4, "num_hidden_layers": 2},

@@ -12,8 +12,9 @@ from torch import nn
 from backends.engine.attention import PagedPlan, build_plan
 from backends.engine.config import ModelConfig
 from backends.engine.model_api import AttentionMetadata
-from backends.engine.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from backends.engine.models.layers import RMSNorm, SwiGLU
 from backends.engine.models.mla import MLAttention
+from backends.engine.models.rope import RotaryEmbedding
 
 
 class DeepseekDecoderLayer(nn.Module):

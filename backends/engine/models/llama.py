@@ -15,13 +15,8 @@ from backends.engine.attention import PagedPlan, build_plan, gqa_attention, writ
 from backends.engine.config import ModelConfig
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.models.fused import FusedLinear, merge_fused_on_load
-from backends.engine.models.layers import (
-    RMSNorm,
-    RotaryEmbedding,
-    SwiGLU,
-    apply_rope_neox,
-    neox_tables,
-)
+from backends.engine.models.layers import RMSNorm, SwiGLU
+from backends.engine.models.rope import RotaryEmbedding, apply_rope_neox, neox_tables
 
 
 class LlamaAttention(nn.Module):

@@ -16,15 +16,27 @@ from backends.engine.attention import PagedPlan, gather, gather_blocks, sdpa_spa
 from backends.engine.config import MLAConfig, ModelConfig
 from backends.engine.flashmla import flash_mla_decode, flash_mla_usable
 from backends.engine.models.fused import FusedLinear, merge_fused_on_load
-from backends.engine.models.layers import (
-    RMSNorm,
+from backends.engine.models.layers import RMSNorm
+from backends.engine.models.rope import (
     apply_rope_interleave,
     apply_rope_neox,
     neox_tables,
+    yarn_mscale,
 )
 
 # HF builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
+
+
+def mla_softmax_scale(config: ModelConfig) -> float:
+    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under yarn (as HF DeepSeek)."""
+    if config.mla is None:
+        raise RuntimeError("mla_softmax_scale needs config.mla")
+    scale = config.mla.qk_head_dim**-0.5
+    rope = config.rope
+    if rope.rope_type != "default" and rope.mscale_all_dim:
+        scale *= yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
+    return scale
 
 
 class MLAttention(nn.Module):
@@ -35,7 +47,7 @@ class MLAttention(nn.Module):
             raise RuntimeError("MLAttention needs config.mla")
         self.mla: MLAConfig = mla
         self.num_heads = config.num_heads
-        self.scale = mla.qk_head_dim**-0.5
+        self.scale = mla_softmax_scale(config)
         hidden, bias, heads = config.hidden_size, config.attention_bias, config.num_heads
         self.q_proj: nn.Linear | None = None
         self.kv_a_proj_with_mqa: nn.Linear | None = None
