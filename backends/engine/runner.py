@@ -48,6 +48,8 @@ class ModelRunner:
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         """Flatten the step's new tokens and describe where their KV lives."""
+        if all(item.num_new_tokens == 1 for item in batch):
+            return self._prepare_decode(batch)
         bs = self.block_size
         query_start_loc = [0]
         context_lens: list[int] = []
@@ -68,9 +70,54 @@ class ModelRunner:
             tables[i, : len(row)] = row
             pos = positions[i]
             slot_parts.append(row[pos // bs] * bs + pos % bs)
-        pos_all = np.concatenate(positions)
-        slots = np.concatenate(slot_parts)
         sample = [query_start_loc[i + 1] - 1 for i, item in enumerate(batch) if item.samples]
+        return self._inputs(
+            tokens,
+            np.concatenate(positions),
+            np.concatenate(slot_parts),
+            query_start_loc,
+            context_lens,
+            tables,
+            sample,
+        )
+
+    def _prepare_decode(self, batch: list[ScheduledSeq]) -> StepInputs:
+        """One new token per sequence: plain Python over B items, no per-token arrays."""
+        bs = self.block_size
+        tokens, positions, slots, context_lens = [], [], [], []
+        for item in batch:
+            seq = item.seq
+            pos = seq.num_computed_tokens
+            tokens.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            context_lens.append(pos + 1)
+        max_blocks = -(-max(context_lens) // bs)
+        tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
+        for i, item in enumerate(batch):
+            row = item.seq.block_table[:max_blocks]
+            tables[i, : len(row)] = row
+        sample = [i for i, item in enumerate(batch) if item.samples]
+        return self._inputs(
+            tokens,
+            np.asarray(positions, dtype=np.int64),
+            np.asarray(slots, dtype=np.int64),
+            list(range(len(batch) + 1)),
+            context_lens,
+            tables,
+            sample,
+        )
+
+    def _inputs(
+        self,
+        tokens: list[int],
+        positions: np.ndarray,
+        slots: np.ndarray,
+        query_start_loc: list[int],
+        context_lens: list[int],
+        tables: np.ndarray,
+        sample: list[int],
+    ) -> StepInputs:
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(dev),
@@ -78,11 +125,11 @@ class ModelRunner:
             context_lens=torch.tensor(context_lens, dtype=torch.int64, device=dev),
             block_tables=torch.from_numpy(tables).to(dev),
             max_context_len=max(context_lens),
-            decode_only=len(tokens) == len(batch),
+            decode_only=len(tokens) == len(context_lens),
         )
         return StepInputs(
             input_ids=torch.tensor(tokens, dtype=torch.int64, device=dev),
-            positions=torch.from_numpy(pos_all).to(dev),
+            positions=torch.from_numpy(positions).to(dev),
             meta=meta,
             sample_indices=torch.tensor(sample, dtype=torch.int64, device=dev),
         )
