@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from backends.serving import demo
 from backends.serving.deploy import Deployment, load_deployment, write_repository
 from backends.serving.install import find_triton, python_version_tag, repo_root
 from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--config", type=Path, default=None)
     build.add_argument("--out", type=Path, required=True)
     build.set_defaults(func=cmd_build_repo)
+    demo.register(subparsers)
 
 
 def cmd_build_repo(args: argparse.Namespace) -> int:

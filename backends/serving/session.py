@@ -1,0 +1,67 @@
+"""Running one tritonserver for a model repository on free loopback ports, as a context manager.
+
+Used by ``triton-pd demo``, the serving benchmark and tests: it finds tritonserver, lays out the
+backend directory under ``work``, starts the server (log in ``work/tritonserver.log``), waits for
+readiness and, on exit, stops the server and every stub it started (TritonServer.close).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.serving.deploy import Deployment, write_repository
+from backends.serving.install import find_triton, repo_root
+from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
+from backends.serving.layout import layout_backend_dir
+
+
+@dataclass(frozen=True, slots=True)
+class Repository:
+    """A model repository and a one-line description of what it deploys."""
+
+    path: Path
+    description: str
+
+
+def disaggregation_available() -> bool:
+    """True once the kvbridge prefill→decode path (``backends.serving.kv``) is installed."""
+    return importlib.util.find_spec("backends.serving.kv") is not None
+
+
+def default_repository(work: Path) -> Repository:
+    """The shipped ``model_repository/`` (1 prefill + 1 decode) when disaggregation works;
+    otherwise a colocated repository with the same engine settings, written under ``work``."""
+    if disaggregation_available():
+        return Repository(repo_root() / "model_repository", "disaggregated: 1 prefill + 1 decode worker")
+    fallback = colocated_repository(work / "colocated", Deployment(disaggregation=False))
+    return Repository(fallback.path, f"{fallback.description}; fallback: the kvbridge "
+                      "prefill->decode path (backends/serving/kv.py) is not installed")
+
+
+def colocated_repository(dest: Path, deployment: Deployment) -> Repository:
+    """``deployment`` (disaggregation off) written under ``dest``."""
+    if deployment.disaggregation:
+        raise ValueError("deployment.disaggregation: a colocated repository needs it off, got True")
+    write_repository(deployment, dest)
+    return Repository(dest, f"colocated, {deployment.decode.count} worker(s) with role both")
+
+
+@contextmanager
+def running_server(repo: Path, work: Path, ready_timeout_s: float = 600.0) -> Iterator[TritonServer]:
+    """A ready tritonserver serving ``repo``; stopped (stubs included) when the block exits."""
+    install = find_triton()
+    work.mkdir(parents=True, exist_ok=True)
+    backend_dir = layout_backend_dir(install, work / "backends")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    spec = LaunchSpec(install, repo, backend_dir, ServerPorts(http_port, grpc_port, metrics_port))
+    server = TritonServer(spec, work / "tritonserver.log")
+    try:
+        server.start()
+        server.wait_ready(ready_timeout_s)
+        yield server
+    finally:
+        server.close()
