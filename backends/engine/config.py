@@ -2,7 +2,7 @@
 
 Supported architectures: LlamaForCausalLM (RMSNorm, RoPE with optional llama3 scaling, GQA,
 SwiGLU, tied or untied embeddings) and DeepseekV2ForCausalLM / DeepseekV3ForCausalLM
-(multi-head latent attention with a dense SwiGLU MLP; MoE checkpoints are rejected).
+(multi-head latent attention; dense SwiGLU MLPs and DeepSeek MoE layers).
 `parse_model_config` raises ValueError naming the field and value for anything it cannot run.
 """
 
@@ -57,6 +57,26 @@ class MLAConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """DeepSeek mixture-of-experts layers (layers >= first_k_dense_replace).
+
+    scoring 'softmax' + topk_method 'greedy' | 'group_limited_greedy' (V2) or 'sigmoid' with
+    a score-correction bias and group top-2 selection (V3)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    num_shared_experts: int
+    routed_scaling_factor: float
+    scoring: str
+    topk_method: str
+    n_group: int | None
+    topk_group: int | None
+    norm_topk_prob: bool
+    first_k_dense_replace: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """Everything a model module needs; `mla` is set exactly for the DeepSeek architectures."""
 
@@ -75,6 +95,7 @@ class ModelConfig:
     mlp_bias: bool
     rope: RopeConfig
     mla: MLAConfig | None = None
+    moe: MoEConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -175,17 +196,42 @@ def _yarn(params: Mapping[str, Any], theta: float, max_positions: int) -> RopeCo
     )
 
 
-def _mla(raw: Mapping[str, Any], architecture: str, num_layers: int) -> MLAConfig:
+def _group_field(raw: Mapping[str, Any], key: str, v2: bool, v3_default: int) -> int:
+    return int(_require(raw, key, int)) if v2 else int(_optional(raw, key, int, v3_default))
+
+
+def _moe(raw: Mapping[str, Any], architecture: str, num_layers: int) -> MoEConfig | None:
+    """None when every layer is dense (HF defaults apply to absent optional fields)."""
+    v2 = architecture == DEEPSEEK_V2
+    first_dense = raw.get("first_k_dense_replace")
+    first_dense = (0 if v2 else 3) if first_dense is None else first_dense
+    if not isinstance(first_dense, int) or first_dense < 0:
+        raise ValueError(f"config.json: field 'first_k_dense_replace' is invalid: {first_dense!r}")
+    if first_dense >= num_layers or raw.get("n_routed_experts", 1) == 0:
+        return None
+    topk_method = (raw.get("topk_method") or "greedy") if v2 else "noaux_tc"
+    if topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise ValueError(f"config.json: unsupported topk_method {topk_method!r}")
+    grouped = topk_method != "greedy"
+    return MoEConfig(
+        num_experts=_require(raw, "n_routed_experts", int),
+        num_experts_per_tok=_require(raw, "num_experts_per_tok", int),
+        moe_intermediate_size=_require(raw, "moe_intermediate_size", int),
+        num_shared_experts=_optional(raw, "n_shared_experts", int, 2 if v2 else 1),
+        routed_scaling_factor=float(_optional(raw, "routed_scaling_factor", float,
+                                              1.0 if v2 else 2.5)),
+        scoring="softmax" if v2 else "sigmoid",
+        topk_method=topk_method,
+        n_group=_group_field(raw, "n_group", v2, 8) if grouped else None,
+        topk_group=_group_field(raw, "topk_group", v2, 4) if grouped else None,
+        norm_topk_prob=not v2 and bool(raw.get("norm_topk_prob", True)),
+        first_k_dense_replace=first_dense,
+    )
+
+
+def _mla(raw: Mapping[str, Any], architecture: str) -> MLAConfig:
     if "q_lora_rank" not in raw:
         raise ValueError("config.json: missing required field 'q_lora_rank' (null = no q LoRA)")
-    default_dense = 0 if architecture == DEEPSEEK_V2 else 3
-    first_dense = _optional(raw, "first_k_dense_replace", int, default_dense)
-    routed = raw.get("n_routed_experts", 1)
-    if routed and first_dense < num_layers:
-        raise ValueError(
-            f"config.json: MoE layers are not supported: first_k_dense_replace={first_dense} "
-            f"< num_hidden_layers={num_layers} with n_routed_experts={routed}"
-        )
     return MLAConfig(
         q_lora_rank=_optional(raw, "q_lora_rank", int, None),
         kv_lora_rank=_require(raw, "kv_lora_rank", int),
@@ -235,7 +281,8 @@ def parse_model_config(raw: Mapping[str, Any]) -> ModelConfig:
         attention_bias=bool(raw.get("attention_bias", False)),
         mlp_bias=bool(raw.get("mlp_bias", False)),
         rope=_rope(raw),
-        mla=_mla(raw, architecture, num_layers) if is_mla else None,
+        mla=_mla(raw, architecture) if is_mla else None,
+        moe=_moe(raw, architecture, num_layers) if is_mla else None,
         bos_token_id=int(bos) if isinstance(bos, int) else None,
         eos_token_ids=_eos_ids(raw),
     )

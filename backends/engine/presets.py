@@ -97,14 +97,18 @@ def init_weights(model: nn.Module, seed: int) -> None:
     """Fill every parameter deterministically from `seed` (sorted names; tied ones once)."""
     gen = torch.Generator().manual_seed(seed)
     seen: set[int] = set()
+    tensors = [*model.named_parameters(remove_duplicate=False), *(
+        (name, buf) for name, buf in model.named_buffers() if name.endswith("correction_bias"))]
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters(remove_duplicate=False)):
+        for name, param in sorted(tensors, key=lambda item: item[0]):
             if id(param) in seen:
                 continue
             seen.add(id(param))
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
             if name.endswith("norm.weight"):
                 value = 1.0 + 0.1 * noise
+            elif name.endswith("correction_bias"):
+                value = 0.1 * noise
             elif name.endswith("bias"):
                 value = 0.02 * noise
             elif "embed_tokens" in name:

@@ -118,11 +118,19 @@ def test_bad_llama_config_raises(changes: dict[str, Any], message: str) -> None:
         parse_model_config(raw)
 
 
-def test_moe_checkpoint_raises_naming_field() -> None:
-    raw = {**PRESETS["tiny-mla"].hf_config, "first_k_dense_replace": 1}
-    with pytest.raises(ValueError, match=r"MoE layers are not supported: first_k_dense_replace=1 "
-                                         r"< num_hidden_layers=4 with n_routed_experts=4"):
-        parse_model_config(raw)
+def test_moe_config_missing_field_raises() -> None:
+    raw = {k: v for k, v in PRESETS["tiny-mla"].hf_config.items() if k != "num_experts_per_tok"}
+    parse_model_config(raw)  # all layers dense: the MoE fields are not needed
+    with pytest.raises(ValueError, match=r"missing required field 'num_experts_per_tok'"):
+        parse_model_config({**raw, "first_k_dense_replace": 1})
+
+
+def test_moe_config_parses_hf_defaults() -> None:
+    moe = parse_model_config({**PRESETS["tiny-mla"].hf_config, "first_k_dense_replace": 1}).moe
+    assert moe is not None
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.scoring, moe.topk_method, moe.n_group,
+            moe.topk_group, moe.norm_topk_prob, moe.routed_scaling_factor) == (
+        4, 2, "sigmoid", "noaux_tc", 1, 1, True, 2.5)
 
 
 def test_mla_missing_q_lora_rank_raises() -> None:
@@ -151,6 +159,16 @@ VARIANTS = {
                 "rope_scaling": {"type": "yarn", "factor": 8.0, "beta_fast": 32, "beta_slow": 1,
                                  "mscale": 1.0, "mscale_all_dim": 0.8,
                                  "original_max_position_embeddings": 512}},
+    # DeepSeek-V3 MoE after one dense layer: sigmoid router, correction bias, groups.
+    "v3-moe": {**PRESETS["tiny-mla"].hf_config, "num_hidden_layers": 2, "first_k_dense_replace": 1,
+               "n_routed_experts": 8, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2,
+               "n_shared_experts": 1, "moe_intermediate_size": 32, "routed_scaling_factor": 1.5},
+    # DeepSeek-V2 MoE everywhere: softmax router, group-limited greedy, two shared experts.
+    "v2-moe-grouped": {**PRESETS["tiny-mla"].hf_config, "architectures": ["DeepseekV2ForCausalLM"],
+                       "model_type": "deepseek_v2", "num_hidden_layers": 2,
+                       "first_k_dense_replace": 0, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                       "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+                       "n_shared_experts": 2, "moe_intermediate_size": 32},
     # Llama with tied embeddings, plain rope, MHA.
     "llama-tied-mha": {**PRESETS["tiny-llama"].hf_config, "tie_word_embeddings": True,
                        "rope_scaling": None, "num_key_value_heads": 4, "num_hidden_layers": 2},
@@ -185,3 +203,26 @@ def test_cli_export_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
         "tokenizer_config.json"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "deepseek_v3"
+
+
+def test_per_expert_checkpoint_names_load(tmp_path: Path) -> None:
+    """Hub DeepSeek checkpoints name experts one by one; they stack into the same tensors."""
+    directory = export_checkpoint(VARIANTS["v3-moe"], 5, tmp_path / "moe")
+    stacked = load_file(str(directory / "model.safetensors"))
+    per_expert: dict[str, torch.Tensor] = {}
+    for key, value in stacked.items():
+        if key.endswith("experts.gate_up_proj"):
+            prefix = key.removesuffix("gate_up_proj")
+            for e, (gate, up) in enumerate(t.chunk(2) for t in value):
+                per_expert[f"{prefix}{e}.gate_proj.weight"] = gate.contiguous()
+                per_expert[f"{prefix}{e}.up_proj.weight"] = up.contiguous()
+        elif key.endswith("experts.down_proj"):
+            prefix = key.removesuffix("down_proj")
+            for e, down in enumerate(value):
+                per_expert[f"{prefix}{e}.down_proj.weight"] = down.contiguous()
+        else:
+            per_expert[key] = value
+    save_file(per_expert, str(directory / "model.safetensors"))
+    loaded = load_model(str(directory)).model.state_dict()
+    assert sorted(loaded) == sorted(stacked)
+    assert all(torch.equal(loaded[k], stacked[k]) for k in stacked)

@@ -1,7 +1,5 @@
-"""DeepSeek-V2/V3-style decoder (MLA attention, dense SwiGLU MLP) over the paged latent cache.
-
-Parameter names match HF `DeepseekV2ForCausalLM` / `DeepseekV3ForCausalLM` checkpoints.
-MoE layers are not implemented: config parsing rejects checkpoints that have any.
+"""DeepSeek-V2/V3-style decoder (MLA attention; dense SwiGLU or MoE MLPs) over the paged
+latent cache. Parameter names match HF `DeepseekV2ForCausalLM` / `DeepseekV3ForCausalLM`.
 """
 
 from __future__ import annotations
@@ -14,14 +12,20 @@ from backends.engine.config import ModelConfig
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.models.layers import RMSNorm, SwiGLU
 from backends.engine.models.mla import MLAttention
+from backends.engine.models.moe import DeepseekMoE
 from backends.engine.models.rope import RotaryEmbedding
 
 
 class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.self_attn = MLAttention(config)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        moe = config.moe
+        self.mlp: nn.Module
+        if moe is not None and layer >= moe.first_k_dense_replace:
+            self.mlp = DeepseekMoE(moe, config.hidden_size, config.mlp_bias)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -35,7 +39,8 @@ class DeepseekModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DeepseekDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
