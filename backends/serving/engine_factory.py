@@ -14,8 +14,19 @@ def engine_spec_for(model_dir: Path) -> EngineSpec:
     return load_engine_spec(path) if path.is_file() else EngineSpec()
 
 
-def build_engine(spec: EngineSpec) -> Any:
-    """An LLMEngine for ``spec`` (imports torch and the engine lazily)."""
+def torch_dtype(name: str) -> Any:
+    """The torch dtype named ``name`` (float32, float16, bfloat16)."""
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype: unknown torch dtype {name!r}")
+    return dtype
+
+
+def build_engine(spec: EngineSpec, *, loaded: Any = None, hooks: Any = None) -> Any:
+    """An LLMEngine for ``spec`` (imports torch and the engine lazily). ``loaded`` is an
+    already loaded model for ``spec.source``; ``hooks`` the engine's KVHooks (kvbridge)."""
     from backends.engine.engine import LLMEngine
     from backends.engine.engine_config import EngineConfig
 
@@ -23,4 +34,4 @@ def build_engine(spec: EngineSpec) -> Any:
         block_size=spec.block_size, num_blocks=spec.num_blocks, max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens, max_model_len=spec.max_model_len,
         device=spec.device, dtype=spec.dtype)
-    return LLMEngine(spec.source, config)
+    return LLMEngine(loaded if loaded is not None else spec.source, config, hooks)

@@ -5,6 +5,9 @@ commands on a queue; the engine thread adds requests, steps the engine, polls ca
 hands each result to the response thread, which alone calls the sinks (Triton response senders).
 Every request ends with exactly one final response: its last tokens, a hand-off (prefill), or
 an error (CANCELLED after abort, INVALID_ARG for a bad request, INTERNAL/UNAVAILABLE otherwise).
+The role (prefill | decode | both) is a label for the Supervisor, which may relabel a worker:
+every worker with a KV transport serves every request type. A generation_only request's KV
+source is closed when the request ends; its pull time rides on its first response.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,10 +48,14 @@ class PublishedKV:
 
 
 class KVTransfer(Protocol):
-    """kvbridge as the worker sees it: publish a prefill's KV; open an import by handle."""
+    """kvbridge as the worker sees it (engine thread only): publish a prefill's KV; open an
+    import by handle (ValueError for a bad handle); ``maintain`` runs on every loop turn;
+    ``discard`` drops a published KV whose consumer will never come (cancelled)."""
 
-    def publish(self, export: KVExport) -> PublishedKV: ...
-    def source(self, handle: bytes) -> Any: ...  # an engine KVSource
+    def publish(self, export: KVExport, prompt_ids: Sequence[int]) -> PublishedKV: ...
+    def source(self, handle: bytes) -> Any: ...  # an engine KVSource with elapsed_ns, close()
+    def maintain(self) -> None: ...
+    def discard(self, request_id: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +63,14 @@ class WorkerStats:
     num_free_blocks: int
     num_total_blocks: int
     num_running: int
+    num_waiting: int = 0
 
 
 @dataclass(slots=True)
 class _Active:
     job: WorkerJob
     sink: ResponseSink
+    kv_source: Any = None
 
 
 class WorkerService:
@@ -88,11 +97,6 @@ class WorkerService:
         if job.request_type == "cancel":
             self._commands.put(("abort", job.request_id))
             self._respond(sink.send, WorkerUpdate((), (), True, "", 0, 0, 0))
-            return
-        if job.request_type == "context_only" and self.role == "decode" or \
-                job.request_type == "generation_only" and self.role == "prefill":
-            self._respond(sink.fail, ValueError(
-                f"request_type {job.request_type!r} is not served by a {self.role!r} worker"))
             return
         self._commands.put(("add", _Active(job, sink)))
 
@@ -121,6 +125,8 @@ class WorkerService:
             self._poll_cancelled()
             if self._engine.has_unfinished() or self._aborted:
                 self._step()
+            if self._kv is not None:
+                self._maintain_kv()
         for rid in list(self._active):
             self._finish_error(rid, WorkerUnavailable("worker is shutting down"))
 
@@ -133,11 +139,19 @@ class WorkerService:
         except queue.Empty:
             return
 
+    def _maintain_kv(self) -> None:
+        try:
+            self._kv.maintain()  # type: ignore[union-attr]
+        except Exception:
+            LOG.exception("KV maintenance failed")
+
     def _apply(self, kind: str, arg: Any) -> None:
         if kind == "close":
             self._closed = True
         elif kind == "abort" and arg in self._active:
             self._abort(arg)
+        elif kind == "abort" and self._kv is not None:
+            self._kv.discard(arg)  # a prefill already handed off: its KV's consumer is gone
         elif kind == "add":
             self._add(arg)
 
@@ -146,8 +160,8 @@ class WorkerService:
         if job.request_id in self._active:
             self._respond(active.sink.fail, ValueError(f"request id {job.request_id!r} is already running"))
             return
+        kv_source = None
         try:
-            kv_source = None
             if job.request_type == "generation_only":
                 if self._kv is None:
                     raise WorkerUnavailable("generation_only needs a KV transport; none is configured")
@@ -157,8 +171,10 @@ class WorkerService:
                 prefill_only=job.request_type == "context_only", kv_source=kv_source,
                 prior_output_ids=list(job.prior_output_ids))
         except Exception as exc:  # ValueError → INVALID_ARG for this request only
+            _close_source(kv_source)
             self._respond(active.sink.fail, exc)
             return
+        active.kv_source = kv_source
         self._active[job.request_id] = active
 
     def _poll_cancelled(self) -> None:
@@ -210,14 +226,26 @@ class WorkerService:
             except Exception as exc:
                 self._finish_error(out.request_id, exc)
                 return
+        pull_ns = self._pull_ns(active)
         update = WorkerUpdate(
             out.new_token_ids, out.new_logprobs, out.finished, out.finish_reason or "",
             out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens,
             published.handle if published else b"", published.num_bytes if published else 0,
-            published.elapsed_ns if published else 0)
+            published.elapsed_ns if published else pull_ns)
         if out.finished:
             del self._active[out.request_id]
+            _close_source(active.kv_source)
         self._respond(active.sink.send, update)
+
+    @staticmethod
+    def _pull_ns(active: _Active) -> int:
+        """The KV pull's duration, reported once (on the first response after it)."""
+        source = active.kv_source
+        elapsed = int(getattr(source, "elapsed_ns", 0) or 0)
+        if elapsed:
+            _close_source(source)
+            active.kv_source = None
+        return elapsed
 
     def _hand_off(self, out: RequestOutput) -> PublishedKV | None:
         """Publish a finished prefill's KV (unless the first token ended it) and free its blocks."""
@@ -226,7 +254,7 @@ class WorkerService:
                 return None
             if self._kv is None:
                 raise WorkerUnavailable("context_only needs a KV transport; none is configured")
-            return self._kv.publish(self._engine.export_kv(out.request_id))
+            return self._kv.publish(self._engine.export_kv(out.request_id), self._active[out.request_id].job.prompt_ids)
         finally:
             with contextlib.suppress(ValueError):  # nothing held: the engine already freed it
                 self._engine.release_kv(out.request_id)
@@ -234,8 +262,19 @@ class WorkerService:
     def _finish_error(self, rid: str, exc: BaseException) -> None:
         active = self._active.pop(rid, None)
         if active is not None:
+            _close_source(active.kv_source)
             self._respond(active.sink.fail, exc)
 
     def _read_stats(self) -> WorkerStats:
         bm = self._engine.block_manager
-        return WorkerStats(bm.num_free_blocks, bm.num_total_blocks, len(self._active))
+        waiting = len(getattr(getattr(self._engine, "scheduler", None), "waiting", ()))
+        return WorkerStats(bm.num_free_blocks, bm.num_total_blocks, len(self._active), waiting)
+
+
+def _close_source(source: Any) -> None:
+    close = getattr(source, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            LOG.exception("closing a KV source failed")

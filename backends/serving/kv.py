@@ -1,0 +1,122 @@
+"""The disaggregated KV path of a pd_worker: its engine wired to a kvbridge node.
+
+``build_worker(spec, model_name, role)`` loads the model, sizes a KVNode from the model's KV
+layout, builds the engine with the node's StoreKVHooks (local prefix reuse) and returns both
+with a ``NodeTransfer``: the worker's KVTransfer (publish a prefill's KV → handle bytes;
+open a handle → KVSource), registered with the master when KVBRIDGE_MASTER is set.
+``make_transfer(engine, model_name, role)`` does the same around an already built engine
+(no hooks). Pool size: ``PD_KV_POOL_BLOCKS`` (default twice the engine's blocks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from backends.engine.outputs import KVExport
+from backends.serving.deploy import EngineSpec
+from backends.serving.kv_master import MasterLink, connect, start_master_if_needed
+from backends.serving.kv_node import KVNode, KVNodeConfig
+from backends.serving.kv_source import PulledKVSource
+from backends.serving.worker import PublishedKV
+from kvbridge.handle import KVLayoutSpec
+from kvbridge.master.messages import LoadReport
+
+POOL_BLOCKS_ENV = "PD_KV_POOL_BLOCKS"
+__all__ = ["NodeTransfer", "build_worker", "make_transfer", "start_master_if_needed"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    """What a worker reports to the master: requests waiting, running, free engine blocks."""
+
+    queue_len: int
+    num_running: int
+    num_free_blocks: int
+
+
+class NodeTransfer:
+    """The worker's KVTransfer over a KVNode (+ an optional MasterLink). Engine thread only,
+    except ``start_heartbeats`` and ``close``."""
+
+    def __init__(self, node: KVNode, link: MasterLink | None) -> None:
+        self.node = node
+        self.link = link
+
+    def publish(self, export: KVExport, prompt_ids: Sequence[int]) -> PublishedKV:
+        published = self.node.publish(export, prompt_ids)
+        return PublishedKV(published.handle.to_bytes(), published.num_bytes, published.elapsed_ns)
+
+    def source(self, handle: bytes) -> PulledKVSource:
+        return self.node.source(handle)
+
+    def maintain(self) -> None:
+        self.node.maintain()
+
+    def discard(self, request_id: str) -> None:
+        self.node.discard(request_id)
+
+    def start_heartbeats(self, load: Callable[[], WorkerLoad]) -> None:
+        if self.link is not None:
+            self.link.start(self.node.endpoint, lambda: LoadReport(*_fields(load())))
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        self.node.close()
+
+
+def _fields(load: WorkerLoad) -> tuple[int, int, int]:
+    return load.queue_len, load.num_running, load.num_free_blocks
+
+
+def layout_of(loaded: Any, spec: EngineSpec) -> KVLayoutSpec:
+    """The KV layout an engine over ``loaded`` with ``spec`` will have."""
+    import torch
+
+    elem = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    mc = loaded.config
+    return KVLayoutSpec(spec.dtype, mc.num_layers, spec.block_size, mc.kv_width, mc.kv_width * elem)
+
+
+def node_config(model_name: str, model_id: str, engine_blocks: int) -> KVNodeConfig:
+    raw = os.environ.get(POOL_BLOCKS_ENV, "")
+    if raw and not raw.isdigit():
+        raise ValueError(f"{POOL_BLOCKS_ENV}: expected a positive integer, got {raw!r}")
+    pool_blocks = int(raw) if raw else max(2 * engine_blocks, 64)
+    return KVNodeConfig(model_name, model_id, pool_blocks, pool_blocks // 2)
+
+
+def _node(model_name: str, model_id: str, engine_blocks: int, layout: KVLayoutSpec) -> NodeTransfer:
+    client = connect(model_name)
+    link = MasterLink(client) if client is not None else None
+    node = KVNode(node_config(model_name, model_id, engine_blocks), layout,
+                  listener=link.on_event if link is not None else None)
+    return NodeTransfer(node, link)
+
+
+def build_worker(spec: EngineSpec, model_name: str) -> tuple[Any, NodeTransfer]:
+    """(engine with the node's hooks, its transfer). ValueError for a bad spec."""
+    from backends.engine.loader import load_model
+    from backends.serving.engine_factory import build_engine, torch_dtype
+
+    loaded = load_model(spec.source, dtype=torch_dtype(spec.dtype), device=spec.device)
+    layout = layout_of(loaded, spec)
+    transfer = _node(model_name, spec.source, spec.num_blocks, layout)
+    try:
+        engine = build_engine(spec, loaded=loaded, hooks=transfer.node.hooks)
+        if KVLayoutSpec.of(engine.kv_layout) != layout:
+            raise RuntimeError(f"engine KV layout {engine.kv_layout} differs from the node's {layout}")
+    except BaseException:
+        transfer.close()
+        raise
+    return engine, transfer
+
+
+def make_transfer(engine: Any, model_name: str, role: str) -> NodeTransfer:
+    """A transfer around a built engine (no local prefix reuse: its hooks are fixed at build)."""
+    del role  # every worker can publish and import; the role is the supervisor's label
+    layout = KVLayoutSpec.of(engine.kv_layout)
+    return _node(model_name, str(engine.model_config.architecture), engine.block_manager.num_total_blocks, layout)

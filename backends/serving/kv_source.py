@@ -1,0 +1,107 @@
+"""The decode side of a hand-off: an engine ``KVSource`` that pulls a prefill's KV by handle.
+
+``open_handle`` validates ``context_phase_params`` (KVHandle.from_bytes + check_layout against
+this engine) and raises ValueError naming the field, so a corrupted or mismatched handle is
+the request's own INVALID_ARG. ``PulledKVSource`` starts its pull on the first ``read_layer``
+(over shm when the source pool is mapped on this host, else tcp), receives layer by layer
+into a host staging buffer and copies each layer into the engine's destination as soon as it
+arrived. Any failure or a passed deadline raises the engine's KVImportError (the engine then
+recomputes); the pull is closed on failure, after the last layer, or by ``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from backends.engine.hooks import KVImportError
+from kvbridge.errors import KVBridgeError
+from kvbridge.handle import KVHandle, KVLayoutSpec
+from kvbridge.pool import SHM_DIR
+from kvbridge.transport.base import ArrayLayers, RecvHandle
+from kvbridge.transport.shm import ShmTransport, shm_pull_spec
+from kvbridge.transport.tcp import TcpTransport, pull_spec
+
+LOG = logging.getLogger(__name__)
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def open_handle(data: bytes, layout: KVLayoutSpec) -> KVHandle:
+    """The validated handle in ``data``; ValueError naming ``context_phase_params.<field>``."""
+    try:
+        handle = KVHandle.from_bytes(data)
+        handle.check_layout(layout)
+    except ValueError as exc:  # LayoutMismatch is a ValueError too
+        raise ValueError(f"context_phase_params: {exc}") from None
+    return handle
+
+
+def shm_reachable(handle: KVHandle) -> bool:
+    """The handle's pool is a shared-memory file of this host (so shm can map it)."""
+    host, _ = handle.source_host_port
+    return bool(handle.pool_name) and host in LOCAL_HOSTS and \
+        os.path.exists(os.path.join(SHM_DIR, handle.pool_name))
+
+
+class PulledKVSource:
+    """KVSource over a handle; ``elapsed_ns`` is the pull's duration once it finished."""
+
+    def __init__(self, handle: KVHandle, shm: ShmTransport, tcp: TcpTransport, timeout_s: float) -> None:
+        self.handle = handle
+        self.num_tokens = handle.num_tokens
+        self.elapsed_ns = 0
+        self.transport_name = ""
+        self._shm, self._tcp = shm, tcp
+        self._timeout_s = timeout_s
+        self._recv: RecvHandle | None = None
+        self._staging: np.ndarray | None = None
+        self._start_ns = 0
+        self._deadline = float("inf")
+
+    def read_layer(self, layer: int, dst: torch.Tensor, deadline: float) -> None:
+        layout = self.handle.layout
+        shape = (len(self.handle.block_slots), layout.block_size, layout.kv_width)
+        if tuple(dst.shape) != shape:
+            raise KVImportError(f"layer {layer}: destination {tuple(dst.shape)}, handle holds {shape}")
+        try:
+            recv = self._recv or self._open()
+            recv.wait_layer(layer, min(deadline, self._deadline))
+        except (KVBridgeError, OSError, ValueError, RuntimeError) as exc:
+            self.close()
+            LOG.warning("KV pull of %s failed (%s): %s", self.handle.request_id, self.transport_name, exc)
+            raise KVImportError(f"KV pull of {self.handle.request_id} failed: {exc}") from exc
+        if self._staging is None:
+            raise KVImportError(f"KV pull of {self.handle.request_id} is closed")
+        raw = torch.from_numpy(self._staging[layer])
+        dst.copy_(raw.view(getattr(torch, layout.dtype)).view(shape))
+        if layer == layout.num_layers - 1:
+            self.elapsed_ns = time.perf_counter_ns() - self._start_ns
+            self.close()
+
+    def _open(self) -> RecvHandle:
+        self._start_ns = time.perf_counter_ns()
+        self._deadline = time.monotonic() + self._timeout_s
+        layout = self.handle.layout
+        self._staging = np.empty((layout.num_layers, len(self.handle.block_slots) * layout.block_bytes), np.uint8)
+        dest = ArrayLayers(list(self._staging))
+        if shm_reachable(self.handle):
+            self.transport_name = "shm"
+            self._recv = self._shm.start_recv(shm_pull_spec(self.handle), dest)
+        else:
+            self.transport_name = "tcp"
+            self._recv = self._tcp.start_recv(pull_spec(self.handle), dest)
+        return self._recv
+
+    def close(self) -> None:
+        """Ends the pull (unpinning the source's slots); idempotent."""
+        recv, self._recv = self._recv, None
+        if recv is not None:
+            try:
+                recv.close()
+            except (KVBridgeError, OSError) as exc:
+                LOG.info("closing a KV pull failed: %s", exc)
+        self._staging = None
