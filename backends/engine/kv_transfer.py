@@ -77,7 +77,9 @@ class KVAdmission:
             return min(seq.kv_source.num_tokens, len(seq) - 1)
         if self.hooks is None:
             return 0
-        return self.hooks.lookup_prefix(seq.request_id, seq.token_ids)
+        found = self.hooks.lookup_prefix(seq.request_id, seq.token_ids)
+        block_size = self.access.layout.block_size
+        return max(0, min(found, len(seq) - 1) // block_size * block_size)  # full blocks, < len
 
     def load(self, seq: Sequence, num_tokens: int) -> int:
         """Fill the sequence's first blocks; on KVImportError report 0 so it recomputes."""
