@@ -17,6 +17,7 @@ Models generated: ``<prefix>llm`` and ``<prefix>ensemble`` (pd_orchestrator), an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -85,15 +86,40 @@ def parse_engine_spec(data: Mapping[str, Any], where: str = "engine.") -> Engine
     return EngineSpec(**values)
 
 
-def _pool(data: Any, where: str) -> Pool:
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+_PREFIX = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _mapping(data: Any, where: str) -> Mapping[str, Any]:
+    if data is None:
+        return {}
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    return data
+
+
+def _pool(data: Any, where: str) -> Pool:
+    if data is None:
+        raise ValueError(f"{where}: expected a mapping, got None")
+    data = _mapping(data, where)
     _check_keys(data, {"count", "devices"}, where + ".")
     count = _typed(data.get("count", 1), int, where + ".count")
     devices = data.get("devices", ["cpu"])
     if not isinstance(devices, list) or not devices or not all(isinstance(d, str) for d in devices):
         raise ValueError(f"{where}.devices: expected a non-empty list of device names, got {devices!r}")
+    for device in devices:
+        if not _DEVICE.fullmatch(device):
+            raise ValueError(f"{where}.devices: expected cpu, cuda or cuda:N, got {device!r}")
     return Pool(count, tuple(devices))
+
+
+def _check_model(model: str) -> str:
+    from backends.engine.presets import PRESETS  # imports torch: only when a deployment is parsed
+
+    if model not in PRESETS and not (model and Path(model).is_dir()):
+        raise ValueError(f"model: {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                         "nor a checkpoint directory")
+    return model
 
 
 def parse_deployment(data: Mapping[str, Any]) -> Deployment:
@@ -101,15 +127,24 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
     if not isinstance(data, Mapping):
         raise ValueError(f"deployment: expected a mapping at the top level, got {type(data).__name__}")
     _check_keys(data, {"model", "disaggregation", "prefill", "decode", "engine", "serving"}, "")
-    serving = data.get("serving", {}) or {}
+    serving = _mapping(data.get("serving"), "serving")
     _check_keys(serving, {"max_tokens", "prefix"}, "serving.")
-    model = _typed(data.get("model", "tiny-llama"), str, "model")
-    engine = parse_engine_spec({"source": model, **(data.get("engine") or {})})
+    engine_data = _mapping(data.get("engine"), "engine")
+    # The model and the devices are set at the top level and per pool, never per engine.
+    _check_keys(engine_data, {f.name for f in fields(EngineSpec)} - {"source", "device"}, "engine.")
+    model = _check_model(_typed(data.get("model", "tiny-llama"), str, "model"))
+    prefix = _typed(serving.get("prefix", ""), str, "serving.prefix")
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"serving.prefix: expected letters, digits, '_' or '-', got {prefix!r}")
+    engine = parse_engine_spec({"source": model, **engine_data})
+    max_tokens = _typed(serving.get("max_tokens", 1024), int, "serving.max_tokens")
+    if max_tokens > engine.max_model_len:
+        raise ValueError(f"serving.max_tokens: must be <= engine.max_model_len={engine.max_model_len}, "
+                         f"got {max_tokens}")
     return Deployment(
         model=model, disaggregation=_typed(data.get("disaggregation", True), bool, "disaggregation"),
         prefill=_pool(data.get("prefill", {}), "prefill"), decode=_pool(data.get("decode", {}), "decode"),
-        engine=engine, max_tokens=_typed(serving.get("max_tokens", 1024), int, "serving.max_tokens"),
-        prefix=str(serving.get("prefix", "")))
+        engine=engine, max_tokens=max_tokens, prefix=prefix)
 
 
 def load_deployment(path: str | Path) -> Deployment:

@@ -8,6 +8,7 @@ which the backend turns into an INVALID_ARG response.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -100,9 +101,19 @@ def _int(inputs: Inputs, name: str) -> int | None:
     return int(value)
 
 
+def _finite(value: float, name: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
 def _float(inputs: Inputs, name: str, default: float) -> float:
     value = _first(inputs, name)
-    return default if value is None else float(value)
+    if value is None:
+        return default
+    if not isinstance(value, np.number | int | float) or isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    return _finite(float(value), name)
 
 
 def _strings(inputs: Inputs, name: str) -> tuple[str, ...]:
@@ -174,10 +185,22 @@ def _json_float(data: dict[str, Any], key: str, default: float) -> float:
     value = data.get(key)
     if value is None:
         return default
+    if isinstance(value, bool):
+        raise ValueError(f"sampling_parameters.{key}: expected a number, got {value!r}")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"sampling_parameters.{key}: expected a number, got {value!r}") from None
+    return _finite(number, f"sampling_parameters.{key}")
+
+
+def _json_bool(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"sampling_parameters.{key}: expected true or false, got {value!r}")
+    return value
 
 
 def _params_from_json(data: dict[str, Any], limits: Limits) -> SamplingParams:
@@ -200,7 +223,7 @@ def _params_from_json(data: dict[str, Any], limits: Limits) -> SamplingParams:
         min_tokens=_json_int(data, "min_tokens", 0),
         seed=None if seed is None else _json_int(data, "seed", 0),
         stop_token_ids=tuple(stop_ids), stop=tuple(stop),
-        ignore_eos=bool(data.get("ignore_eos", False)), logprobs=bool(data.get("logprobs")))
+        ignore_eos=_json_bool(data, "ignore_eos"), logprobs=bool(data.get("logprobs")))
     return _checked(params, "sampling_parameters.")
 
 
@@ -244,16 +267,22 @@ def parse_ensemble(inputs: Inputs, limits: Limits) -> GenerateRequest:
     prompt = _require_prompt(inputs)
     _check_ensemble_noops(inputs)
     max_tokens = _int(inputs, "max_tokens")
-    min_tokens = _int(inputs, "min_tokens")
+    max_tokens = check_max_tokens(limits.default_max_tokens if max_tokens is None else max_tokens,
+                                  limits, "max_tokens")
+    min_name = "min_tokens" if "min_tokens" in inputs else "min_length"
+    min_tokens = _int(inputs, min_name) or 0
+    if not 0 <= min_tokens <= max_tokens:
+        raise ValueError(f"{min_name} must be in [0, max_tokens={max_tokens}], got {min_tokens}")
     seed = _int(inputs, "seed")
     end_id = _int(inputs, "end_id")
+    if end_id is not None and end_id < 0:
+        raise ValueError(f"end_id must be a token id >= 0, got {end_id}")
     top_k = _int(inputs, "top_k")
     params = SamplingParams(
-        max_tokens=check_max_tokens(limits.default_max_tokens if max_tokens is None else max_tokens,
-                                    limits, "max_tokens"),
+        max_tokens=max_tokens,
         temperature=_float(inputs, "temperature", 1.0),
         top_k=top_k or 0, top_p=_float(inputs, "top_p", 1.0),
-        min_tokens=min_tokens if min_tokens is not None else (_int(inputs, "min_length") or 0),
+        min_tokens=min_tokens,
         seed=seed if seed is not None else _int(inputs, "random_seed"),
         stop_token_ids=() if end_id is None else (end_id,),
         stop=_strings(inputs, "stop_words"),

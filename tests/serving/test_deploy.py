@@ -1,0 +1,141 @@
+"""Deployment YAML → model repository: errors name the key; N prefill / M decode; colocated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backends.serving.deploy import (
+    Deployment,
+    EngineSpec,
+    Pool,
+    load_deployment,
+    load_engine_spec,
+    model_specs,
+    parse_deployment,
+    write_repository,
+)
+from backends.serving.install import repo_root
+
+ENGINE_KEYS = "['block_size', 'dtype', 'max_model_len', 'max_num_batched_tokens', 'max_num_seqs', 'num_blocks']"
+
+
+def test_empty_file_is_the_default_deployment(tmp_path: Path) -> None:
+    (tmp_path / "d.yaml").write_text("")
+    assert load_deployment(tmp_path / "d.yaml") == Deployment()
+
+
+def test_full_file(tmp_path: Path) -> None:
+    (tmp_path / "d.yaml").write_text(
+        "model: tiny-mla\ndisaggregation: true\nprefill: {count: 2, devices: [cuda:0, cuda:1]}\n"
+        "decode: {count: 3}\nengine: {block_size: 64, num_blocks: 100, max_model_len: 512, dtype: bfloat16}\n"
+        "serving: {max_tokens: 256, prefix: pd_}\n")
+    assert load_deployment(tmp_path / "d.yaml") == Deployment(
+        model="tiny-mla", disaggregation=True, prefill=Pool(2, ("cuda:0", "cuda:1")), decode=Pool(3, ("cpu",)),
+        engine=EngineSpec(source="tiny-mla", block_size=64, num_blocks=100, max_model_len=512, dtype="bfloat16"),
+        max_tokens=256, prefix="pd_")
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ([1, 2], "deployment: expected a mapping at the top level, got list"),
+    ({"bogus": 1}, "bogus: unknown key (expected one of "
+                   "['decode', 'disaggregation', 'engine', 'model', 'prefill', 'serving'])"),
+    ({"model": None}, "model: missing value"),
+    ({"model": 5}, "model: expected a string, got 5"),
+    ({"model": "no-such-model"}, "model: 'no-such-model' is neither a preset (tiny-llama, tiny-mla) "
+                                 "nor a checkpoint directory"),
+    ({"disaggregation": "yes"}, "disaggregation: expected true or false, got 'yes'"),
+    ({"prefill": 3}, "prefill: expected a mapping, got 3"),
+    ({"prefill": None}, "prefill: expected a mapping, got None"),
+    ({"prefill": {"count": 0}}, "prefill.count: expected a positive integer, got 0"),
+    ({"prefill": {"count": "2"}}, "prefill.count: expected a positive integer, got '2'"),
+    ({"prefill": {"cnt": 1}}, "prefill.cnt: unknown key (expected one of ['count', 'devices'])"),
+    ({"decode": {"count": None}}, "decode.count: missing value"),
+    ({"decode": {"devices": []}}, "decode.devices: expected a non-empty list of device names, got []"),
+    ({"decode": {"devices": "cpu"}}, "decode.devices: expected a non-empty list of device names, got 'cpu'"),
+    ({"decode": {"devices": ["gpu0"]}}, "decode.devices: expected cpu, cuda or cuda:N, got 'gpu0'"),
+    ({"engine": 5}, "engine: expected a mapping, got 5"),
+    ({"engine": {"block_size": -1}}, "engine.block_size: expected a positive integer, got -1"),
+    ({"engine": {"block_size": True}}, "engine.block_size: expected a positive integer, got True"),
+    ({"engine": {"dtype": "int8"}}, "engine.dtype: expected float32, float16 or bfloat16, got 'int8'"),
+    ({"engine": {"dtype": None}}, "engine.dtype: missing value"),
+    ({"engine": {"foo": 1}}, f"engine.foo: unknown key (expected one of {ENGINE_KEYS})"),
+    ({"engine": {"source": "x"}}, f"engine.source: unknown key (expected one of {ENGINE_KEYS})"),
+    ({"engine": {"device": "cuda"}}, f"engine.device: unknown key (expected one of {ENGINE_KEYS})"),
+    ({"serving": 5}, "serving: expected a mapping, got 5"),
+    ({"serving": {"x": 1}}, "serving.x: unknown key (expected one of ['max_tokens', 'prefix'])"),
+    ({"serving": {"max_tokens": 0}}, "serving.max_tokens: expected a positive integer, got 0"),
+    ({"serving": {"max_tokens": 2048}}, "serving.max_tokens: must be <= engine.max_model_len=1024, got 2048"),
+    ({"serving": {"prefix": 5}}, "serving.prefix: expected a string, got 5"),
+    ({"serving": {"prefix": "a/b"}}, "serving.prefix: expected letters, digits, '_' or '-', got 'a/b'"),
+])
+def test_bad_deployment_names_the_key(data: object, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_deployment(data)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text("prefill: [unclosed\n")
+    with pytest.raises(ValueError, match=rf"^{path}: not valid YAML \(") as info:
+        load_deployment(path)
+    assert "flow sequence" in str(info.value)
+
+
+def _summary(dep: Deployment) -> list[tuple[str, str, int, dict[str, str], str | None]]:
+    return [(s.name, s.backend, s.max_batch_size, dict(s.parameters), None if e is None else e.device)
+            for s, e in model_specs(dep)]
+
+
+def test_n_prefill_m_decode_models_and_parameters() -> None:
+    dep = parse_deployment({"prefill": {"count": 2, "devices": ["cuda:0", "cuda:1"]},
+                            "decode": {"count": 3, "devices": ["cuda:2", "cuda:3"]},
+                            "serving": {"max_tokens": 100, "prefix": "x_"}})
+    common = {"source": "tiny-llama", "max_tokens": "100", "max_model_len": "1024", "block_size": "16",
+              "disaggregation": "on", "prefill_models": "x_prefill,x_prefill_1",
+              "decode_models": "x_decode,x_decode_1,x_decode_2"}
+    assert _summary(dep) == [
+        ("x_llm", "pd_orchestrator", 0, {**common, "api": "llm"}, None),
+        ("x_ensemble", "pd_orchestrator", 64, {**common, "api": "ensemble"}, None),
+        ("x_prefill", "pd_worker", 0, {"role": "prefill"}, "cuda:0"),
+        ("x_prefill_1", "pd_worker", 0, {"role": "prefill"}, "cuda:1"),
+        ("x_decode", "pd_worker", 0, {"role": "decode"}, "cuda:2"),
+        ("x_decode_1", "pd_worker", 0, {"role": "decode"}, "cuda:3"),
+        ("x_decode_2", "pd_worker", 0, {"role": "decode"}, "cuda:2"),
+    ]
+
+
+def test_disaggregation_off_is_colocated_workers_with_role_both() -> None:
+    """The decode pool sizes the colocated workers; the prefill pool is unused."""
+    dep = parse_deployment({"disaggregation": False, "prefill": {"count": 4}, "decode": {"count": 2}})
+    common = {"source": "tiny-llama", "max_tokens": "1024", "max_model_len": "1024", "block_size": "16",
+              "disaggregation": "off", "prefill_models": "", "decode_models": "worker,worker_1"}
+    assert _summary(dep) == [
+        ("llm", "pd_orchestrator", 0, {**common, "api": "llm"}, None),
+        ("ensemble", "pd_orchestrator", 64, {**common, "api": "ensemble"}, None),
+        ("worker", "pd_worker", 0, {"role": "both"}, "cpu"),
+        ("worker_1", "pd_worker", 0, {"role": "both"}, "cpu"),
+    ]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_write_repository_engine_yaml_round_trips(tmp_path: Path) -> None:
+    dep = parse_deployment({"disaggregation": False, "engine": {"num_blocks": 64, "block_size": 32}})
+    assert write_repository(dep, tmp_path) == ["llm", "ensemble", "worker"]
+    assert sorted(_files(tmp_path)) == ["ensemble/1/.keep", "ensemble/config.pbtxt", "llm/1/.keep",
+                                        "llm/config.pbtxt", "worker/1/engine.yaml", "worker/config.pbtxt"]
+    assert load_engine_spec(tmp_path / "worker/1/engine.yaml") == EngineSpec(num_blocks=64, block_size=32)
+    config = (tmp_path / "worker/config.pbtxt").read_text()
+    assert config.startswith('name: "worker"\nbackend: "pd_worker"\nmax_batch_size: 0\n'
+                             "model_transaction_policy {\n  decoupled: true\n}\n")
+    assert config.endswith('parameters {\n  key: "role"\n  value: { string_value: "both" }\n}\n')
+
+
+def test_committed_model_repository_is_the_default_deployment(tmp_path: Path) -> None:
+    write_repository(Deployment(), tmp_path)
+    assert _files(tmp_path) == _files(repo_root() / "model_repository")
