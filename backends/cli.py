@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = (
     "backends.engine.cli",
+    "backends.engine.generate_cli",
     "kvbridge.cli",
     "backends.serving.cli",
 )
