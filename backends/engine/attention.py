@@ -35,7 +35,9 @@ class SeqSpan:
 class PagedPlan:
     """Per-forward gather plan. Decode: `block_ids` [B, n] (the first n blocks of each table)
     and `valid` [B, n * block_size] (True = a real token of that sequence); `context_lens` [B];
-    `bias` [B, 1, 1, n * block_size]: 0 for real tokens, -inf for padding (the cache dtype)."""
+    `bias` [B, 1, 1, n * block_size]: 0 for real tokens, -inf for padding (the cache dtype).
+    Prefill: `uniform_len` > 0 when every sequence is a fresh (no cached prefix) prompt of
+    that many tokens, so one batched causal attention serves them all."""
 
     decode_only: bool
     spans: tuple[SeqSpan, ...]
@@ -43,6 +45,7 @@ class PagedPlan:
     valid: torch.Tensor | None
     context_lens: torch.Tensor | None
     bias: torch.Tensor | None
+    uniform_len: int = 0
 
 
 def build_plan(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> PagedPlan:
@@ -70,7 +73,10 @@ def build_plan(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> 
             query_pos = torch.arange(ctx - q_len, ctx, device=device)
             mask = key_pos[None, :] <= query_pos[:, None]
         spans.append(SeqSpan(start, end, slots, mask, causal=q_len == ctx and q_len > 1))
-    return PagedPlan(False, tuple(spans), None, None, None, None)
+    lengths = {span.query_end - span.query_start for span in spans}
+    uniform = len(lengths) == 1 and all(span.causal for span in spans)
+    return PagedPlan(False, tuple(spans), None, None, None, None,
+                     uniform_len=lengths.pop() if uniform else 0)
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
@@ -102,11 +108,22 @@ def sdpa_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: SeqSpan,
     return out.transpose(0, 1)
 
 
+def span_entries(cache: torch.Tensor, span: SeqSpan, fresh: torch.Tensor) -> torch.Tensor:
+    """The cache rows [ctx, kv_width] a span attends to; a fresh prompt (no cached prefix)
+    reads this step's just-written rows (`fresh`, as stored) instead of gathering them."""
+    if span.causal:
+        return fresh[span.query_start:span.query_end]
+    return gather(cache, span.slots)
+
+
 def gqa_attention(q: torch.Tensor, cache: torch.Tensor, plan: PagedPlan, num_kv_heads: int,
-                  scale: float) -> torch.Tensor:
-    """Paged GQA over a cache whose tokens hold K (heads x dim) then V. q [T, H, D] -> [T, H, D]."""
+                  scale: float, fresh: torch.Tensor) -> torch.Tensor:
+    """Paged GQA over a cache whose tokens hold K (heads x dim) then V. q [T, H, D] -> [T, H, D].
+    `fresh` [T, kv_width] is this step's KV exactly as written into the cache."""
     head_dim = q.shape[-1]
     kv_dim = num_kv_heads * head_dim
+    if plan.uniform_len:
+        return _uniform_prefill(q, fresh, plan.uniform_len, num_kv_heads, scale)
     if plan.decode_only:
         if plan.block_ids is None or plan.bias is None:
             raise RuntimeError("decode plan without block ids")
@@ -121,9 +138,23 @@ def gqa_attention(q: torch.Tensor, cache: torch.Tensor, plan: PagedPlan, num_kv_
         return out.reshape(q.shape)
     out = torch.empty_like(q)
     for span in plan.spans:
-        kv = gather(cache, span.slots)
+        kv = span_entries(cache, span, fresh)
         k = kv[:, :kv_dim].view(-1, num_kv_heads, head_dim)
         v = kv[:, kv_dim:].view(-1, num_kv_heads, head_dim)
         out[span.query_start:span.query_end] = sdpa_span(
             q[span.query_start:span.query_end], k, v, span, scale)
     return out
+
+
+def _uniform_prefill(q: torch.Tensor, fresh: torch.Tensor, length: int, num_kv_heads: int,
+                     scale: float) -> torch.Tensor:
+    """Fresh equal-length prompts: one causal SDPA over [B, heads, length, dim]."""
+    num_tokens, num_heads, head_dim = q.shape
+    batch = num_tokens // length
+    kv = fresh.view(batch, length, 2, num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        q.view(batch, length, num_heads, head_dim).transpose(1, 2),
+        kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
+        is_causal=True, scale=scale, enable_gqa=num_kv_heads != num_heads,
+    )
+    return out.transpose(1, 2).reshape(q.shape)

@@ -81,3 +81,17 @@ def test_greedy_matches_hf_generate(pair: tuple[str, LoadedModel, torch.nn.Modul
                           eos_token_id=None, pad_token_id=0)
     assert generated == out[0, len(ids):].tolist()
     assert len(set(generated)) > 1
+
+
+def test_equal_length_fresh_prompts_batched_match_hf(
+        pair: tuple[str, LoadedModel, torch.nn.Module]) -> None:
+    """Equal-length prompts without cached prefix take the one-SDPA batched prefill path."""
+    _, ours, hf = pair
+    prompts = [prompt(30 + i, 20) for i in range(3)]
+    harness = PagedHarness(ours.model, 16)
+    logits = harness.step([(i, p) for i, p in enumerate(prompts)])
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(logits[20 * i:20 * (i + 1)], hf_logits(hf, p), atol=ATOL, rtol=0)
+    nxt = harness.step([(i, [7]) for i in range(3)], decode_only=True)
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(nxt[i], hf_logits(hf, [*p, 7])[-1], atol=ATOL, rtol=0)

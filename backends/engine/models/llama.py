@@ -39,8 +39,9 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x)
         q = apply_rope_neox(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope_neox(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        write_cache(cache, slot_mapping, torch.cat((k.flatten(1), v), dim=-1))
-        out = gqa_attention(q, cache, plan, self.num_kv_heads, self.scale)
+        fresh = torch.cat((k.flatten(1), v), dim=-1).to(cache.dtype)
+        write_cache(cache, slot_mapping, fresh)
+        out = gqa_attention(q, cache, plan, self.num_kv_heads, self.scale, fresh)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 

@@ -10,9 +10,16 @@ shared KV head, and W_UV maps the result back to per-head values.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from backends.engine.attention import PagedPlan, gather, gather_blocks, sdpa_span, write_cache
+from backends.engine.attention import (
+    PagedPlan,
+    gather_blocks,
+    sdpa_span,
+    span_entries,
+    write_cache,
+)
 from backends.engine.config import MLAConfig, ModelConfig
 from backends.engine.flashmla import flash_mla_decode, flash_mla_usable
 from backends.engine.models.fused import FusedLinear, merge_fused_on_load
@@ -89,11 +96,12 @@ class MLAttention(nn.Module):
         latent, k_pe = kv_a.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         q_pe, k_pe = self._rope(q_pe, k_pe, cos, sin)
-        write_cache(cache, slot_mapping, torch.cat((latent, k_pe), dim=-1))
+        fresh = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
+        write_cache(cache, slot_mapping, fresh)
         if plan.decode_only:
             out = self._decode_absorbed(q_nope, q_pe, cache, plan)
         else:
-            out = self._prefill_expanded(torch.cat((q_nope, q_pe), dim=-1), cache, plan)
+            out = self._prefill_expanded(torch.cat((q_nope, q_pe), dim=-1), cache, plan, fresh)
         return self.o_proj(out.reshape(num_tokens, -1))
 
     def _rope(self, q_pe: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor,
@@ -128,17 +136,27 @@ class MLAttention(nn.Module):
             return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         return mla_decode_torch(q_full, cache, plan, rank, self.scale, w_uv)
 
-    def _prefill_expanded(self, q: torch.Tensor, cache: torch.Tensor,
-                          plan: PagedPlan) -> torch.Tensor:
+    def _expand(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache rows [..., R + rope] -> per-head keys [..., H, qk_head] and values [..., H, v]."""
         mla = self.mla
-        out = q.new_empty(q.shape[0], self.num_heads, mla.v_head_dim)
+        kv = self.kv_b_proj(entries[..., : mla.kv_lora_rank]).unflatten(
+            -1, (self.num_heads, mla.qk_nope_head_dim + mla.v_head_dim))
+        k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
+        k_pe = entries[..., None, mla.kv_lora_rank:].expand(*k_nope.shape[:-1], -1)
+        return torch.cat((k_nope, k_pe), dim=-1), v
+
+    def _prefill_expanded(self, q: torch.Tensor, cache: torch.Tensor, plan: PagedPlan,
+                          fresh: torch.Tensor) -> torch.Tensor:
+        if plan.uniform_len:  # fresh equal-length prompts: one batched causal attention
+            batch, length = q.shape[0] // plan.uniform_len, plan.uniform_len
+            k, v = self._expand(fresh.view(batch, length, -1))
+            out = F.scaled_dot_product_attention(
+                q.view(batch, length, self.num_heads, -1).transpose(1, 2), k.transpose(1, 2),
+                v.transpose(1, 2), is_causal=True, scale=self.scale)
+            return out.transpose(1, 2).reshape(q.shape[0], self.num_heads, -1)
+        out = q.new_empty(q.shape[0], self.num_heads, self.mla.v_head_dim)
         for span in plan.spans:
-            entries = gather(cache, span.slots)  # [ctx, R + rope]
-            kv = self.kv_b_proj(entries[:, : mla.kv_lora_rank]).view(
-                -1, self.num_heads, mla.qk_nope_head_dim + mla.v_head_dim)
-            k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
-            k_pe = entries[:, None, mla.kv_lora_rank:].expand(-1, self.num_heads, -1)
-            k = torch.cat((k_nope, k_pe), dim=-1)
+            k, v = self._expand(span_entries(cache, span, fresh))
             out[span.query_start:span.query_end] = sdpa_span(
                 q[span.query_start:span.query_end], k, v, span, self.scale)
         return out
