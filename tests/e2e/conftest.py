@@ -1,4 +1,7 @@
-"""One real tritonserver per test session, serving a colocated deployment of the tiny preset.
+"""One real tritonserver per test session, serving colocated deployments of both tiny presets.
+
+``llm`` / ``ensemble`` / ``worker`` serve tiny-llama; ``mla_llm`` / ``mla_ensemble`` /
+``mla_worker`` serve tiny-mla (one server for both: a second one would cost its start-up time).
 
 The server runs from the pytriton wheel (or a system install), on free loopback ports, with a
 backend directory laid out in a temp dir; teardown stops it and checks no stub survives.
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -19,6 +22,8 @@ from backends.serving.layout import layout_backend_dir
 
 NUM_BLOCKS = 128
 MAX_TOKENS = 256
+# Every worker of the served repository and its pool size (what "all blocks free" means).
+WORKERS = {"worker": NUM_BLOCKS, "mla_worker": NUM_BLOCKS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +48,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     except RuntimeError as exc:
         pytest.skip(f"no tritonserver: {exc}")
     root = tmp_path_factory.mktemp("triton")
-    deployment = Deployment(disaggregation=False, max_tokens=MAX_TOKENS,
-                            engine=EngineSpec(num_blocks=NUM_BLOCKS, max_num_seqs=32, max_model_len=512))
-    write_repository(deployment, root / "models")
+    engine = EngineSpec(num_blocks=NUM_BLOCKS, max_num_seqs=32, max_model_len=512)
+    write_repository(Deployment(disaggregation=False, max_tokens=MAX_TOKENS, engine=engine), root / "models")
+    mla = Deployment(model="tiny-mla", disaggregation=False, max_tokens=MAX_TOKENS, prefix="mla_",
+                     engine=replace(engine, source="tiny-mla"))
+    write_repository(mla, root / "models")
     backend_dir = layout_backend_dir(install, root / "backends")
     http_port, grpc_port, metrics_port = free_ports(3)
     spec = LaunchSpec(install, root / "models", backend_dir, ServerPorts(http_port, grpc_port, metrics_port))

@@ -22,6 +22,7 @@ from backends.engine.tokenizer import byte_level_tokenizer
 pytestmark = pytest.mark.e2e
 TOK = byte_level_tokenizer()
 NUM_BLOCKS = 128  # the served deployment's pool (tests/e2e/conftest.py)
+WORKERS = {"worker": NUM_BLOCKS, "mla_worker": NUM_BLOCKS}
 Served = Any  # conftest.Served
 PROMPT = "The capital of France is"
 
@@ -146,7 +147,7 @@ def _wait_all_free(served: Served) -> dict[str, float]:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         free = _kv_free(served)
-        if free and all(v == NUM_BLOCKS for v in free.values()):
+        if free == WORKERS:
             break
         time.sleep(0.2)
     return free
@@ -180,7 +181,7 @@ def test_cancel_mid_stream_frees_blocks(served: Served) -> None:
     assert error is None
     client.stop_stream(cancel_requests=True)
     client.close()
-    assert _wait_all_free(served) == {"worker": NUM_BLOCKS}
+    assert _wait_all_free(served) == WORKERS
     assert generate(served, "llm", {"text_input": "after", "sampling_parameters": greedy(3)}).status_code == 200
 
 
@@ -203,7 +204,7 @@ def test_32_concurrent_streams_account_for_every_token(served: Served, reference
     client.close()
     assert finals == set(range(32))
     assert tokens == dict.fromkeys(range(32), 8)
-    assert _wait_all_free(served) == {"worker": NUM_BLOCKS}
+    assert _wait_all_free(served) == WORKERS
 
 
 def test_first_response_arrives_before_decoding_finishes(served: Served) -> None:
