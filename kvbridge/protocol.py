@@ -139,16 +139,26 @@ def encode_fields(obj: object) -> list[object]:
     return out
 
 
+_FieldCodec = tuple[str, _Decoder, str]  # field name, decoder, name for error messages
+_CODECS: dict[type, tuple[_FieldCodec, ...]] = {}
+
+
+def _codec(cls: type) -> tuple[_FieldCodec, ...]:
+    """The field decoders of ``cls``, built once per class (decoding is on the hot path)."""
+    codec = _CODECS.get(cls)
+    if codec is None:
+        fields = dataclasses.fields(cls)
+        codec = _CODECS[cls] = tuple((f.name, _decoder_for(str(f.type)), f"{cls.__name__}.{f.name}") for f in fields)
+    return codec
+
+
 def decode_fields(cls: type[M], items: object, where: str) -> M:
     """Builds ``cls`` from its wire list, checking the field count and every field's type."""
     values = _expect(list, items, where)
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    if len(values) != len(fields):
-        raise ProtocolError(f"{where}: {cls.__name__} needs {len(fields)} fields, got {len(values)}")
-    kwargs = {
-        f.name: _decoder_for(str(f.type))(v, f"{cls.__name__}.{f.name}")
-        for f, v in zip(fields, values, strict=True)
-    }
+    codec = _codec(cls)
+    if len(values) != len(codec):
+        raise ProtocolError(f"{where}: {cls.__name__} needs {len(codec)} fields, got {len(values)}")
+    kwargs = {name: decode(v, name_in_errors) for (name, decode, name_in_errors), v in zip(codec, values, strict=True)}
     try:
         return cls(**kwargs)
     except ValueError as exc:  # the dataclass's own validation

@@ -1,9 +1,11 @@
 """kvbridge benchmarks: `--section radix` (index ops/s) and `--section transfer` (GB/s).
 
-Transfer: a producer process publishes a 4-layer payload from its shared-memory pool; this
-process receives it into its own pool over shm and over tcp (loopback, crc32 on) and times
-start_recv -> wait. Beside each size: this machine's memcpy GB/s (numpy copy of the same
-size, the physical limit) and the ratio. Prints a table; ``--json FILE`` writes the rows.
+Transfer: a producer process holds a 4-layer payload in its shared-memory pool; this process
+receives it into its own (pre-touched) pool over shm and tcp (loopback, xxh3_64 on), as a
+published transfer and as a pull by handle from the producer's block server, and times
+start_recv -> wait -> close (see TRANSFER_NOTES). Beside each: this machine's memcpy GB/s
+(numpy copy of the same size, timed beside each rep; the physical limit) and the ratio.
+Prints a table; ``--json FILE`` writes the rows.
 The radix section is owned by kvindex (see docs/contracts.md).
 """
 
@@ -25,14 +27,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvbridge.hashing import BlockHash  # noqa: E402
-from kvbridge.pool import HostBlockPool, PoolLayout  # noqa: E402
-from kvbridge.transport.base import PoolRegion, TransferSpec  # noqa: E402
-from kvbridge.transport.registry import get_transport  # noqa: E402
+from kvbridge.pool import HostBlockPool, PoolLayout, SlotAllocator  # noqa: E402
+from kvbridge.transport.base import PoolRegion, TransferSpec, Transport  # noqa: E402
+from kvbridge.transport.shm import ShmTransport  # noqa: E402
 from kvbridge.transport.tcp import TcpTransport  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 DEFAULT_SIZES = [64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB, 64 * MIB]
 NUM_LAYERS = 4
+TRANSFER_CASES = ("shm", "shm-pull", "tcp", "tcp-pull", "tcp-cold")
+TRANSFER_NOTES = (
+    "4 layers; producer = another process; destination = a pre-allocated, pre-touched pool;",
+    "each time = start_recv -> wait -> close in the consumer (median); memcpy timed just before each rep.",
+    "shm: published layer-wise transfer (control file); shm-pull: by handle, pin/unpin via block server.",
+    "tcp: published transfer; tcp-pull: by handle from the block server (the serving path); both on a",
+    "warm pooled connection, xxh3_64 on. tcp-cold: a new transport per pull (connect + Hello included).",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,89 +60,141 @@ def _layout(size_bytes: int) -> PoolLayout:
     return PoolLayout(NUM_LAYERS, layer_nbytes // block_bytes, block_bytes)
 
 
-def _producer(name: str, conn: Connection) -> None:
-    """Serves transfer requests (size, transfer_id) until it receives None."""
-    transport = get_transport(name)()
-    pools: dict[int, HostBlockPool] = {}
+def _producer(conn: Connection) -> None:
+    """The prefill side: per size, a random pool served by its block server (pulls by handle);
+    on request, a published transfer of the whole pool over shm or tcp. Exits on None."""
+    tcp = TcpTransport()
+    transports: dict[str, Transport] = {"shm": ShmTransport(), "tcp": tcp}
+    pool: HostBlockPool | None = None
     while (request := conn.recv()) is not None:
-        size, transfer_id = request
-        if size not in pools:
-            pools[size] = HostBlockPool.create(_layout(size))
-            pools[size].array[:] = np.random.default_rng(size).integers(0, 256, pools[size].array.shape, np.uint8)
-        pool = pools[size]
+        if request[0] == "pool":
+            if pool is not None:
+                pool.close()
+            pool = HostBlockPool.create(_layout(request[1]))
+            pool.array[:] = np.random.default_rng(0).integers(0, 256, pool.array.shape, np.uint8)
+            alloc = SlotAllocator(pool.layout.num_slots)
+            slots = tuple(alloc.allocate(pool.layout.num_slots) or ())
+            tcp.serve_pool(pool, alloc)
+            conn.send(TransferSpec("", NUM_LAYERS, len(slots) * pool.layout.block_bytes, endpoint=tcp.endpoint,
+                                   source_slots=slots, pool_name=pool.handle.name))
+            continue
+        _, name, transfer_id = request
+        if pool is None:
+            raise RuntimeError("publish before pool")
         slots = tuple(range(pool.layout.num_slots))
         nbytes = len(slots) * pool.layout.block_bytes
-        if isinstance(transport, TcpTransport):
-            spec = transport.spec_for(transfer_id, NUM_LAYERS, nbytes, slots)
-        else:
-            spec = TransferSpec(transfer_id, NUM_LAYERS, nbytes, pool=pool.handle, source_slots=slots)
-        send = transport.start_send(spec, PoolRegion(pool.array, slots))
+        spec = (tcp.spec_for(transfer_id, NUM_LAYERS, nbytes, slots) if name == "tcp" else
+                TransferSpec(transfer_id, NUM_LAYERS, nbytes, pool=pool.handle, source_slots=slots))
+        send = transports[name].start_send(spec, PoolRegion(pool.array, slots))
         for layer in range(NUM_LAYERS):
             send.publish_layer(layer)
         conn.send(spec)
         send.wait(time.monotonic() + 120)
         send.close()
         conn.send("done")
-    transport.close()
-    for pool in pools.values():
+    for transport in transports.values():
+        transport.close()
+    if pool is not None:
         pool.close()
-
-
-def memcpy_gbps(size_bytes: int, reps: int) -> float:
-    src = np.random.default_rng(0).integers(0, 256, size_bytes, np.uint8)
-    dst = np.zeros_like(src)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - start)
-    return size_bytes / statistics.median(times) / 1e9
 
 
 def _reps(size_bytes: int) -> int:
     return max(5, min(50, (256 * MIB) // size_bytes))
 
 
-def transfer_gbps(name: str, sizes: list[int]) -> dict[int, float]:
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_producer, args=(name, child), daemon=True)
-    proc.start()
-    transport = get_transport(name)()
-    out: dict[int, float] = {}
+class _Consumer:
+    """The decode side: pre-faulted destination pool; times start_recv -> wait -> close per case."""
+
+    def __init__(self, conn: Connection, size: int) -> None:
+        self.conn, self.size = conn, size
+        self.dest = HostBlockPool.create(_layout(size))
+        self.dest.array.fill(1)  # a real pool is allocated once and already touched
+        self.region = PoolRegion(self.dest.array, tuple(range(self.dest.layout.num_slots)))
+        self.memcpy_src = np.random.default_rng(1).integers(0, 256, size, np.uint8)
+        self.memcpy_dst = np.ones(size, np.uint8)
+        conn.send(("pool", size))
+        self.pull_spec: TransferSpec = conn.recv()
+
+    def pull(self, transport: Transport) -> float:
+        start = time.perf_counter()
+        recv = transport.start_recv(self.pull_spec, self.region)
+        recv.wait(time.monotonic() + 120)
+        recv.close()
+        return time.perf_counter() - start
+
+    def published(self, transport: Transport, name: str, rep: int) -> float:
+        self.conn.send(("xfer", name, f"bench-{name}-{self.size}-{rep}"))
+        spec = self.conn.recv()
+        start = time.perf_counter()
+        recv = transport.start_recv(spec, self.region)
+        recv.wait(time.monotonic() + 120)
+        recv.close()
+        elapsed = time.perf_counter() - start
+        if self.conn.recv() != "done":
+            raise RuntimeError("producer failed")
+        return elapsed
+
+    def memcpy(self) -> float:
+        start = time.perf_counter()
+        np.copyto(self.memcpy_dst, self.memcpy_src)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        del self.region
+        self.dest.close()
+
+
+def _cold_tcp_pull(consumer: _Consumer) -> float:
+    transport = TcpTransport()
     try:
-        for size in sizes:
-            with HostBlockPool.create(_layout(size)) as dest:
-                region = PoolRegion(dest.array, tuple(range(dest.layout.num_slots)))
-                times = []
-                for rep in range(_reps(size) + 1):
-                    conn.send((size, f"bench-{name}-{size}-{rep}"))
-                    spec = conn.recv()
-                    start = time.perf_counter()
-                    recv = transport.start_recv(spec, region)
-                    recv.wait(time.monotonic() + 120)
-                    elapsed = time.perf_counter() - start
-                    recv.close()
-                    if conn.recv() != "done":
-                        raise RuntimeError("producer failed")
-                    if rep:  # rep 0 warms up (pool creation, page faults)
-                        times.append(elapsed)
-                del region, recv
-                out[size] = size / statistics.median(times) / 1e9
+        return consumer.pull(transport)
     finally:
-        conn.send(None)
-        proc.join(60)
         transport.close()
-    return out
+
+
+def _cases(consumer: _Consumer, shm: ShmTransport, tcp: TcpTransport) -> dict[str, Callable[[int], float]]:
+    return {
+        "shm": lambda rep: consumer.published(shm, "shm", rep),
+        "shm-pull": lambda rep: consumer.pull(shm),
+        "tcp": lambda rep: consumer.published(tcp, "tcp", rep),
+        "tcp-pull": lambda rep: consumer.pull(tcp),
+        "tcp-cold": lambda rep: _cold_tcp_pull(consumer),
+    }
+
+
+def _measure(consumer: _Consumer, case: Callable[[int], float]) -> tuple[float, float]:
+    """Median GB/s of ``case`` and of a memcpy of the same size timed just before each rep
+    (same load on this shared machine); rep 0 warms up (connections, mappings) and is dropped."""
+    times, copies = [], []
+    for rep in range(_reps(consumer.size) + 1):
+        copy_s = consumer.memcpy()
+        elapsed = case(rep)
+        if rep:
+            times.append(elapsed)
+            copies.append(copy_s)
+    return consumer.size / statistics.median(times) / 1e9, consumer.size / statistics.median(copies) / 1e9
 
 
 def transfer_section(sizes: list[int]) -> list[TransferRow]:
-    baseline = {size: memcpy_gbps(size, _reps(size)) for size in sizes}
-    rows = []
-    for name in ("shm", "tcp"):
-        for size, gbps in transfer_gbps(name, sizes).items():
-            rows.append(TransferRow(name, size, gbps, baseline[size], gbps / baseline[size]))
-    return rows
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_producer, args=(child,), daemon=True)
+    proc.start()
+    shm, tcp = ShmTransport(), TcpTransport()
+    results: dict[str, list[TransferRow]] = {case: [] for case in TRANSFER_CASES}
+    try:
+        for size in sizes:
+            consumer = _Consumer(conn, size)
+            for name, case in _cases(consumer, shm, tcp).items():
+                gbps, memcpy = _measure(consumer, case)
+                results[name].append(TransferRow(name, size, gbps, memcpy, gbps / memcpy))
+            consumer.close()
+    finally:
+        conn.send(None)
+        proc.join(60)
+        shm.close()
+        tcp.close()
+    return [row for rows in results.values() for row in rows]
 
 
 def print_transfer_table(rows: list[TransferRow]) -> None:
@@ -140,6 +202,7 @@ def print_transfer_table(rows: list[TransferRow]) -> None:
     for row in rows:
         size = f"{row.size_bytes // MIB} MiB" if row.size_bytes >= MIB else f"{row.size_bytes // KIB} KiB"
         print(f"{row.transport:<10}{size:>10}{row.gbps:>10.2f}{row.memcpy_gbps:>14.2f}{row.ratio:>8.2f}")
+    print("notes: " + "\n       ".join(TRANSFER_NOTES))
 
 
 RADIX_SIZES = (10_000, 100_000, 1_000_000)
@@ -199,20 +262,10 @@ def radix_rows(cached_blocks: int, num_ops: int = 5000) -> list[RadixRow]:
     return rows
 
 
-def _hash_row(num_ops: int = 500, block_size: int = 16) -> RadixRow:
-    """hash_blocks over 64-block token sequences (the cost a prompt pays before a lookup)."""
-    from kvbridge.hashing import hash_blocks
-
-    rng = np.random.default_rng(0)
-    seqs = [(rng.integers(0, 32000, 64 * block_size).tolist(), block_size, "model") for _ in range(num_ops)]
-    return _radix_timed("hash_blocks", 0, 64, hash_blocks, seqs)
-
-
 def radix_section(sizes: tuple[int, ...] = RADIX_SIZES) -> list[dict[str, object]]:
     """Radix match/insert/evict ops/s at 10k, 100k and 1M cached blocks (64-block chains
     over 16 shared 16-block prefixes; match = a cached chain plus 8 missing blocks)."""
     rows = [row for size in sizes for row in radix_rows(size)]
-    rows.append(_hash_row())
     print(f"{'cached blocks':>14}{'op':>14}{'ops/s':>12}{'blocks/s':>14}")
     for row in rows:
         print(f"{row.cached_blocks:>14,}{row.op:>14}{row.ops_per_s:>12,.0f}{row.blocks_per_s:>14,.0f}")

@@ -100,6 +100,7 @@ class ShmPullHandle(RecvHandle):
         if sock is None:
             return
         try:
+            sock.settimeout(1.0)
             sock.sendall(encode_frame(Unpin(len(self.spec.source_slots))))
         except OSError:
             sock.close()
@@ -118,8 +119,9 @@ class ShmPullHandle(RecvHandle):
 
 def _check_pin_held(sock: socket.socket) -> None:
     """RemoteError when the server ended the pin (it then replied ErrorReply or closed)."""
+    sock.setblocking(False)  # with a timeout set, Python would wait for data before peeking
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        sock.recv(1, socket.MSG_PEEK)
     except BlockingIOError:
         return
     except OSError as exc:

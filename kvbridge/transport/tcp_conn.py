@@ -96,8 +96,9 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 def _is_stale(sock: socket.socket) -> bool:
     """An idle connection must have nothing to read: EOF or stray bytes make it unusable."""
+    sock.setblocking(False)  # with a timeout set, Python would wait for data before peeking
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        sock.recv(1, socket.MSG_PEEK)
     except BlockingIOError:
         return False
     except OSError:

@@ -78,6 +78,7 @@ class TcpRecvHandle(RecvHandle):
         self._receiver = receiver
         self._cond = threading.Condition()
         self._received = 0
+        self._wake_at = spec.num_layers  # lowest layer a waiter blocks on (num_layers: none)
         self._layer_offset = 0
         self._chunk: ChunkHeader | None = None
         self._views: list[memoryview] = []
@@ -110,8 +111,10 @@ class TcpRecvHandle(RecvHandle):
             raise ValueError(f"layer: {layer} out of range [0, {self.num_layers})")
         start = time.monotonic()
         with self._cond:
-            self._cond.wait_for(lambda: self._received > layer or self._failed is not None or self._closed,
-                                remaining(deadline))
+            while self._received <= layer and self._failed is None and not self._closed:
+                self._wake_at = min(self._wake_at, layer)  # the receiver notifies only once it is in
+                if not self._cond.wait(remaining(deadline)):
+                    break
             if self._received > layer:
                 return
             if self._failed is None:
@@ -192,7 +195,9 @@ class TcpRecvHandle(RecvHandle):
         if self._layer_offset == self.spec.layer_nbytes and self._received < self.num_layers - 1:
             self._received += 1
             self._layer_offset = 0
-            self._cond.notify_all()
+            if self._received > self._wake_at:
+                self._wake_at = self.num_layers
+                self._cond.notify_all()
 
     def fail(self, exc: BaseException) -> None:
         """Records why the pull ended (no traceback: its frames would pin destination views)."""
