@@ -4,11 +4,20 @@ One coroutine per request (``Orchestrator.handle``); requests never wait on each
 are reached through a WorkerClient (BLS inside Triton). The first token is sent to the client
 as soon as the prefill worker returns it; the decode worker then streams the rest. Text is
 produced by a TextStream (UTF-8-safe, stop strings). If the client cancels, a ``cancel`` job
-goes to the worker that holds the request and the client gets CANCELLED.
+goes to the worker that holds the request (and to the prefill worker whose KV it was to pull,
+so the hand-off is dropped) and the client gets CANCELLED; cancellation is polled while waiting.
+
+Faults (DESIGN.md): a failed prefill is retried once, then the request is recomputed on the
+decode worker (context_and_generation); a generation_only that fails before its first token
+is recomputed there too (with the prefill's first token as prior output). Every request ends
+with a final chunk or an error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,11 +25,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from backends.serving.detokenize import TextStream
-from backends.serving.errors import RequestCancelled
+from backends.serving.errors import CANCELLED, INVALID_ARG, RequestCancelled, WorkerError
 from backends.serving.public_io import Chunk, Timing
 from backends.serving.requests import GenerateRequest
 from backends.serving.supervisor import Plan, Supervisor
 from backends.serving.worker_io import WorkerJob, WorkerUpdate
+
+LOG = logging.getLogger(__name__)
+CANCEL_POLL_S = 0.1
+CANCEL_GRACE_S = 5.0
+PREFILL_ATTEMPTS = 2
 
 
 class WorkerClient(Protocol):
@@ -96,20 +110,45 @@ class Orchestrator:
         if plan.prefill is None:
             await self._consume(run, plan.decode, job, client)
             return
-        await self._consume(run, plan.prefill, replace(job, request_type="context_only"), client)
+        prefill_rid = await self._prefill(run, plan.prefill, job, client)
         if run.finish_reason:
             return  # the first token already ended it (EOS, stop, max_tokens=1)
-        if not run.handle:
-            raise RuntimeError(f"prefill worker {plan.prefill} handed off without a KV handle")
-        decode_job = replace(job, request_type="generation_only", prior_output_ids=tuple(run.output_ids),
-                             kv_handle=run.handle)
-        await self._consume(run, plan.decode, decode_job, client)
+        recompute = replace(job, prior_output_ids=tuple(run.output_ids))
+        if prefill_rid is None:
+            await self._consume(run, plan.decode, recompute, client)
+            return
+        decode_job = replace(recompute, request_type="generation_only", kv_handle=run.handle)
+        first_tokens = len(run.output_ids)
+        try:
+            await self._consume(run, plan.decode, decode_job, client)
+        except RequestCancelled:
+            await self._workers.cancel(plan.prefill, prefill_rid)  # drops the hand-off if never pulled
+            raise
+        except WorkerError as exc:
+            if exc.code == CANCELLED or len(run.output_ids) > first_tokens:
+                raise
+            LOG.warning("decode %s failed before its first token (%s): recomputing there", plan.decode, exc)
+            await self._workers.cancel(plan.prefill, prefill_rid)
+            await self._consume(run, plan.decode, replace(recompute, request_id=f"{rid}.r"), client)
+
+    async def _prefill(self, run: _Run, model: str, job: WorkerJob, client: ClientChannel) -> str | None:
+        """Runs context_only (one retry); the prefill's request id, or None when both failed."""
+        for attempt in range(PREFILL_ATTEMPTS):
+            rid = job.request_id if attempt == 0 else f"{job.request_id}.p{attempt}"
+            try:
+                await self._consume(run, model, replace(job, request_id=rid, request_type="context_only"), client)
+            except WorkerError as exc:
+                if exc.code in (CANCELLED, INVALID_ARG):
+                    raise
+                LOG.warning("prefill %s failed (attempt %d): %s", model, attempt + 1, exc)
+                continue
+            if run.finish_reason or run.handle:
+                return rid
+            LOG.warning("prefill %s handed off without a KV handle (attempt %d)", model, attempt + 1)
+        return None
 
     async def _consume(self, run: _Run, model: str, job: WorkerJob, client: ClientChannel) -> None:
-        async for update in self._workers.stream(model, job):
-            if client.is_cancelled():
-                await self._workers.cancel(model, job.request_id)
-                raise RequestCancelled(f"request cancelled by the client after {len(run.output_ids)} tokens")
+        async for update in self._updates(model, job, client):
             stopped = self._absorb(run, update, client)
             if stopped and not update.final:
                 await self._workers.cancel(model, job.request_id)
@@ -117,6 +156,30 @@ class Orchestrator:
                 return
             if update.final:
                 return
+
+    async def _updates(self, model: str, job: WorkerJob, client: ClientChannel) -> AsyncIterator[WorkerUpdate]:
+        """The worker's updates; polls the client's cancellation while waiting for each."""
+        stream = self._workers.stream(model, job).__aiter__()
+        while True:
+            task = asyncio.ensure_future(stream.__anext__())
+            while not task.done():
+                await asyncio.wait({task}, timeout=CANCEL_POLL_S)
+                if not task.done() and client.is_cancelled():
+                    await self._workers.cancel(model, job.request_id)
+                    await asyncio.wait({task}, timeout=CANCEL_GRACE_S)  # the worker's CANCELLED final
+                    if task.done():
+                        with contextlib.suppress(BaseException):
+                            task.result()
+                    raise RequestCancelled(f"request cancelled by the client after {len(job.prior_output_ids)}"
+                                           " tokens")
+            try:
+                update = task.result()
+            except StopAsyncIteration:
+                return
+            if client.is_cancelled() and not update.final:
+                await self._workers.cancel(model, job.request_id)
+                raise RequestCancelled("request cancelled by the client")
+            yield update
 
     def _absorb(self, run: _Run, update: WorkerUpdate, client: ClientChannel) -> bool:
         """Adds an update's tokens; streams the new text. True when a stop string ended it."""
@@ -137,7 +200,7 @@ class Orchestrator:
         if delta.stopped:
             run.finish_reason = "stop"
         if run.req.stream:
-            if update.final or delta.stopped:
+            if update.finish_reason or delta.stopped:  # a hand-off is final for the worker only
                 run.carried += delta.text  # goes out with the final response
             elif delta.text:
                 client.send(self._stream_chunk(run, delta.text), final=False)
