@@ -134,6 +134,10 @@ class ConnectionPool:
                 return sock
             sock.close()
 
+    def num_idle(self, endpoint: str) -> int:
+        with self._lock:
+            return len(self._idle.get(endpoint, ()))
+
     def release(self, endpoint: str, sock: socket.socket) -> None:
         """Returns a connection at a frame boundary; it is closed if the pool is full or closed."""
         with self._lock:

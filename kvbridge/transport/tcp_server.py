@@ -89,6 +89,7 @@ class BlockServer:
         self._listener = socket.create_server((host, port), backlog=max_connections)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._closed = False
+        self.connections_accepted = 0
         self._accept_thread = threading.Thread(target=self._accept_loop, name="kvbridge-block-server", daemon=True)
         self._accept_thread.start()
 
@@ -136,6 +137,7 @@ class BlockServer:
                 if len(self._conns) >= self._max_connections:
                     sock.close()
                     continue
+                self.connections_accepted += 1
                 thread = threading.Thread(target=self._serve_conn, args=(sock,), name="kvbridge-block-conn", daemon=True)
                 self._conns[sock] = thread
             thread.start()

@@ -7,41 +7,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from transport_procs import LAYOUT, pattern, source_slots
+from transport_procs import LAYOUT, Side, pattern
 
 from kvbridge.errors import RemoteError, TransferTimeout, TransportUnavailable
 from kvbridge.handle import KVHandle, KVLayoutSpec
-from kvbridge.pool import HostBlockPool, SlotAllocator
 from kvbridge.transport.base import PoolRegion, TransferSpec
 from kvbridge.transport.deepep import DeepEPTransport, deepep_available
 from kvbridge.transport.nixl import NixlTransport, nixl_available
 from kvbridge.transport.registry import get_transport
 from kvbridge.transport.shm import ShmTransport
 from kvbridge.transport.tcp import TcpTransport, pull_spec
-
-
-class Side:
-    """A pool with its allocator; ``slots`` allocated (source: (1, 2, 5); dest: [0, 1, 2])."""
-
-    def __init__(self, source: bool) -> None:
-        self.pool = HostBlockPool.create(LAYOUT)
-        self.alloc = SlotAllocator(LAYOUT.num_slots)
-        self.slots = source_slots(self.alloc) if source else tuple(self.alloc.allocate(3) or ())
-        if source:
-            for layer in range(LAYOUT.num_layers):
-                for k, slot in enumerate(self.slots):
-                    self.pool.block(layer, slot)[:] = pattern(layer, k)
-
-    def region(self) -> PoolRegion:
-        return PoolRegion(self.pool.array, self.slots)
-
-    def release_and_check(self) -> None:
-        """No leak: only our own reference is left on each slot, and freeing empties the pool."""
-        self.alloc.check_integrity()
-        assert [self.alloc.refcount(s) for s in self.slots] == [1, 1, 1]
-        self.alloc.free(self.slots)
-        self.alloc.check_integrity()
-        assert self.alloc.num_free == LAYOUT.num_slots
 
 
 @pytest.fixture()

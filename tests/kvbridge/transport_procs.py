@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -24,6 +25,40 @@ def source_slots(alloc: SlotAllocator) -> tuple[int, ...]:
     assert slots == [0, 1, 2, 3, 4, 5]
     alloc.free([0, 3, 4])
     return (1, 2, 5)
+
+
+class Side:
+    """A pool with its allocator; ``slots`` allocated (source: (1, 2, 5); dest: [0, 1, 2])."""
+
+    def __init__(self, source: bool) -> None:
+        self.pool = HostBlockPool.create(LAYOUT)
+        self.alloc = SlotAllocator(LAYOUT.num_slots)
+        self.slots = source_slots(self.alloc) if source else tuple(self.alloc.allocate(3) or ())
+        if source:
+            for layer in range(LAYOUT.num_layers):
+                for k, slot in enumerate(self.slots):
+                    self.pool.block(layer, slot)[:] = pattern(layer, k)
+
+    def region(self) -> PoolRegion:
+        return PoolRegion(self.pool.array, self.slots)
+
+    def release_and_check(self) -> None:
+        """No leak: only our own reference is left on each slot, and freeing empties the pool."""
+        self.alloc.check_integrity()
+        assert [self.alloc.refcount(s) for s in self.slots] == [1, 1, 1]
+        self.alloc.free(self.slots)
+        self.alloc.check_integrity()
+        assert self.alloc.num_free == LAYOUT.num_slots
+
+
+def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    """Polls ``predicate`` until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def make_spec(transport: Transport, name: str, pool: HostBlockPool, slots: tuple[int, ...]) -> TransferSpec:

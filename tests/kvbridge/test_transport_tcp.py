@@ -1,0 +1,155 @@
+"""tcp transport: checksums verified on receipt, pooled connections, background receive,
+ordered close."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import xxhash
+from transport_procs import LAYOUT, Side, eventually, pattern
+
+from kvbridge.errors import ChecksumMismatch
+from kvbridge.protocol import HelloAck, encode_frame
+from kvbridge.transport.base import TransferSpec
+from kvbridge.transport.messages import ChunkHeader
+from kvbridge.transport.tcp import TcpTransport
+
+
+@pytest.fixture()
+def sides() -> Iterator[tuple[Side, Side]]:
+    src, dst = Side(source=True), Side(source=False)
+    yield src, dst
+    src.pool.close()
+    dst.pool.close()
+
+
+def slot_pull_spec(endpoint: str, src: Side) -> TransferSpec:
+    return TransferSpec("", LAYOUT.num_layers, 3 * LAYOUT.block_bytes, endpoint=endpoint,
+                        source_slots=src.slots, pool_name=src.pool.handle.name)
+
+
+class CorruptingProxy:
+    """A real TCP relay to ``target`` that flips one byte of the server-to-client stream."""
+
+    def __init__(self, target: str, flip_at: int) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self._flip_at = flip_at
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._socks: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._serve, daemon=True)]
+        self._threads[0].start()
+
+    def _serve(self) -> None:
+        client, _ = self._listener.accept()
+        server = socket.create_connection(self._target)
+        self._socks += [client, server]
+        up = threading.Thread(target=self._relay, args=(client, server, -1), daemon=True)
+        self._threads.append(up)
+        up.start()
+        self._relay(server, client, self._flip_at)
+
+    @staticmethod
+    def _relay(src: socket.socket, dst: socket.socket, flip_at: int) -> None:
+        seen = 0
+        with contextlib.suppress(OSError):
+            while data := bytearray(src.recv(65536)):
+                if 0 <= flip_at - seen < len(data):
+                    data[flip_at - seen] ^= 0xFF
+                seen += len(data)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._socks:
+            sock.close()
+        for thread in self._threads[1:]:
+            thread.join(5)
+
+
+def test_corrupted_chunk_raises_checksum_mismatch(sides: tuple[Side, Side]) -> None:
+    src, dst = sides
+    server, client = TcpTransport(), TcpTransport()
+    server.serve_pool(src.pool, src.alloc)
+    proxy = CorruptingProxy(server.endpoint, flip_at=500)  # HelloAck + ChunkHeader < 100 bytes: in layer 0
+    try:
+        recv = client.start_recv(slot_pull_spec(proxy.endpoint, src), dst.region())
+        with pytest.raises(ChecksumMismatch) as info:
+            recv.wait(time.monotonic() + 10)
+        got = np.concatenate([dst.pool.block(0, s) for s in dst.slots])
+        sent = np.concatenate([pattern(0, k) for k in range(3)])
+        want = xxhash.xxh3_64_intdigest(sent)
+        framing = len(encode_frame(HelloAck("kvbridge-block-server"))) + len(encode_frame(ChunkHeader(0, 0, 12288, want)))
+        assert np.flatnonzero(got != sent).tolist() == [500 - framing]  # the one byte the proxy flipped
+        assert str(info.value) == (
+            f"checksum mismatch in layer 0 at offset 0 (12288 bytes) from {proxy.endpoint}: "
+            f"xxh3_64 {xxhash.xxh3_64_intdigest(got):#018x}, sender said {want:#018x}"
+        )
+        assert recv.poll() == 0
+        recv.close()
+        assert eventually(lambda: src.alloc.refcount(src.slots[0]) == 1)  # the server unpinned
+        src.release_and_check()
+        dst.release_and_check()
+    finally:
+        proxy.close()
+        server.close()
+        client.close()
+
+
+def test_pulls_reuse_one_connection(sides: tuple[Side, Side]) -> None:
+    src, dst = sides
+    server, client = TcpTransport(), TcpTransport()
+    server.serve_pool(src.pool, src.alloc)
+    try:
+        spec = slot_pull_spec(server.endpoint, src)
+        for _ in range(3):
+            dst.pool.array[:] = 0
+            recv = client.start_recv(spec, dst.region())
+            recv.wait(time.monotonic() + 10)
+            recv.close()
+            for layer in range(LAYOUT.num_layers):
+                for k, slot in enumerate(dst.slots):
+                    np.testing.assert_array_equal(dst.pool.block(layer, slot), pattern(layer, k))
+            assert client.connections.num_idle(server.endpoint) == 1
+        assert server.server.connections_accepted == 1
+        assert eventually(lambda: src.alloc.refcount(src.slots[0]) == 1)
+        src.release_and_check()
+        dst.release_and_check()
+    finally:
+        server.close()
+        client.close()
+
+
+def test_poll_reports_progress_without_wait_and_close_stops_writes(sides: tuple[Side, Side]) -> None:
+    src, dst = sides
+    producer, consumer = TcpTransport(), TcpTransport()
+    try:
+        spec = producer.spec_for("xfer-bg", LAYOUT.num_layers, 3 * LAYOUT.block_bytes, src.slots)
+        send = producer.start_send(spec, src.region(), pins=src.alloc)
+        recv = consumer.start_recv(spec, dst.region())
+        send.publish_layer(0)
+        send.publish_layer(1)
+        assert eventually(lambda: recv.poll() == 2)  # the receiver thread made progress on its own
+        assert send.poll() == 2
+        recv.close()
+        send.publish_layer(2)
+        send.publish_layer(3)
+        time.sleep(0.1)
+        assert recv.poll() == 2
+        np.testing.assert_array_equal(dst.pool.block(1, dst.slots[2]), pattern(1, 2))
+        assert not dst.pool.array[2:].any()  # nothing written after close()
+        send.close()
+        src.release_and_check()
+        dst.release_and_check()
+    finally:
+        producer.close()
+        consumer.close()
