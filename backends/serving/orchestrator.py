@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from backends.serving.detokenize import TextStream
 from backends.serving.errors import CANCELLED, INVALID_ARG, RequestCancelled, WorkerError
 from backends.serving.public_io import Chunk, Timing
 from backends.serving.requests import GenerateRequest
-from backends.serving.supervisor import Plan, Supervisor
+from backends.serving.supervisor import ClusterSnapshot, Plan, Supervisor
 from backends.serving.worker_io import WorkerJob, WorkerUpdate
 
 LOG = logging.getLogger(__name__)
@@ -76,7 +76,9 @@ class _Run:
 
 class Orchestrator:
     def __init__(self, tokenizer: Any, supervisor: Supervisor, workers: WorkerClient,
-                 max_model_len: int) -> None:
+                 max_model_len: int,
+                 cluster: Callable[[Sequence[int]], ClusterSnapshot] | None = None) -> None:
+        self._cluster = cluster  # the master's view for planning (kv_cluster.ClusterView.snapshot)
         self._tokenizer = tokenizer
         self._supervisor = supervisor
         self._workers = workers
@@ -95,7 +97,7 @@ class Orchestrator:
         arrival_ns = time.time_ns()
         prompt_ids = self.tokenize(req)
         run = _Run(req, prompt_ids, TextStream(self._tokenizer, req.params.stop, prompt_ids), arrival_ns)
-        plan = self._supervisor.plan(len(prompt_ids))
+        plan = self._supervisor.plan(len(prompt_ids), await self._snapshot(prompt_ids))
         try:
             await self._execute(run, plan, client)
         finally:
@@ -103,6 +105,15 @@ class Orchestrator:
         timing = run.timing()
         client.send(self._final_chunk(run, timing), final=True)
         return timing
+
+    async def _snapshot(self, prompt_ids: list[int]) -> ClusterSnapshot | None:
+        if self._cluster is None:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._cluster, prompt_ids)
+        except Exception as exc:  # planning degrades to load only
+            LOG.info("cluster snapshot failed: %r", exc)
+            return None
 
     async def _execute(self, run: _Run, plan: Plan, client: ClientChannel) -> None:
         rid = uuid.uuid4().hex

@@ -1,14 +1,28 @@
-"""Choosing workers for a request: the least loaded prefill worker and decode worker.
+"""Choosing workers for a request, and relabeling workers between prefill and decode.
 
-Load is the number of requests the orchestrator has in flight on each worker (it alone sends
-them work). With disaggregation off, or when no prefill worker exists, the plan is local:
-one colocated worker runs context_and_generation.
+Inputs: the requests the orchestrator has in flight on each worker (it alone sends them work),
+and optionally a ``ClusterSnapshot`` from the kvbridge master: each node's load report and how
+many of the prompt's full blocks each node already holds. Policy (pure functions, unit-tested):
+- ``choose_worker``: among the workers whose load is within ``slack`` of the least loaded, the
+  one holding the longest prefix of the prompt; ties by least load, then listing order;
+- ``is_local``: colocated (no prefill hop) when disaggregation is off, no prefill worker exists,
+  or the decode worker already holds every full block of the prompt;
+- ``rebalance``: move one worker from the idle side to the overloaded side when one side's
+  mean pending load exceeds ``ratio`` times the other's (each side keeps one worker).
+Worker models serve every request type; the role is only this label (see worker.py).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["prefill", "decode"]
+SLACK = 2
+REBALANCE_RATIO = 4.0
+REBALANCE_MIN_PENDING = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +33,48 @@ class Plan:
     decode: str
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    """What the master said for one prompt: queued requests and prefix blocks held, per node."""
+
+    num_prompt_blocks: int = 0
+    queue_len: Mapping[str, int] = field(default_factory=dict)
+    matched_blocks: Mapping[str, int] = field(default_factory=dict)
+
+
+def choose_worker(candidates: Sequence[str], inflight: Mapping[str, int], cluster: ClusterSnapshot,
+                  slack: int = SLACK) -> str:
+    """See the module docstring; ValueError when there is no candidate."""
+    if not candidates:
+        raise ValueError("candidates: no worker to choose from")
+    load = {m: inflight.get(m, 0) + cluster.queue_len.get(m, 0) for m in candidates}
+    floor = min(load.values())
+    eligible = [m for m in candidates if load[m] <= floor + slack]
+    return max(eligible, key=lambda m: (cluster.matched_blocks.get(m, 0), -load[m]))
+
+
+def is_local(disaggregation: bool, has_prefill: bool, decode: str, cluster: ClusterSnapshot) -> bool:
+    fully_cached = 0 < cluster.num_prompt_blocks <= cluster.matched_blocks.get(decode, 0)
+    return not disaggregation or not has_prefill or fully_cached
+
+
+def rebalance(prefill: Sequence[str], decode: Sequence[str], inflight: Mapping[str, int],
+              ratio: float = REBALANCE_RATIO, min_pending: int = REBALANCE_MIN_PENDING) -> tuple[str, Role] | None:
+    """(worker, its new role) to even out the two sides, or None."""
+    def mean(models: Sequence[str]) -> float:
+        return sum(inflight.get(m, 0) for m in models) / max(len(models), 1)
+
+    p, d = mean(prefill), mean(decode)
+    if p >= min_pending and p > ratio * max(d, 1.0) and len(decode) > 1:
+        return min(decode, key=lambda m: inflight.get(m, 0)), "prefill"
+    if d >= min_pending and d > ratio * max(p, 1.0) and len(prefill) > 1:
+        return min(prefill, key=lambda m: inflight.get(m, 0)), "decode"
+    return None
+
+
 class Supervisor:
+    """Thread-safe plans over the current labels; ``relabel`` moves a worker between sides."""
+
     def __init__(self, prefill_models: list[str], decode_models: list[str], disaggregation: bool) -> None:
         if not decode_models:
             raise ValueError("decode_models: at least one decode (or colocated) worker is required")
@@ -31,12 +86,15 @@ class Supervisor:
         self._load: dict[str, int] = dict.fromkeys(self._prefill + self._decode, 0)
         self._lock = threading.Lock()
 
-    def plan(self, num_prompt_tokens: int) -> Plan:
-        """Least-loaded workers; ties go to the first listed. Counts the request as in flight."""
+    def plan(self, num_prompt_tokens: int, cluster: ClusterSnapshot | None = None) -> Plan:
+        """Counts the request as in flight on the chosen workers until ``done``."""
+        cluster = cluster or ClusterSnapshot()
         with self._lock:
-            decode = min(self._decode, key=lambda m: self._load[m])
-            prefill = min(self._prefill, key=lambda m: self._load[m]) \
-                if self.disaggregation and num_prompt_tokens > 0 else None
+            self._rebalance()
+            decode = choose_worker(self._decode, self._load, cluster)
+            prefill = None
+            if num_prompt_tokens > 0 and not is_local(self.disaggregation, bool(self._prefill), decode, cluster):
+                prefill = choose_worker(self._prefill, self._load, cluster)
             for name in (prefill, decode):
                 if name is not None:
                     self._load[name] += 1
@@ -47,6 +105,32 @@ class Supervisor:
             for name in (plan.prefill, plan.decode):
                 if name is not None:
                     self._load[name] -= 1
+
+    def relabel(self, model: str, role: Role) -> None:
+        """Moves ``model`` to the ``role`` side; ValueError if unknown or the last of its side."""
+        with self._lock:
+            self._relabel(model, role)
+
+    def _relabel(self, model: str, role: Role) -> None:
+        src, dst = (self._decode, self._prefill) if role == "prefill" else (self._prefill, self._decode)
+        if model in dst:
+            return
+        if model not in src:
+            raise ValueError(f"model: unknown worker {model!r}")
+        if len(src) == 1:
+            raise ValueError(f"model: {model!r} is the last {'decode' if role == 'prefill' else 'prefill'} worker")
+        src.remove(model)
+        dst.append(model)
+
+    def _rebalance(self) -> None:
+        if self.disaggregation:
+            move = rebalance(self._prefill, self._decode, self._load)
+            if move is not None:
+                self._relabel(*move)
+
+    def roles(self) -> dict[str, Role]:
+        with self._lock:
+            return {**{m: "prefill" for m in self._prefill}, **{m: "decode" for m in self._decode}}
 
     def load(self) -> dict[str, int]:
         with self._lock:
