@@ -82,7 +82,7 @@ class ShmPullHandle(RecvHandle):
             raise TransferTimeout(f"shm pull from {self.spec.endpoint}: pin", self._timeout_s,
                                   describe_pending(list(range(self._copied, self.num_layers))))
         if now >= deadline:
-            raise TransferTimeout(f"shm pull from {self.spec.endpoint}", deadline - start,
+            raise TransferTimeout(f"shm pull from {self.spec.endpoint}", max(0.0, deadline - start),
                                   describe_pending(list(range(self._copied, layer + 1))))
         if self._buffers is None or self._sock is None:
             raise RuntimeError(f"shm pull from {self.spec.endpoint} is closed")

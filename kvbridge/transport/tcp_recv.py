@@ -121,7 +121,7 @@ class TcpRecvHandle(RecvHandle):
                 if self._closed:
                     raise RuntimeError(f"tcp transfer {self._name} is closed")
                 pending = describe_pending(list(range(self._received, layer + 1)))
-                self._failed = TransferTimeout(f"tcp recv {self._name} from {self.endpoint}", deadline - start, pending)
+                self._failed = TransferTimeout(f"tcp recv {self._name} from {self.endpoint}", max(0.0, deadline - start), pending)
             failed = self._failed
         self.close()
         raise failed
