@@ -12,6 +12,7 @@ from pathlib import Path
 from backends.serving import demo
 from backends.serving.deploy import Deployment, load_deployment, write_repository
 from backends.serving.install import find_triton, python_version_tag, repo_root
+from backends.serving.kv_master import start_master_if_needed
 from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer
 from backends.serving.layout import layout_backend_dir
 
@@ -56,6 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = TritonServer(LaunchSpec(install, repo, backend_dir, ports))
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    # disagg hook (owner of kv*.py): a loopback kvbridge master unless KVBRIDGE_MASTER names one;
+    # it exports KVBRIDGE_MASTER, which tritonserver's workers and orchestrators inherit.
+    master = start_master_if_needed()
     server.start()
     try:
         server.wait_ready(args.ready_timeout)
@@ -67,6 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         server.close()
+        if master is not None:
+            master.close()
     return 0
 
 
