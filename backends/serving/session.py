@@ -8,8 +8,9 @@ readiness and, on exit, stops the server and every stub it started (TritonServer
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,17 +52,38 @@ def colocated_repository(dest: Path, deployment: Deployment) -> Repository:
 
 
 @contextmanager
+def _kvbridge_master() -> Iterator[None]:
+    """A loopback kvbridge master (as ``triton-pd serve`` starts) unless KVBRIDGE_MASTER names one;
+    the variable is restored on exit, so a later server does not inherit a closed master."""
+    from backends.serving.kv_master import MASTER_ENV, start_master_if_needed
+
+    before = os.environ.get(MASTER_ENV)
+    master = start_master_if_needed()
+    try:
+        yield
+    finally:
+        if master is not None:
+            master.close()
+            if before is None:
+                os.environ.pop(MASTER_ENV, None)
+            else:
+                os.environ[MASTER_ENV] = before
+
+
+@contextmanager
 def running_server(repo: Path, work: Path, ready_timeout_s: float = 600.0) -> Iterator[TritonServer]:
-    """A ready tritonserver serving ``repo``; stopped (stubs included) when the block exits."""
+    """A ready tritonserver serving ``repo`` (with a kvbridge master when the kvbridge path is
+    installed); stopped, stubs and master included, when the block exits."""
     install = find_triton()
     work.mkdir(parents=True, exist_ok=True)
     backend_dir = layout_backend_dir(install, work / "backends")
     http_port, grpc_port, metrics_port = free_ports(3)
     spec = LaunchSpec(install, repo, backend_dir, ServerPorts(http_port, grpc_port, metrics_port))
     server = TritonServer(spec, work / "tritonserver.log")
-    try:
-        server.start()
-        server.wait_ready(ready_timeout_s)
-        yield server
-    finally:
-        server.close()
+    with _kvbridge_master() if disaggregation_available() else nullcontext():
+        try:
+            server.start()
+            server.wait_ready(ready_timeout_s)
+            yield server
+        finally:
+            server.close()
