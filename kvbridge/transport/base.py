@@ -65,6 +65,11 @@ class PoolRegion:
         view = self.array[layer]
         return [view[first:first + count].reshape(-1) for first, count in self._runs]
 
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """(first_slot, count) runs of consecutive slots, in order."""
+        return list(self._runs)
+
 
 class ArrayLayers:
     """Per-layer arrays of any dtype (each C-contiguous), seen as bytes; e.g. one [n, bs, w] per layer."""
@@ -119,6 +124,34 @@ def copy_runs(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> None:
             di, d_off = di + 1, 0
     if si != len(src) or di != len(dst):
         raise ValueError("dst: source and destination layers differ in size")
+
+
+def copy_layers(src: LayerBuffers, dst: LayerBuffers, first: int, stop: int) -> None:
+    """Copies layers [first, stop) from ``src`` to ``dst``.
+
+    Between two pool regions of the same block size this is one numpy copy per overlap of
+    their slot runs, covering all those layers at once (a strided [layers, blocks] copy), so
+    the Python cost does not grow with the number of layers; otherwise one layer at a time.
+    """
+    if not (isinstance(src, PoolRegion) and isinstance(dst, PoolRegion)
+            and src.array.shape[2] == dst.array.shape[2]):
+        for layer in range(first, stop):
+            copy_runs(src.layer_runs(layer), dst.layer_runs(layer))
+        return
+    s_runs, d_runs = src.runs, dst.runs
+    si = di = s_off = d_off = 0
+    while si < len(s_runs) and di < len(d_runs):
+        take = min(s_runs[si][1] - s_off, d_runs[di][1] - d_off)
+        s0, d0 = s_runs[si][0] + s_off, d_runs[di][0] + d_off
+        np.copyto(dst.array[first:stop, d0:d0 + take], src.array[first:stop, s0:s0 + take])
+        s_off += take
+        d_off += take
+        if s_off == s_runs[si][1]:
+            si, s_off = si + 1, 0
+        if d_off == d_runs[di][1]:
+            di, d_off = di + 1, 0
+    if si != len(s_runs) or di != len(d_runs):
+        raise ValueError("dst: source and destination regions differ in size")
 
 
 @dataclass(frozen=True, slots=True)

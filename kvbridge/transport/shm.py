@@ -13,13 +13,12 @@ The producer owns (creates, unlinks) the control file; the consumer only maps it
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
 import time
 from collections.abc import Callable
-
-import numpy as np
 
 from kvbridge.errors import RemoteError, TransferTimeout, describe_pending
 from kvbridge.handle import KVHandle
@@ -31,7 +30,7 @@ from kvbridge.transport.base import (
     SendHandle,
     TransferSpec,
     Transport,
-    copy_runs,
+    copy_layers,
 )
 from kvbridge.transport.shm_pull import ShmPullHandle
 from kvbridge.transport.tcp_conn import ConnectionPool
@@ -43,8 +42,10 @@ _CTL_BYTES = 64
 
 
 class _Control:
+    """The 64-byte control file of one transfer, as eight int64 words (aligned single stores)."""
+
     def __init__(self, name: str, create: bool, spec: TransferSpec | None = None) -> None:
-        self.path = os.path.join(SHM_DIR, name)
+        self.path = f"{SHM_DIR}/{name}"
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR if create else os.O_RDWR
         fd = os.open(self.path, flags, 0o600)
         try:
@@ -53,26 +54,31 @@ class _Control:
             self._mm: mmap.mmap | None = mmap.mmap(fd, _CTL_BYTES)
         finally:
             os.close(fd)
-        self.words = np.frombuffer(self._mm, dtype=np.int64)
+        self._words: memoryview | None = memoryview(self._mm).cast("q")
         if spec is not None:
-            self.words[_NUM_LAYERS] = spec.num_layers
-            self.words[_LAYER_NBYTES] = spec.layer_nbytes
-            self.words[_MAGIC] = _CTL_MAGIC
+            self.set(_NUM_LAYERS, spec.num_layers)
+            self.set(_LAYER_NBYTES, spec.layer_nbytes)
+            self.set(_MAGIC, _CTL_MAGIC)
 
     def get(self, word: int) -> int:
-        return int(self.words[word])
+        """The word's value; 0 once closed (a closed transfer reports no progress)."""
+        return 0 if self._words is None else int(self._words[word])
 
     def set(self, word: int, value: int) -> None:
-        self.words[word] = value
+        """Stores the word; ignored once closed (the transfer is over for this side)."""
+        if self._words is not None:
+            self._words[word] = value
 
     def close(self, unlink: bool) -> None:
-        if self._mm is None:
+        if self._mm is None or self._words is None:
             return
-        self.words = np.zeros(8, dtype=np.int64)
+        words, self._words = self._words, None
+        words.release()
         mm, self._mm = self._mm, None
         mm.close()
-        if unlink and os.path.exists(self.path):
-            os.unlink(self.path)
+        if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def _control_name(transfer_id: str) -> str:
@@ -152,13 +158,13 @@ class ShmRecvHandle(RecvHandle):
                 self._ctl.close(unlink=False)
                 self._ctl = None
                 return False
-        if self._ctl.get(_PUBLISHED) > self._copied:
-            layer = self._copied
+        published = self._ctl.get(_PUBLISHED)
+        if published > self._copied:
             if self._buffers is None:
                 raise RuntimeError(f"shm transfer {self.spec.transfer_id} is closed")
             source, dest = self._buffers
-            copy_runs(source.layer_runs(layer), dest.layer_runs(layer))
-            self._copied += 1
+            copy_layers(source, dest, self._copied, published)  # every layer published so far, at once
+            self._copied = published
             self._ctl.set(_ACKED, self._copied)
             return True
         if self._ctl.get(_STATE) == _PRODUCER_ABORTED:

@@ -28,7 +28,7 @@ from kvbridge.errors import (
 )
 from kvbridge.pool import HostBlockPool, PoolHandle
 from kvbridge.protocol import encode_frame, recv_message
-from kvbridge.transport.base import LayerBuffers, PoolRegion, RecvHandle, TransferSpec, copy_runs
+from kvbridge.transport.base import LayerBuffers, PoolRegion, RecvHandle, TransferSpec, copy_layers
 from kvbridge.transport.messages import PinGranted, PinRequest, Unpin
 from kvbridge.transport.tcp_conn import ConnectionPool, expect_reply
 
@@ -67,8 +67,8 @@ class ShmPullHandle(RecvHandle):
             raise self._failed
         start = time.monotonic()
         try:
-            while self._copied <= layer:
-                self._copy_next(deadline, start, layer)
+            if self._copied <= layer:
+                self._copy_through(layer, deadline, start)
         except KVBridgeError as exc:
             self._failed = exc.with_traceback(None)
             self.close()
@@ -76,23 +76,22 @@ class ShmPullHandle(RecvHandle):
         if self._copied == self.num_layers:
             self._unpin()
 
-    def _copy_next(self, deadline: float, start: float, layer: int) -> None:
+    def _copy_through(self, layer: int, deadline: float, start: float) -> None:
+        """Copies layers [copied, layer] in one pass; they count only if the pin held throughout."""
+        pending = describe_pending(list(range(self._copied, layer + 1)))
         now = time.monotonic()
         if now >= self._pin_expires:
-            raise TransferTimeout(f"shm pull from {self.spec.endpoint}: pin", self._timeout_s,
-                                  describe_pending(list(range(self._copied, self.num_layers))))
+            raise TransferTimeout(f"shm pull from {self.spec.endpoint}: pin", self._timeout_s, pending)
         if now >= deadline:
-            raise TransferTimeout(f"shm pull from {self.spec.endpoint}", max(0.0, deadline - start),
-                                  describe_pending(list(range(self._copied, layer + 1))))
+            raise TransferTimeout(f"shm pull from {self.spec.endpoint}", max(0.0, deadline - start), pending)
         if self._buffers is None or self._sock is None:
             raise RuntimeError(f"shm pull from {self.spec.endpoint} is closed")
         source, dest = self._buffers
-        copy_runs(source.layer_runs(self._copied), dest.layer_runs(self._copied))
+        copy_layers(source, dest, self._copied, layer + 1)
         if time.monotonic() >= self._pin_expires:
-            raise TransferTimeout(f"shm pull from {self.spec.endpoint}: pin", self._timeout_s,
-                                  describe_pending(list(range(self._copied, self.num_layers))))
+            raise TransferTimeout(f"shm pull from {self.spec.endpoint}: pin", self._timeout_s, pending)
         _check_pin_held(self._sock)
-        self._copied += 1
+        self._copied = layer + 1
 
     def _unpin(self) -> None:
         sock, self._sock = self._sock, None
