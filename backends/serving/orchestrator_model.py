@@ -1,0 +1,76 @@
+"""The pd_orchestrator model (Triton python-based backend; entry: backends/pd_orchestrator/model.py).
+
+Thin: parses each request (backends.serving.requests) and runs it as its own coroutine in
+backends.serving.orchestrator.Orchestrator (async execute: requests never serialize).
+Model parameters: api (llm | ensemble), source, max_tokens, max_model_len, disaggregation
+(on | off), prefill_models and decode_models (comma-separated worker model names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import triton_python_backend_utils as pb_utils
+
+from backends.serving import triton_io
+from backends.serving.bls import BlsWorkers, TritonChannel
+from backends.serving.kv_cluster import ClusterView
+from backends.serving.metrics import RequestMetrics
+from backends.serving.orchestrator import Orchestrator
+from backends.serving.requests import Limits, parse_ensemble, parse_llm
+from backends.serving.supervisor import Supervisor
+from backends.serving.tokenizers import load_tokenizer
+
+LOG = logging.getLogger(__name__)
+
+
+def _names(value: str) -> list[str]:
+    return [n for n in value.split(",") if n]
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        p = triton_io.model_parameters(args)
+        try:
+            self.api = p.get("api", "llm")
+            if self.api not in ("llm", "ensemble"):
+                raise ValueError(f"parameter api must be llm or ensemble, got {self.api!r}")
+            self.limits = Limits(max_tokens=int(p.get("max_tokens", "1024")))
+            supervisor = Supervisor(_names(p.get("prefill_models", "")), _names(p.get("decode_models", "")),
+                                    p.get("disaggregation", "off") == "on")
+            tokenizer = load_tokenizer(p.get("source", "tiny-llama"))
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from exc
+        self.block_size = int(p.get("block_size", "16"))
+        self.workers = BlsWorkers(pb_utils)
+        # disagg hook (owner of kv*.py): plan with the kvbridge master's prefix hits and loads when one is set
+        self.cluster = ClusterView.from_env(p.get("source", "tiny-llama"), self.block_size)
+        self.orchestrator = Orchestrator(tokenizer, supervisor, self.workers, int(p.get("max_model_len", "1024")),
+                                         self.cluster.snapshot if self.cluster is not None else None)
+        self.metrics = RequestMetrics(pb_utils, args["model_name"])
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def execute(self, requests: list) -> None:
+        await asyncio.gather(*(self._serve(r) for r in requests))
+
+    async def _serve(self, request: object) -> None:
+        channel = TritonChannel(pb_utils, request, None, self.block_size)
+        try:
+            inputs = triton_io.request_inputs(request)
+            parse = parse_llm if self.api == "llm" else parse_ensemble
+            channel.req = parse(inputs, self.limits)
+            timing = await self.orchestrator.handle(channel.req, channel)
+            self.metrics.observe(timing)
+        except Exception as exc:  # one bad request gets its own error; the rest keep going
+            if not isinstance(exc, ValueError):
+                LOG.warning("request failed: %r", exc)
+            try:
+                channel.fail(exc)
+            except Exception:  # the client is gone (cancelled): nothing left to tell it
+                LOG.info("could not deliver the error of a finished request: %r", exc)
+
+    def finalize(self) -> None:
+        self.workers.close()
+        if self.cluster is not None:
+            self.cluster.close()
