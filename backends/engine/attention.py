@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from backends.engine.decode_workspace import WorkspaceStep, update
 from backends.engine.model_api import AttentionMetadata
 
 
@@ -37,7 +38,9 @@ class PagedPlan:
     and `valid` [B, n * block_size] (True = a real token of that sequence); `context_lens` [B];
     `bias` [B, 1, 1, n * block_size]: 0 for real tokens, -inf for padding (the cache dtype).
     Prefill: `uniform_len` > 0 when every sequence is a fresh (no cached prefix) prompt of
-    that many tokens, so one batched causal attention serves them all."""
+    that many tokens, so one batched causal attention serves them all.
+    `workspace`: set on decode steps that run over the decode workspace (then the paged
+    fields are None: nothing is gathered)."""
 
     decode_only: bool
     spans: tuple[SeqSpan, ...]
@@ -46,12 +49,15 @@ class PagedPlan:
     context_lens: torch.Tensor | None
     bias: torch.Tensor | None
     uniform_len: int = 0
+    workspace: WorkspaceStep | None = None
 
 
 def build_plan(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> PagedPlan:
     """Precompute what every layer needs to read the cache for this step."""
     device = meta.slot_mapping.device
     tables = meta.block_tables.to(device=device, dtype=torch.int64)
+    if meta.workspace is not None:
+        return PagedPlan(True, (), None, None, None, None, workspace=meta.workspace)
     offsets = torch.arange(block_size, device=device, dtype=torch.int64)
     if meta.decode_only:
         num_blocks = -(-meta.max_context_len // block_size)
@@ -144,6 +150,29 @@ def gqa_attention(q: torch.Tensor, cache: torch.Tensor, plan: PagedPlan, num_kv_
         out[span.query_start:span.query_end] = sdpa_span(
             q[span.query_start:span.query_end], k, v, span, scale)
     return out
+
+
+def gqa_workspace_decode(q: torch.Tensor, fresh: torch.Tensor, cache: torch.Tensor,
+                         step: WorkspaceStep, layer: int, num_kv_heads: int,
+                         scale: float) -> torch.Tensor:
+    """Decode GQA over the workspace (K and V buffers `[rows, kv_heads, len, dim]`): appends
+    `fresh` [B, kv_width] (this step's KV as written to the paged cache) after any refill from
+    `cache`, then one grouped SDPA over the rows. q [B, H, D] -> [B, H, D]."""
+    batch, num_heads, head_dim = q.shape
+    kv_dim = num_kv_heads * head_dim
+
+    def split(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (rows[:, :kv_dim].view(-1, num_kv_heads, head_dim),
+                rows[:, kv_dim:].view(-1, num_kv_heads, head_dim))
+
+    k, v = update(step, layer, cache, split(fresh), split)
+    rows = q
+    if not step.identity:
+        rows = q.new_zeros(step.num_rows, num_heads, head_dim).index_copy_(0, step.slots, q)
+    grouped = rows.view(step.num_rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=step.bias, scale=scale)
+    out = out.reshape(step.num_rows, num_heads, head_dim)
+    return out if step.identity else out.index_select(0, step.slots)
 
 
 def _uniform_prefill(q: torch.Tensor, fresh: torch.Tensor, length: int, num_kv_heads: int,

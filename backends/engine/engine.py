@@ -62,6 +62,8 @@ class LLMEngine:
             block_size=block_size,
             dtype=cfg.torch_dtype,
             device=torch.device(cfg.device),
+            max_num_seqs=cfg.max_num_seqs if cfg.decode_workspace else None,
+            max_model_len=self.max_model_len,
         )
         self.cache_access = PagedCacheAccess(self.runner.kv_caches, self.kv_layout)
         self.scheduler = Scheduler(

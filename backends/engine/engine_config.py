@@ -23,6 +23,9 @@ class EngineConfig:
     max_model_len: most tokens (prompt + output) per sequence; None takes the model's limit.
     seed: seeds the engine generator used by unseeded sampled requests.
     kv_import_timeout_s: deadline for reading one request's imported KV (then recompute).
+    decode_workspace: decode over contiguous per-sequence KV copies beside the paged cache
+    (appended each step, refilled from the paged cache when stale; at most the pool's size
+    again in memory) instead of gathering every sequence's blocks every step.
     """
 
     block_size: int | None = None
@@ -35,6 +38,7 @@ class EngineConfig:
     dtype: str = "float32"
     seed: int = 0
     kv_import_timeout_s: float = 30.0
+    decode_workspace: bool = True
 
     def __post_init__(self) -> None:
         positive = {

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from backends.engine.config import ModelConfig
+from backends.engine.decode_workspace import WorkspaceStep
 
 __all__ = ["AttentionMetadata", "CausalLM", "ModelConfig"]
 
@@ -28,6 +29,9 @@ class AttentionMetadata:
     block_tables: [B, max_num_blocks] int32, rows padded with 0 (masked by context_lens).
     max_context_len: max(context_lens).
     decode_only: every sequence has exactly one new token.
+    workspace: on decode-only steps of a model that exposes `decode_workspace_layout`, where
+    each sequence's KV sits in the decode workspace (see decode_workspace.py); the model must
+    then append the new tokens there and attend over it. None: attend over the paged cache.
     """
 
     slot_mapping: torch.Tensor
@@ -36,6 +40,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     max_context_len: int
     decode_only: bool
+    workspace: WorkspaceStep | None = None
 
 
 @runtime_checkable

@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from backends.engine.decode_workspace import DecodeWorkspace
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.scheduler import ScheduledSeq
+from backends.engine.workspace_slots import WorkspaceSlots
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +26,9 @@ class ModelRunner:
     """Runs `model` (a model_api.CausalLM) over `num_blocks` blocks of `block_size` tokens.
 
     The cache is one zeroed tensor `[num_blocks, block_size, kv_width]` per layer on `device`;
-    the runner never frees or reuses blocks itself (the block manager decides).
+    the runner never frees or reuses blocks itself (the block manager decides). With
+    `max_num_seqs` and `max_model_len` given and a model exposing `decode_workspace_layout`,
+    decode-only steps run over a decode workspace (at most as large as the paged cache).
     """
 
     def __init__(
@@ -35,6 +39,8 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -45,6 +51,14 @@ class ModelRunner:
             torch.zeros(num_blocks, block_size, kv_width, dtype=dtype, device=device)
             for _ in range(num_layers)
         ]
+        self.workspace: WorkspaceSlots | None = None
+        layout_fn = getattr(model, "decode_workspace_layout", None)
+        layout = layout_fn(self.kv_caches[0]) if layout_fn is not None else None
+        if layout is not None and max_num_seqs is not None and max_model_len is not None:
+            buffers = DecodeWorkspace(num_layers, layout, max_num_seqs, dtype, device)
+            pool_bytes = sum(c.numel() * c.element_size() for c in self.kv_caches)
+            self.workspace = WorkspaceSlots(
+                buffers, block_size=block_size, max_len=max_model_len, max_bytes=pool_bytes)
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         """Flatten the step's new tokens and describe where their KV lives."""
@@ -98,7 +112,7 @@ class ModelRunner:
             row = item.seq.block_table[:max_blocks]
             tables[i, : len(row)] = row
         sample = [i for i, item in enumerate(batch) if item.samples]
-        return self._inputs(
+        inputs = self._inputs(
             tokens,
             np.asarray(positions, dtype=np.int64),
             np.asarray(slots, dtype=np.int64),
@@ -107,6 +121,9 @@ class ModelRunner:
             tables,
             sample,
         )
+        if self.workspace is not None:
+            inputs.meta.workspace = self.workspace.plan(batch)
+        return inputs
 
     def _inputs(
         self,
@@ -139,6 +156,8 @@ class ModelRunner:
         """Run the step; logits `[N, vocab]` float32 for the sequences that sample, in order."""
         inputs = self.prepare(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        if inputs.meta.workspace is not None and self.workspace is not None:
+            self.workspace.commit()
         if inputs.sample_indices.numel() == 0:
             return hidden.new_empty((0, 0), dtype=torch.float32)
         logits: torch.Tensor = self.model.compute_logits(  # type: ignore[operator]

@@ -133,6 +133,7 @@ class Scheduler:
             bm.append_slots(seq.block_table, cached + num_new)
             if cached and self.admission is not None:
                 loaded = self.admission.load(seq, cached)
+                seq.kv_epoch += 1
                 seq.num_computed_tokens = loaded
                 seq.num_cached_tokens = loaded
                 capacity = len(seq.block_table) * bm.block_size - loaded

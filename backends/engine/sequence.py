@@ -28,7 +28,7 @@ class Sequence:
         "request_id", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "block_table", "status", "prefill_only", "kv_source", "logprobs", "finish_reason",
         "num_cached_tokens", "num_published_blocks", "num_prior_outputs", "text",
-        "arrival_index",
+        "arrival_index", "kv_epoch",
     )  # fmt: skip
 
     def __init__(
@@ -58,6 +58,9 @@ class Sequence:
         self.num_published_blocks = 0
         self.text = ""
         self.arrival_index = arrival_index
+        # Bumped whenever this sequence's KV changes other than by the model computing its
+        # next tokens (recompute, import, prefix load): KV copies of older epochs are stale.
+        self.kv_epoch = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -84,4 +87,5 @@ class Sequence:
         self.block_table = []
         self.num_published_blocks = 0
         self.kv_source = None
+        self.kv_epoch += 1
         self.status = SeqStatus.WAITING

@@ -9,6 +9,8 @@ from torch import nn
 
 from backends.engine.attention import PagedPlan, build_plan
 from backends.engine.config import ModelConfig
+from backends.engine.decode_workspace import WorkspaceTensor
+from backends.engine.flashmla import flash_mla_usable
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.models.layers import RMSNorm, SwiGLU
 from backends.engine.models.mla import MLAttention
@@ -19,7 +21,7 @@ from backends.engine.models.rope import RotaryEmbedding
 class DeepseekDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.self_attn = MLAttention(config)
+        self.self_attn = MLAttention(config, layer)
         moe = config.moe
         self.mlp: nn.Module
         if moe is not None and layer >= moe.first_k_dense_replace:
@@ -70,6 +72,14 @@ class DeepseekForCausalLM(nn.Module):
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             h = layer(h, cos, sin, slot_mapping=meta.slot_mapping, plan=plan, cache=cache)
         return self.model.norm(h)
+
+    def decode_workspace_layout(self, cache: torch.Tensor) -> tuple[WorkspaceTensor, ...] | None:
+        """One latent buffer `[rows, len, kv_width]`; None where FlashMLA reads the paged
+        cache directly."""
+        mla = self.config.mla
+        if mla is None or flash_mla_usable(cache, mla.kv_lora_rank, mla.qk_rope_head_dim):
+            return None
+        return (WorkspaceTensor((), (self.kv_width,)),)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -11,8 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backends.engine.attention import PagedPlan, build_plan, gqa_attention, write_cache
+from backends.engine.attention import (
+    PagedPlan,
+    build_plan,
+    gqa_attention,
+    gqa_workspace_decode,
+    write_cache,
+)
 from backends.engine.config import ModelConfig
+from backends.engine.decode_workspace import WorkspaceTensor
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.models.fused import FusedLinear, merge_fused_on_load
 from backends.engine.models.layers import RMSNorm, SwiGLU
@@ -20,8 +27,9 @@ from backends.engine.models.rope import RotaryEmbedding, apply_rope_neox, neox_t
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -41,14 +49,18 @@ class LlamaAttention(nn.Module):
         k = apply_rope_neox(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
         fresh = torch.cat((k.flatten(1), v), dim=-1).to(cache.dtype)
         write_cache(cache, slot_mapping, fresh)
-        out = gqa_attention(q, cache, plan, self.num_kv_heads, self.scale, fresh)
+        if plan.workspace is not None:
+            out = gqa_workspace_decode(q, fresh, cache, plan.workspace, self.layer,
+                                       self.num_kv_heads, self.scale)
+        else:
+            out = gqa_attention(q, cache, plan, self.num_kv_heads, self.scale, fresh)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, layer)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -63,7 +75,8 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -91,6 +104,11 @@ class LlamaForCausalLM(nn.Module):
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             h = layer(h, cos, sin, meta.slot_mapping, plan, cache)
         return self.model.norm(h)
+
+    def decode_workspace_layout(self, cache: torch.Tensor) -> tuple[WorkspaceTensor, ...] | None:
+        """Decode workspace buffers: K and V, each `[rows, kv_heads, len, head_dim]`."""
+        heads = WorkspaceTensor((self.config.num_kv_heads,), (self.config.head_dim,))
+        return heads, heads
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -21,6 +21,7 @@ from backends.engine.attention import (
     write_cache,
 )
 from backends.engine.config import MLAConfig, ModelConfig
+from backends.engine.decode_workspace import WorkspaceStep, update
 from backends.engine.flashmla import flash_mla_decode, flash_mla_usable
 from backends.engine.models.fused import FusedLinear, merge_fused_on_load
 from backends.engine.models.layers import RMSNorm
@@ -47,8 +48,9 @@ def mla_softmax_scale(config: ModelConfig) -> float:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         mla = config.mla
         if mla is None:
             raise RuntimeError("MLAttention needs config.mla")
@@ -98,7 +100,9 @@ class MLAttention(nn.Module):
         q_pe, k_pe = self._rope(q_pe, k_pe, cos, sin)
         fresh = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
         write_cache(cache, slot_mapping, fresh)
-        if plan.decode_only:
+        if plan.workspace is not None:
+            out = self._decode_workspace(q_nope, q_pe, fresh, cache, plan.workspace)
+        elif plan.decode_only:
             out = self._decode_absorbed(q_nope, q_pe, cache, plan)
         else:
             out = self._prefill_expanded(torch.cat((q_nope, q_pe), dim=-1), cache, plan, fresh)
@@ -136,6 +140,22 @@ class MLAttention(nn.Module):
             return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         return mla_decode_torch(q_full, cache, plan, rank, self.scale, w_uv)
 
+    def _decode_workspace(self, q_nope: torch.Tensor, q_pe: torch.Tensor, fresh: torch.Tensor,
+                          cache: torch.Tensor, step: WorkspaceStep) -> torch.Tensor:
+        """Absorbed decode over the workspace's latent rows `[rows, len, R + rope]`."""
+        w_uk, w_uv = self._absorb_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]
+        q_full = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, R + rope]
+        (entries,) = update(step, self.layer, cache, (fresh,), lambda rows: (rows,))
+        if not step.identity:
+            q_full = q_full.new_zeros(step.num_rows, *q_full.shape[1:]).index_copy_(
+                0, step.slots, q_full)
+        bias = None if step.bias is None else step.bias[:, 0]
+        out_latent = latent_attention(q_full, entries, bias, self.mla.kv_lora_rank, self.scale)
+        if not step.identity:
+            out_latent = out_latent.index_select(0, step.slots)
+        return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
     def _expand(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache rows [..., R + rope] -> per-head keys [..., H, qk_head] and values [..., H, v]."""
         mla = self.mla
@@ -168,7 +188,18 @@ def mla_decode_torch(q_full: torch.Tensor, cache: torch.Tensor, plan: PagedPlan,
     if plan.block_ids is None or plan.bias is None:
         raise RuntimeError("decode plan without block ids")
     entries = gather_blocks(cache, plan.block_ids)  # [B, L, R + rope]
-    scores = torch.baddbmm(plan.bias[:, 0], q_full, entries.transpose(1, 2), alpha=scale)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_full.dtype)  # [B, H, L]
-    out_latent = torch.bmm(probs, entries[..., :kv_lora_rank])  # [B, H, R]
+    out_latent = latent_attention(q_full, entries, plan.bias[:, 0], kv_lora_rank, scale)
     return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+
+def latent_attention(q_full: torch.Tensor, entries: torch.Tensor, bias: torch.Tensor | None,
+                     kv_lora_rank: int, scale: float) -> torch.Tensor:
+    """One shared latent head: q_full [B, H, R + rope] over entries [B, L, R + rope] with an
+    additive bias [B, 1, L] (or None) -> [B, H, R]."""
+    keys = entries.transpose(1, 2)
+    if bias is None:
+        scores = torch.bmm(q_full, keys).mul_(scale)
+    else:
+        scores = torch.baddbmm(bias, q_full, keys, alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_full.dtype)  # [B, H, L]
+    return torch.bmm(probs, entries[..., :kv_lora_rank])

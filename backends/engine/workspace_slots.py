@@ -1,0 +1,134 @@
+"""Which decode-workspace slot each sequence uses, and which of its tokens are valid there.
+
+Staleness rule (by construction): a sequence's workspace row is trusted only for the tokens
+`[0, num_valid)` recorded when a workspace decode step appended its last token, and only while
+the sequence's `kv_epoch` is the one recorded then. Its KV changes outside a workspace step
+(prefill or mixed steps, KV import, prefix load, preemption/recompute) either advance
+`num_computed_tokens` past `num_valid` or bump `kv_epoch`; either way the next workspace step
+sees `num_valid != num_computed_tokens` (or a new epoch) and refills the row from the paged
+cache, which is written every step and stays the source of truth.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from backends.engine.decode_workspace import DecodeWorkspace, WorkspaceStep
+from backends.engine.scheduler import ScheduledSeq
+from backends.engine.sequence import SeqStatus, Sequence
+
+_MIN_CAPACITY = 64
+
+
+@dataclass(slots=True)
+class _Entry:
+    slot: int
+    num_valid: int  # the row holds the sequence's tokens [0, num_valid)
+    epoch: int  # the sequence's kv_epoch when those tokens were written
+
+
+class WorkspaceSlots:
+    """Slot allocator and refill planner over one `DecodeWorkspace` (owned by the runner).
+
+    `plan` is called for a decode-only step before the forward; `commit` after it succeeded
+    (only then do the appended tokens count as valid).
+    """
+
+    def __init__(self, workspace: DecodeWorkspace, *, block_size: int, max_len: int,
+                 max_bytes: int) -> None:
+        self.workspace = workspace
+        self.block_size = block_size
+        self.max_len = max_len
+        self.max_bytes = max_bytes
+        self._entries: dict[Sequence, _Entry] = {}
+        self._free = list(range(workspace.rows))
+        self._pending: list[tuple[_Entry, int, int]] = []
+
+    def _release_finished(self) -> None:
+        """Free the slots of sequences that stopped running (finished, aborted, preempted)."""
+        gone = [s for s in self._entries if s.status is not SeqStatus.RUNNING]
+        for seq in gone:
+            heapq.heappush(self._free, self._entries.pop(seq).slot)
+
+    def _reserve(self, length: int) -> bool:
+        ws = self.workspace
+        if length <= ws.capacity_len:
+            return True
+        target = min(self.max_len, max(length, 2 * ws.capacity_len, _MIN_CAPACITY))
+        if ws.bytes_for(target) > self.max_bytes:
+            return False
+        ws.reserve(target)
+        return True
+
+    def plan(self, batch: list[ScheduledSeq]) -> WorkspaceStep | None:
+        """The workspace step for a decode-only batch, or None (use the paged path)."""
+        self._release_finished()
+        self._pending = []
+        positions = [item.seq.num_computed_tokens for item in batch]
+        length = max(positions) + 1
+        if len(batch) > self.workspace.rows or not self._reserve(length):
+            return None
+        slots: list[int] = []
+        refill: list[tuple[int, Sequence, int]] = []
+        for item, pos in zip(batch, positions, strict=True):
+            seq = item.seq
+            entry = self._entries.get(seq)
+            if entry is None:
+                entry = _Entry(heapq.heappop(self._free), 0, seq.kv_epoch)
+                self._entries[seq] = entry
+            if entry.num_valid != pos or entry.epoch != seq.kv_epoch:
+                refill.append((entry.slot, seq, pos))
+            slots.append(entry.slot)
+            self._pending.append((entry, pos + 1, seq.kv_epoch))
+        return self._step(slots, positions, length, refill)
+
+    def commit(self) -> None:
+        """Record the tokens the last planned step appended as valid."""
+        for entry, num_valid, epoch in self._pending:
+            entry.num_valid = num_valid
+            entry.epoch = epoch
+        self._pending = []
+
+    def _step(self, slots: list[int], positions: list[int], length: int,
+              refill: list[tuple[int, Sequence, int]]) -> WorkspaceStep:
+        device = self.workspace.device
+        batch = len(slots)
+        identity = slots == list(range(batch))
+        num_rows = batch if identity else max(slots) + 1
+        context = np.ones(num_rows, dtype=np.int64)  # rows outside the batch see position 0
+        context[slots] = np.asarray(positions, dtype=np.int64) + 1
+        bias = None
+        if int(context.min()) < length:
+            valid = torch.arange(length)[None, :] < torch.from_numpy(context)[:, None]
+            bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
+            bias = bias.to(device=device, dtype=self.workspace.dtype)[:, None, None, :]
+        rows, cache_pos, cache_slots = self._refill_indices(refill)
+        return WorkspaceStep(
+            self.workspace,
+            torch.tensor(slots, dtype=torch.int64, device=device),
+            torch.tensor(positions, dtype=torch.int64, device=device),
+            num_rows, length, identity, bias, rows, cache_pos, cache_slots,
+        )
+
+    def _refill_indices(self, refill: list[tuple[int, Sequence, int]]
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(workspace rows, positions, paged-cache flat slots) of every token to copy in."""
+        refill = [r for r in refill if r[2] > 0]
+        if not refill:
+            return None, None, None
+        bs = self.block_size
+        rows, pos_parts, slot_parts = [], [], []
+        for slot, seq, num_tokens in refill:
+            table = np.asarray(seq.block_table[: -(-num_tokens // bs)], dtype=np.int64)
+            flat = (table[:, None] * bs + np.arange(bs, dtype=np.int64)).reshape(-1)
+            slot_parts.append(flat[:num_tokens])
+            pos_parts.append(np.arange(num_tokens, dtype=np.int64))
+            rows.append(np.full(num_tokens, slot, dtype=np.int64))
+        device = self.workspace.device
+        return (torch.from_numpy(np.concatenate(rows)).to(device),
+                torch.from_numpy(np.concatenate(pos_parts)).to(device),
+                torch.from_numpy(np.concatenate(slot_parts)).to(device))
