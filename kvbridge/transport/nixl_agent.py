@@ -24,25 +24,36 @@ CLOSE_WAIT_S = 5.0
 Region = tuple[int, int]  # (address, nbytes)
 
 
+# The ``nixl`` meta package picks the build matching the process's CUDA; without it, a build
+# wheel alone (``pip install nixl-cu12``: no torch import, no second CUDA build) is enough.
+_MODULES = ("nixl", "nixl_cu13", "nixl_cu12")
+
+
+def _module_name() -> str | None:
+    return next((m for m in _MODULES if importlib.util.find_spec(m) is not None), None)
+
+
 def nixl_available() -> bool:
-    return importlib.util.find_spec("nixl") is not None
+    return _module_name() is not None
 
 
 def new_agent(name: str) -> Any:
     """A NIXL agent with a UCX backend; TransportUnavailable saying why when there is none."""
-    if not nixl_available():
+    module = _module_name()
+    if module is None:
         raise TransportUnavailable("transport 'nixl' needs the 'nixl' package (pip install nixl-cu12), not installed")
     try:
-        from nixl._api import nixl_agent, nixl_agent_config
+        api = importlib.import_module(f"{module}._api")
     except ImportError as exc:
-        raise TransportUnavailable(f"transport 'nixl': the 'nixl' package is installed but does not import: {exc}") from exc
+        raise TransportUnavailable(f"transport 'nixl': {module!r} is installed but does not import: {exc}") from exc
     try:
-        agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        agent = api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
     except Exception as exc:  # the bindings raise their own classes (nixlBackendError, ...)
         raise TransportUnavailable(f"transport 'nixl': could not create a NIXL agent: {exc}") from exc
     if "UCX" not in agent.backends:
         raise TransportUnavailable(
-            f"transport 'nixl': NIXL has no UCX backend here (plugins: {agent.get_plugin_list()})")
+            f"transport 'nixl': {module} found but NIXL could not create a UCX backend here "
+            f"(plugins: {agent.get_plugin_list()})")
     return agent
 
 
