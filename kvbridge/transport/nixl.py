@@ -2,7 +2,9 @@
 
 Works on host memory (NIXL ``DRAM_SEG`` over its UCX backend: shm/cma on one host, tcp or RDMA
 across hosts); tested here between two CPU-only processes with ``nixl-cu12``. Each transport owns
-one NIXL agent. Protocol, one-sided from the consumer:
+one NIXL agent (nixl_agent.py). Not covered: device (VRAM) pools and pulls by KV handle (an
+empty transfer_id); those need a GPU and the block server respectively. Protocol, one-sided
+from the consumer:
 
 * ``start_send`` registers the source memory and a 64-byte control block (int64 words: magic,
   published, state) with the agent; the returned handle's ``spec`` is a :class:`NixlTransferSpec`
@@ -11,7 +13,8 @@ one NIXL agent. Protocol, one-sided from the consumer:
 * The consumer loads the producer's metadata, READs the control block, and READs layers
   [received, published) into its destination in one NIXL request whose completion notification
   (``"<transfer_id>:<layers>"``) acks them to the producer; ``close()`` before the end sends
-  ``"<transfer_id>:abort"``. A producer that closes early sets *state* so the consumer fails fast.
+  ``"<transfer_id>:abort"``. A producer that closes early sets *state* so the consumer fails fast
+  (RemoteError: "the producer gave up", or a failed READ once the memory is deregistered).
 
 Ownership: registrations are reference-counted per (address, size) and released by the handle's
 ``close()``; the transport's ``close()`` releases the agent. A transfer still in flight at close
