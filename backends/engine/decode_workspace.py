@@ -108,8 +108,7 @@ def store_rows(buffer: torch.Tensor, spec: WorkspaceTensor, rows: torch.Tensor,
         return
     if len(spec.mid) != 1:
         raise RuntimeError(f"workspace buffers take at most one mid dim, got {spec.mid}")
-    heads = torch.arange(spec.mid[0], device=buffer.device)
-    buffer.index_put_((rows[:, None], heads[None, :], positions[:, None]), values)
+    buffer[rows, :, positions] = values
 
 
 def update(step: WorkspaceStep, layer: int, cache: torch.Tensor, new: tuple[torch.Tensor, ...],

@@ -138,7 +138,8 @@ class LLMEngine:
         sampled = self.sampler.sample(logits, rows) if rows else None
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-            self._publish(item)
+            if self.hooks is not None:
+                self._publish(item)
         if sampled is not None:
             for i, item in enumerate(sampling):
                 lp = sampled.logprobs[i] if sampled.logprobs is not None else None

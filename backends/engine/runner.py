@@ -20,6 +20,7 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # rows of the flattened step whose logits are sampled
+    sample_all: bool = False  # every row samples, in order (sample_indices == arange)
 
 
 class ModelRunner:
@@ -96,34 +97,35 @@ class ModelRunner:
         )
 
     def _prepare_decode(self, batch: list[ScheduledSeq]) -> StepInputs:
-        """One new token per sequence: plain Python over B items, no per-token arrays."""
+        """One new token per sequence (each samples): plain Python over B items, one tensor
+        conversion; block tables only when the step reads the paged cache."""
         bs = self.block_size
-        tokens, positions, slots, context_lens = [], [], [], []
-        for item in batch:
-            seq = item.seq
-            pos = seq.num_computed_tokens
-            tokens.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-            context_lens.append(pos + 1)
-        max_blocks = -(-max(context_lens) // bs)
-        tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
-        for i, item in enumerate(batch):
-            row = item.seq.block_table[:max_blocks]
-            tables[i, : len(row)] = row
-        sample = [i for i, item in enumerate(batch) if item.samples]
-        inputs = self._inputs(
-            tokens,
-            np.asarray(positions, dtype=np.int64),
-            np.asarray(slots, dtype=np.int64),
-            list(range(len(batch) + 1)),
-            context_lens,
-            tables,
-            sample,
-        )
+        seqs = [item.seq for item in batch]
+        positions = [seq.num_computed_tokens for seq in seqs]
+        tokens = [seq.token_ids[pos] for seq, pos in zip(seqs, positions, strict=True)]
+        slots = [seq.block_table[pos // bs] * bs + pos % bs
+                 for seq, pos in zip(seqs, positions, strict=True)]
+        packed = torch.tensor((tokens, positions, slots), dtype=torch.int64).to(self.device)
+        workspace = None
         if self.workspace is not None:
-            inputs.meta.workspace = self.workspace.plan(batch)
-        return inputs
+            workspace = self.workspace.plan(seqs, positions, packed[1])
+        max_context_len = max(positions) + 1
+        num_blocks = 0 if workspace is not None else -(-max_context_len // bs)
+        tables = np.zeros((len(batch), num_blocks), dtype=np.int32)
+        for i, seq in enumerate(seqs if num_blocks else ()):
+            row = seq.block_table[:num_blocks]
+            tables[i, : len(row)] = row
+        meta = AttentionMetadata(
+            slot_mapping=packed[2],
+            query_start_loc=list(range(len(batch) + 1)),
+            context_lens=packed[1] + 1,
+            block_tables=torch.from_numpy(tables).to(self.device),
+            max_context_len=max_context_len,
+            decode_only=True,
+            workspace=workspace,
+        )
+        rows = torch.arange(len(batch), device=self.device)
+        return StepInputs(packed[0], packed[1], meta, rows, sample_all=True)
 
     def _inputs(
         self,
@@ -160,7 +162,7 @@ class ModelRunner:
             self.workspace.commit()
         if inputs.sample_indices.numel() == 0:
             return hidden.new_empty((0, 0), dtype=torch.float32)
-        logits: torch.Tensor = self.model.compute_logits(  # type: ignore[operator]
-            hidden.index_select(0, inputs.sample_indices)
-        )
+        if not inputs.sample_all:
+            hidden = hidden.index_select(0, inputs.sample_indices)
+        logits: torch.Tensor = self.model.compute_logits(hidden)  # type: ignore[operator]
         return logits

@@ -79,8 +79,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's sequences and token counts; allocate their blocks."""
         budget = self.max_num_batched_tokens
-        order = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        order += [s for s in self.running if s.num_uncomputed_tokens > 1]
+        decoding = [len(s.token_ids) - s.num_computed_tokens == 1 for s in self.running]
+        order = [s for s, d in zip(self.running, decoding, strict=True) if d]
+        order += [s for s, d in zip(self.running, decoding, strict=True) if not d]
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
         i = 0
@@ -104,6 +105,8 @@ class Scheduler:
         """Allocate blocks for `num_new` more tokens, preempting from the end of `order`."""
         bm = self.block_manager
         target = seq.num_computed_tokens + num_new
+        if target <= len(seq.block_table) * bm.block_size:
+            return True  # room in its last block: nothing to allocate
         while not bm.can_allocate(bm.blocks_needed(seq.block_table, target)):
             victim = order.pop()
             self._preempt(victim)

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from backends.engine.decode_workspace import DecodeWorkspace, WorkspaceStep
-from backends.engine.scheduler import ScheduledSeq
 from backends.engine.sequence import SeqStatus, Sequence
 
 _MIN_CAPACITY = 64
@@ -64,27 +63,29 @@ class WorkspaceSlots:
         ws.reserve(target)
         return True
 
-    def plan(self, batch: list[ScheduledSeq]) -> WorkspaceStep | None:
-        """The workspace step for a decode-only batch, or None (use the paged path)."""
+    def plan(self, seqs: list[Sequence], positions: list[int],
+             positions_tensor: torch.Tensor) -> WorkspaceStep | None:
+        """The workspace step for a decode-only batch (`positions[i]`: where seqs[i]'s new
+        token goes; `positions_tensor` the same on the workspace's device), or None (then the
+        step reads the paged cache)."""
         self._release_finished()
         self._pending = []
-        positions = [item.seq.num_computed_tokens for item in batch]
         length = max(positions) + 1
-        if len(batch) > self.workspace.rows or not self._reserve(length):
+        if len(seqs) > self.workspace.rows or not self._reserve(length):
             return None
         slots: list[int] = []
         refill: list[tuple[int, Sequence, int]] = []
-        for item, pos in zip(batch, positions, strict=True):
-            seq = item.seq
-            entry = self._entries.get(seq)
+        entries, pending = self._entries, self._pending
+        for seq, pos in zip(seqs, positions, strict=True):
+            entry = entries.get(seq)
             if entry is None:
                 entry = _Entry(heapq.heappop(self._free), 0, seq.kv_epoch)
-                self._entries[seq] = entry
+                entries[seq] = entry
             if entry.num_valid != pos or entry.epoch != seq.kv_epoch:
                 refill.append((entry.slot, seq, pos))
             slots.append(entry.slot)
-            self._pending.append((entry, pos + 1, seq.kv_epoch))
-        return self._step(slots, positions, length, refill)
+            pending.append((entry, pos + 1, seq.kv_epoch))
+        return self._step(slots, positions, positions_tensor, length, refill)
 
     def commit(self) -> None:
         """Record the tokens the last planned step appended as valid."""
@@ -93,25 +94,23 @@ class WorkspaceSlots:
             entry.epoch = epoch
         self._pending = []
 
-    def _step(self, slots: list[int], positions: list[int], length: int,
-              refill: list[tuple[int, Sequence, int]]) -> WorkspaceStep:
+    def _step(self, slots: list[int], positions: list[int], positions_tensor: torch.Tensor,
+              length: int, refill: list[tuple[int, Sequence, int]]) -> WorkspaceStep:
         device = self.workspace.device
         batch = len(slots)
-        identity = slots == list(range(batch))
+        identity = slots[-1] == batch - 1 and slots == list(range(batch))
         num_rows = batch if identity else max(slots) + 1
-        context = np.ones(num_rows, dtype=np.int64)  # rows outside the batch see position 0
-        context[slots] = np.asarray(positions, dtype=np.int64) + 1
         bias = None
-        if int(context.min()) < length:
+        if min(positions) + 1 < length:  # rows outside the batch are discarded: no mask
+            context = np.full(num_rows, length, dtype=np.int64)
+            context[slots] = np.asarray(positions, dtype=np.int64) + 1
             valid = torch.arange(length)[None, :] < torch.from_numpy(context)[:, None]
             bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
             bias = bias.to(device=device, dtype=self.workspace.dtype)[:, None, None, :]
         rows, cache_pos, cache_slots = self._refill_indices(refill)
         return WorkspaceStep(
-            self.workspace,
-            torch.tensor(slots, dtype=torch.int64, device=device),
-            torch.tensor(positions, dtype=torch.int64, device=device),
-            num_rows, length, identity, bias, rows, cache_pos, cache_slots,
+            self.workspace, torch.tensor(slots, dtype=torch.int64, device=device), positions_tensor, num_rows, length, identity, bias,
+            rows, cache_pos, cache_slots,
         )
 
     def _refill_indices(self, refill: list[tuple[int, Sequence, int]]

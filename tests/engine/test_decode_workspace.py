@@ -17,7 +17,6 @@ from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
 from backends.engine.kv_transfer import TensorKVSource
 from backends.engine.sampling_params import SamplingParams
-from backends.engine.scheduler import ScheduledSeq
 from backends.engine.sequence import SeqStatus, Sequence
 from backends.engine.workspace_slots import WorkspaceSlots
 
@@ -139,6 +138,11 @@ def _slots() -> WorkspaceSlots:
     return WorkspaceSlots(workspace, block_size=4, max_len=64, max_bytes=1 << 20)
 
 
+def plan(slots: WorkspaceSlots, seqs: list[Sequence]) -> WorkspaceStep | None:
+    positions = [seq.num_computed_tokens for seq in seqs]
+    return slots.plan(seqs, positions, torch.tensor(positions))
+
+
 def _refilled(step: WorkspaceStep) -> list[int]:
     rows = step.refill_rows
     return [] if rows is None else [int(r) for r in rows.tolist()]
@@ -147,7 +151,7 @@ def _refilled(step: WorkspaceStep) -> list[int]:
 def test_slots_refill_rules() -> None:
     slots = _slots()
     a, b = _seq("a", 6), _seq("b", 3)
-    step = slots.plan([ScheduledSeq(a, 1), ScheduledSeq(b, 1)])
+    step = plan(slots, [a, b])
     assert step is not None
     assert (step.slots.tolist(), step.identity, _refilled(step)) == ([0, 1], True,
                                                                      [0] * 6 + [1] * 3)
@@ -155,21 +159,21 @@ def test_slots_refill_rules() -> None:
     assert step.refill_cache_slots.tolist() == [12, 13, 14, 15, 16, 17, 12, 13, 14]
     slots.commit()
     a.num_computed_tokens, b.num_computed_tokens = 7, 4
-    step = slots.plan([ScheduledSeq(b, 1), ScheduledSeq(a, 1)])  # in sync: nothing copied
+    step = plan(slots, [b, a])  # in sync: nothing copied
     assert step is not None
     assert (step.slots.tolist(), step.identity, _refilled(step)) == ([1, 0], False, [])
     # not committed (the forward failed): the appended tokens do not count
     a.num_computed_tokens = 8
-    step = slots.plan([ScheduledSeq(a, 1)])
+    step = plan(slots, [a])
     assert step is not None and _refilled(step) == [0] * 8
     slots.commit()
     # recompute back to the very same count: a new KV epoch, so a full refill
     a.reset_for_recompute()
     a.status, a.num_computed_tokens, a.block_table = SeqStatus.RUNNING, 9, [BlockId(7)] * 3
-    step = slots.plan([ScheduledSeq(a, 1)])
+    step = plan(slots, [a])
     assert step is not None and _refilled(step) == [0] * 9
     # b finished: its slot is freed and the next newcomer takes it
     b.status = SeqStatus.FINISHED
     c = _seq("c", 2)
-    step = slots.plan([ScheduledSeq(c, 1)])
+    step = plan(slots, [c])
     assert step is not None and step.slots.tolist() == [1] and _refilled(step) == [1, 1]
