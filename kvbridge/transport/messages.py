@@ -5,7 +5,8 @@ requests, one at a time, so clients pool their connections:
 
 - pull: client PullRequest; then for each layer in order, its chunks: a ChunkHeader frame
   followed by ``nbytes`` raw bytes (``checksum`` is the xxh3_64 of those bytes when the
-  request asked for checksums, else 0); finally client PullDone.
+  request asked for checksums, else 0); for a published transfer, finally client PullDone
+  (a pull of pool slots ends with its last chunk: one wake-up less per pull).
 - pin (shm pull by handle): client PinRequest; the server pins the slots and answers
   PinGranted (with the pool to map); the client copies from the shared pool and sends Unpin.
   The server unpins on Unpin, on the pin's deadline, or when the connection drops.

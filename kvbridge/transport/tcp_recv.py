@@ -283,7 +283,8 @@ class Receiver:
         return not closed
 
     def _finish(self, pull: TcpRecvHandle, registered: set[TcpRecvHandle]) -> None:
-        """Unregisters ``pull``; a complete one sends PullDone and pools its socket, others close it."""
+        """Unregisters ``pull``; a complete one pools its socket (after PullDone for a published
+        transfer), others close it."""
         registered.discard(pull)
         self._sel.unregister(pull.sock)
         sock = pull.sock
@@ -291,8 +292,9 @@ class Receiver:
             sock.close()
             return
         try:
-            sock.settimeout(1.0)
-            sock.sendall(encode_frame(PullDone(pull.num_layers)))
+            if pull.spec.transfer_id:
+                sock.settimeout(1.0)
+                sock.sendall(encode_frame(PullDone(pull.num_layers)))
             self._pool.release(pull.endpoint, sock)  # back in the pool before the waiter wakes
         except OSError:
             sock.close()

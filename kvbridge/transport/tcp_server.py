@@ -7,7 +7,8 @@ serves requests one after another (see kvbridge.transport.messages):
   producer publishes them) or of *pool slots* (already-written blocks of the pool given to
   ``serve_pool``, e.g. a decode pulling a finished prefill's KV by handle). Slots of a pool
   pull are pinned in the pool's SlotAllocator for the pull and unpinned when it ends,
-  whatever the outcome. Chunks go out with one ``sendmsg`` of header + views, each with its
+  whatever the outcome: after the last chunk went to the kernel (a pool pull has no
+  PullDone), or on failure. Chunks go out with one ``sendmsg`` of header + views, each with its
   xxh3_64 when asked.
 - a *pin* (shm pull by handle): pinned until the client's Unpin, the pin's deadline, or the
   connection's end, whichever comes first; an abandoned pin expires, it never leaks.
@@ -184,10 +185,11 @@ class BlockServer:
         source = self._source_for(request, deadline, start)
         try:
             self._stream(sock, request, source, deadline, start)
-            sock.settimeout(max(remaining(deadline), 1e-3))
-            done = recv_message(sock)
-            if done != PullDone(request.num_layers):
-                raise ProtocolError(f"expected PullDone({request.num_layers}), got {done!r:.80}")
+            if source.transfer is not None:  # the producer's wait() reports the consumer's receipt
+                sock.settimeout(max(remaining(deadline), 1e-3))
+                done = recv_message(sock)
+                if done != PullDone(request.num_layers):
+                    raise ProtocolError(f"expected PullDone({request.num_layers}), got {done!r:.80}")
         except (KVBridgeError, ValueError, OSError) as exc:
             if source.transfer is not None:
                 code = "invalid" if isinstance(exc, ValueError) else "io"
