@@ -27,7 +27,11 @@ class FusedLinear(nn.Module):
         self.register_state_dict_post_hook(_split_state)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+        return tuple(self.fused(x).split(self.sizes, dim=-1))
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        """All parts side by side, `[..., sum(sizes)]` (parts in order)."""
+        return F.linear(x, self.weight, self.bias)
 
 
 def _parent(prefix: str) -> str:

@@ -23,7 +23,7 @@ from backends.engine.decode_workspace import WorkspaceTensor
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.models.fused import FusedLinear, merge_fused_on_load
 from backends.engine.models.layers import RMSNorm, SwiGLU
-from backends.engine.models.rope import RotaryEmbedding, apply_rope_neox, neox_tables
+from backends.engine.models.rope import RotaryEmbedding, apply_rope_neox_, neox_tables
 
 
 class LlamaAttention(nn.Module):
@@ -43,11 +43,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 slot_mapping: torch.Tensor, plan: PagedPlan, cache: torch.Tensor) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x)
-        q = apply_rope_neox(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope_neox(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        fresh = torch.cat((k.flatten(1), v), dim=-1).to(cache.dtype)
+        num_tokens, q_size = x.shape[0], self.num_heads * self.head_dim
+        qkv = self.qkv_proj.fused(x)  # [T, (H + 2 * Hk) * D]: q, k, v
+        qk_heads = self.num_heads + self.num_kv_heads
+        apply_rope_neox_(qkv[:, : qk_heads * self.head_dim].view(num_tokens, qk_heads, -1),
+                         cos, sin)
+        q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
+        fresh = qkv[:, q_size:].to(cache.dtype)  # this step's cache rows: K (rotated) then V
         write_cache(cache, slot_mapping, fresh)
         if plan.workspace is not None:
             out = gqa_workspace_decode(q, fresh, cache, plan.workspace, self.layer,

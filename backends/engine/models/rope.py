@@ -102,6 +102,13 @@ def apply_rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+def apply_rope_neox_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope_neox` in place (x may be a strided view, e.g. of a fused projection);
+    the same ops in the same order, so the same values."""
+    rotated = x.roll(x.shape[-1] // 2, dims=-1).mul_(sin)
+    return x.mul_(cos).add_(rotated)
+
+
 def apply_rope_interleave(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """DeepSeek RoPE on interleaved pairs (x0, x1), (x2, x3)...; output de-interleaved as
     [rotated evens, rotated odds] (HF DeepSeek-V3's layout; q and k agree, so scores match)."""
