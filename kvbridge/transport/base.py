@@ -110,6 +110,20 @@ def piece_views(runs: Sequence[np.ndarray], offset: int, nbytes: int) -> list[me
     return views
 
 
+def span_views(buffers: LayerBuffers, pos: int, nbytes: int) -> list[memoryview]:
+    """Memoryviews of bytes [pos, pos + nbytes) of the whole payload (layers back to back)."""
+    views: list[memoryview] = []
+    layer, offset = divmod(pos, buffers.layer_nbytes)
+    while nbytes > 0:
+        if layer >= buffers.num_layers:
+            raise ValueError(f"nbytes: {nbytes} bytes past the end of the payload")
+        take = min(buffers.layer_nbytes - offset, nbytes)
+        views += piece_views(buffers.layer_runs(layer), offset, take)
+        nbytes -= take
+        layer, offset = layer + 1, 0
+    return views
+
+
 def copy_runs(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> None:
     """Copies a layer from ``src`` runs into ``dst`` runs (same total), one memcpy per overlap."""
     si = di = s_off = d_off = 0

@@ -3,8 +3,9 @@
 A connection authenticates once (client Hello -> HelloAck) and then carries any number of
 requests, one at a time, so clients pool their connections:
 
-- pull: client PullRequest; then for each layer in order, its chunks: a ChunkHeader frame
-  followed by ``nbytes`` raw bytes (``checksum`` is the xxh3_64 of those bytes when the
+- pull: client PullRequest; then the payload (layers back to back, in order) in chunks: a
+  ChunkHeader frame (where the chunk starts: layer, offset) followed by ``nbytes`` raw bytes,
+  which may run on into the next layers when the producer has published them (``checksum`` is the xxh3_64 of those bytes when the
   request asked for checksums, else 0); for a published transfer, finally client PullDone
   (a pull of pool slots ends with its last chunk: one wake-up less per pull).
 - pin (shm pull by handle): client PinRequest; the server pins the slots and answers

@@ -2,7 +2,7 @@
 
 ``start_send`` registers one; layers wait here until a receiver pulls them. The source
 slots (``pins``) stay pinned from construction to ``close()``. The server's connection
-thread calls ``claim``/``wait_published``/``layer_sent``/``finish``.
+thread calls ``claim``/``wait_published``/``layers_sent``/``finish``.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class PublishedTransfer(SendHandle):
                 raise ValueError(f"transfer_id: {self.spec.transfer_id!r} is already being pulled or closed")
             self._claimed = True
 
-    def wait_published(self, layer: int, deadline: float, start: float) -> None:
+    def wait_published(self, layer: int, deadline: float, start: float) -> int:
+        """Blocks until layer ``layer`` is published; returns how many layers are published."""
         with self._cond:
             self._cond.wait_for(lambda: self._published > layer or self._closed, remaining(deadline))
             if self._closed:
@@ -92,9 +93,10 @@ class PublishedTransfer(SendHandle):
             if self._published <= layer:
                 pending = describe_pending(list(range(self._published, self.spec.num_layers)))
                 raise TransferTimeout(f"tcp serve {self.spec.transfer_id}", deadline - start, f"producer publishing {pending}")
+            return self._published
 
-    def layer_sent(self, layer: int) -> None:
-        self._sent = layer + 1
+    def layers_sent(self, num_layers: int) -> None:
+        self._sent = num_layers
 
     def finish(self, error: KVBridgeError | None) -> None:
         with self._cond:

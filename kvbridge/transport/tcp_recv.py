@@ -3,7 +3,7 @@
 :class:`Receiver` (owned by a TcpTransport, ``close()``-d by it) runs one thread with a
 selector over the sockets of all open :class:`TcpRecvHandle`s; each readable socket advances
 its pull by at most one chunk (non-blocking ``recv_into`` straight into the destination runs,
-then the chunk's xxh3_64 is checked), so ``poll()`` reports layers as they land and a waiter
+then the chunk's xxh3_64 is checked; a chunk may span layers the producer had published), so ``poll()`` reports layers as they land and a waiter
 on layer i wakes as soon as layer i is complete. A finished pull's connection goes back to
 the transport's :class:`ConnectionPool`; a failed or closed one is closed.
 
@@ -30,7 +30,7 @@ from kvbridge.errors import (
     describe_pending,
 )
 from kvbridge.protocol import HEADER, decode_body, decode_header, encode_frame
-from kvbridge.transport.base import LayerBuffers, RecvHandle, TransferSpec, piece_views, remaining
+from kvbridge.transport.base import LayerBuffers, RecvHandle, TransferSpec, remaining, span_views
 from kvbridge.transport.messages import ChunkHeader, PullDone, PullRequest
 from kvbridge.transport.tcp_conn import ConnectionPool, checksum, expect_reply
 
@@ -77,9 +77,10 @@ class TcpRecvHandle(RecvHandle):
         self._checksum_on = checksum_on
         self._receiver = receiver
         self._cond = threading.Condition()
-        self._received = 0
+        self._received = 0  # layers complete in the destination (verified)
+        self._pos = 0  # payload bytes received and verified (layers back to back)
+        self._total = spec.num_layers * spec.layer_nbytes
         self._wake_at = spec.num_layers  # lowest layer a waiter blocks on (num_layers: none)
-        self._layer_offset = 0
         self._chunk: ChunkHeader | None = None
         self._views: list[memoryview] = []
         self._view_i = self._view_off = 0
@@ -149,8 +150,8 @@ class TcpRecvHandle(RecvHandle):
             except Exception as exc:  # noqa: BLE001 - one broken pull must not stop the others
                 self.fail(exc)
                 return True
-            # the last layer is in: Receiver._finish() pools the socket, then completes the pull
-            return self._received == self.num_layers - 1 and self._layer_offset == self.spec.layer_nbytes
+            # once all is in, Receiver._finish() pools the socket, then completes the pull
+            return self._pos == self._total
 
     def _read_chunk(self) -> None:
         if self._chunk is None:
@@ -160,23 +161,23 @@ class TcpRecvHandle(RecvHandle):
             view = views[self._view_i]
             n = self.sock.recv_into(view[self._view_off:])
             if n == 0:
-                raise ProtocolError(f"connection closed mid-chunk in layer {self._received}")
+                raise ProtocolError(f"connection closed mid-chunk at byte {self._pos} of the payload")
             self._view_off += n
             if self._view_off == view.nbytes:
                 self._view_i, self._view_off = self._view_i + 1, 0
         self._end_chunk()
 
     def _start_chunk(self, header: ChunkHeader) -> None:
-        if (header.layer, header.offset) != (self._received, self._layer_offset) or \
-                header.nbytes < 1 or header.offset + header.nbytes > self.spec.layer_nbytes:
+        layer, offset = divmod(self._pos, self.spec.layer_nbytes)
+        if (header.layer, header.offset) != (layer, offset) or not 0 < header.nbytes <= self._total - self._pos:
             raise ProtocolError(
                 f"chunk (layer {header.layer}, offset {header.offset}, {header.nbytes} bytes) out of order; "
-                f"expected layer {self._received} offset {self._layer_offset}"
+                f"expected layer {layer} offset {offset}, at most {self._total - self._pos} bytes"
             )
         if self._dest is None:
             raise RuntimeError(f"tcp transfer {self._name} is closed")
         self._chunk = header
-        self._views = piece_views(self._dest.layer_runs(header.layer), header.offset, header.nbytes)
+        self._views = span_views(self._dest, self._pos, header.nbytes)
         self._view_i = self._view_off = 0
 
     def _end_chunk(self) -> None:
@@ -191,11 +192,12 @@ class TcpRecvHandle(RecvHandle):
                     f"from {self.endpoint}: xxh3_64 {got:#018x}, sender said {header.checksum:#018x}"
                 )
         self._views = []
-        self._layer_offset += header.nbytes
-        if self._layer_offset == self.spec.layer_nbytes and self._received < self.num_layers - 1:
-            self._received += 1
-            self._layer_offset = 0
-            if self._received > self._wake_at:
+        self._pos += header.nbytes
+        # the last layer counts only in complete(), once the connection is back in the pool
+        received = min(self._pos // self.spec.layer_nbytes, self.num_layers - 1)
+        if received > self._received:
+            self._received = received
+            if received > self._wake_at:
                 self._wake_at = self.num_layers
                 self._cond.notify_all()
 
@@ -211,14 +213,13 @@ class TcpRecvHandle(RecvHandle):
 
     def last_layer_in(self) -> bool:
         with self._cond:
-            return self._failed is None and not self._closed and self._received == self.num_layers - 1 \
-                and self._layer_offset == self.spec.layer_nbytes
+            return self._failed is None and not self._closed and self._pos == self._total
 
     def complete(self) -> None:
         """Marks the last layer received (its connection already went back to the pool)."""
         with self._cond:
-            if self._received == self.num_layers - 1 and self._layer_offset == self.spec.layer_nbytes:
-                self._received, self._layer_offset = self.num_layers, 0
+            if self._pos == self._total:
+                self._received = self.num_layers
                 self._cond.notify_all()
 
 

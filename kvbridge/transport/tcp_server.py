@@ -44,7 +44,7 @@ from kvbridge.protocol import (
     encode_frame,
     recv_message,
 )
-from kvbridge.transport.base import LayerBuffers, PoolRegion, piece_views, remaining
+from kvbridge.transport.base import LayerBuffers, PoolRegion, remaining, span_views
 from kvbridge.transport.messages import (
     ChunkHeader,
     PinGranted,
@@ -261,15 +261,20 @@ class BlockServer:
                 f"request: asks {request.num_layers} layers x {request.layer_nbytes} bytes, "
                 f"source has {buffers.num_layers} x {buffers.layer_nbytes}"
             )
-        for layer in range(request.num_layers):
+        layer_nbytes, total = request.layer_nbytes, request.num_layers * request.layer_nbytes
+        pos = 0
+        sock.settimeout(max(remaining(deadline), 1e-3))
+        while pos < total:
+            end = total
             if transfer is not None:
-                transfer.wait_published(layer, deadline, start)
-            sock.settimeout(max(remaining(deadline), 1e-3))
-            runs = buffers.layer_runs(layer)
-            for offset in range(0, request.layer_nbytes, self._chunk_bytes):
-                nbytes = min(self._chunk_bytes, request.layer_nbytes - offset)
-                views = piece_views(runs, offset, nbytes)
-                digest = checksum(views) if request.checksum else 0
-                send_buffers(sock, [encode_frame(ChunkHeader(layer, offset, nbytes, digest)), *views])
+                end = transfer.wait_published(pos // layer_nbytes, deadline, start) * layer_nbytes
+                sock.settimeout(max(remaining(deadline), 1e-3))
+            # one chunk may span several layers (all published): per-chunk cost stays small
+            nbytes = min(self._chunk_bytes, end - pos)
+            views = span_views(buffers, pos, nbytes)
+            digest = checksum(views) if request.checksum else 0
+            layer, offset = divmod(pos, layer_nbytes)
+            send_buffers(sock, [encode_frame(ChunkHeader(layer, offset, nbytes, digest)), *views])
+            pos += nbytes
             if transfer is not None:
-                transfer.layer_sent(layer)
+                transfer.layers_sent(pos // layer_nbytes)

@@ -85,13 +85,14 @@ def test_corrupted_chunk_raises_checksum_mismatch(sides: tuple[Side, Side]) -> N
         recv = client.start_recv(slot_pull_spec(proxy.endpoint, src), dst.region())
         with pytest.raises(ChecksumMismatch) as info:
             recv.wait(time.monotonic() + 10)
-        got = np.concatenate([dst.pool.block(0, s) for s in dst.slots])
-        sent = np.concatenate([pattern(0, k) for k in range(3)])
+        # all four layers were published, so they travel as one 48 KiB chunk with one checksum
+        got = np.concatenate([dst.pool.block(layer, s) for layer in range(4) for s in dst.slots])
+        sent = np.concatenate([pattern(layer, k) for layer in range(4) for k in range(3)])
         want = xxhash.xxh3_64_intdigest(sent)
-        framing = len(encode_frame(HelloAck("kvbridge-block-server"))) + len(encode_frame(ChunkHeader(0, 0, 12288, want)))
+        framing = len(encode_frame(HelloAck("kvbridge-block-server"))) + len(encode_frame(ChunkHeader(0, 0, 49152, want)))
         assert np.flatnonzero(got != sent).tolist() == [500 - framing]  # the one byte the proxy flipped
         assert str(info.value) == (
-            f"checksum mismatch in layer 0 at offset 0 (12288 bytes) from {proxy.endpoint}: "
+            f"checksum mismatch in layer 0 at offset 0 (49152 bytes) from {proxy.endpoint}: "
             f"xxh3_64 {xxhash.xxh3_64_intdigest(got):#018x}, sender said {want:#018x}"
         )
         assert recv.poll() == 0
