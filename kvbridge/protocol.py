@@ -125,8 +125,23 @@ def record(cls: type[M]) -> type[M]:
     return cls
 
 
+_SCALAR_FIELDS: dict[type, tuple[str, ...] | None] = {}
+
+
+def _scalar_fields(cls: type) -> tuple[str, ...] | None:
+    """The field names of ``cls`` when every field is a scalar (fast path), else None."""
+    if cls not in _SCALAR_FIELDS:
+        fields = dataclasses.fields(cls)
+        flat = all(str(f.type) in _SCALARS for f in fields)
+        _SCALAR_FIELDS[cls] = tuple(f.name for f in fields) if flat else None
+    return _SCALAR_FIELDS[cls]
+
+
 def encode_fields(obj: object) -> list[object]:
     """The wire list of a message or record's fields, in declaration order."""
+    names = _scalar_fields(type(obj))
+    if names is not None:
+        return [getattr(obj, name) for name in names]
     out: list[object] = []
     for field in dataclasses.fields(obj):  # type: ignore[arg-type]
         value = getattr(obj, field.name)
