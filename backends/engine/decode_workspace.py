@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -39,7 +40,9 @@ class WorkspaceStep:
     permutation). bias [num_rows, 1, 1, length]: 0 for real tokens, -inf past each row's
     context (None when every row sees all `length` positions). refill_rows / refill_positions /
     refill_cache_slots [n] int64 (or None): tokens copied from the paged cache (flat slot
-    `block_id * block_size + offset`) into the workspace before the append.
+    `block_id * block_size + offset`) into the workspace before the append. append_index /
+    refill_index: per buffer, the same targets as rows of the buffer viewed `[-1, *tail]`
+    (`DecodeWorkspace.flat_index`), computed once per step for every layer.
     """
 
     buffers: DecodeWorkspace
@@ -52,6 +55,8 @@ class WorkspaceStep:
     refill_rows: torch.Tensor | None
     refill_positions: torch.Tensor | None
     refill_cache_slots: torch.Tensor | None
+    append_index: tuple[torch.Tensor, ...]
+    refill_index: tuple[torch.Tensor, ...] | None
 
 
 class DecodeWorkspace:
@@ -74,6 +79,22 @@ class DecodeWorkspace:
         per_token = sum(_numel(t.mid) * _numel(t.tail) for t in self.layout)
         elem = torch.empty((), dtype=self.dtype).element_size()
         return len(self.layers) * self.rows * length * per_token * elem
+
+    def flat_index(self, rows: np.ndarray, positions: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Per buffer: the rows of `buffer.view(-1, *tail)` holding token `positions[i]` of
+        workspace row `rows[i]`, every mid index in order (`[n * prod(mid)]` int64). Valid
+        until the next `reserve` that grows the buffers."""
+        made: dict[int, torch.Tensor] = {}
+        out = []
+        for spec in self.layout:
+            mid = _numel(spec.mid)
+            if mid not in made:
+                heads = np.arange(mid, dtype=np.int64)
+                flat = ((rows[:, None] * mid + heads[None, :]) * self.capacity_len
+                        + positions[:, None]).reshape(-1)
+                made[mid] = torch.from_numpy(flat).to(self.device)
+            out.append(made[mid])
+        return tuple(out)
 
     def reserve(self, length: int) -> None:
         """Make every row hold at least `length` tokens (copies existing content over)."""
@@ -99,16 +120,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def store_rows(buffer: torch.Tensor, spec: WorkspaceTensor, rows: torch.Tensor,
-               positions: torch.Tensor, values: torch.Tensor) -> None:
-    """buffer[rows[i], <mid>, positions[i], <tail>] = values[i] (values `[n, *mid, *tail]`;
-    at most one mid dim)."""
-    if not spec.mid:
-        buffer.index_put_((rows, positions), values)
+def store(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """Write `values` `[n, *mid, *tail]` at `index` (`[n * prod(mid)]`, from
+    `DecodeWorkspace.flat_index`)."""
+    if index.numel() == 0:
         return
-    if len(spec.mid) != 1:
-        raise RuntimeError(f"workspace buffers take at most one mid dim, got {spec.mid}")
-    buffer[rows, :, positions] = values
+    tail = values.numel() // index.numel()
+    buffer.view(-1, tail).index_copy_(0, index, values.reshape(index.numel(), tail))
 
 
 def update(step: WorkspaceStep, layer: int, cache: torch.Tensor, new: tuple[torch.Tensor, ...],
@@ -120,13 +138,14 @@ def update(step: WorkspaceStep, layer: int, cache: torch.Tensor, new: tuple[torc
     `[num_rows, *mid, length, *tail]` of this layer's buffers."""
     ws = step.buffers
     buffers = ws.layers[layer]
-    if step.refill_rows is not None and step.refill_positions is not None \
-            and step.refill_cache_slots is not None:
+    if step.refill_index is not None and step.refill_cache_slots is not None:
         rows = cache.view(-1, cache.shape[-1]).index_select(0, step.refill_cache_slots)
-        for buffer, spec, values in zip(buffers, ws.layout, split_rows(rows), strict=True):
-            store_rows(buffer, spec, step.refill_rows, step.refill_positions, values)
+        for buffer, index, values in zip(buffers, step.refill_index, split_rows(rows),
+                                         strict=True):
+            store(buffer, index, values)
     views = []
-    for buffer, spec, values in zip(buffers, ws.layout, new, strict=True):
-        store_rows(buffer, spec, step.slots, step.positions, values)
+    for buffer, spec, index, values in zip(buffers, ws.layout, step.append_index, new,
+                                           strict=True):
+        store(buffer, index, values)
         views.append(buffer[: step.num_rows].narrow(1 + len(spec.mid), 0, step.length))
     return tuple(views)

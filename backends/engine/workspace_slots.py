@@ -96,7 +96,6 @@ class WorkspaceSlots:
 
     def _step(self, slots: list[int], positions: list[int], positions_tensor: torch.Tensor,
               length: int, refill: list[tuple[int, Sequence, int]]) -> WorkspaceStep:
-        device = self.workspace.device
         batch = len(slots)
         identity = slots[-1] == batch - 1 and slots == list(range(batch))
         num_rows = batch if identity else max(slots) + 1
@@ -106,15 +105,25 @@ class WorkspaceSlots:
             context[slots] = np.asarray(positions, dtype=np.int64) + 1
             valid = torch.arange(length)[None, :] < torch.from_numpy(context)[:, None]
             bias = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
-            bias = bias.to(device=device, dtype=self.workspace.dtype)[:, None, None, :]
+            bias = bias.to(device=self.workspace.device, dtype=self.workspace.dtype)[:, None, None, :]
         rows, cache_pos, cache_slots = self._refill_indices(refill)
+        ws = self.workspace
+        append_index = ws.flat_index(np.asarray(slots, dtype=np.int64),
+                                     np.asarray(positions, dtype=np.int64))
+        refill_index = None
+        if rows is not None and cache_pos is not None:
+            refill_index = ws.flat_index(rows, cache_pos)
+        device = ws.device
         return WorkspaceStep(
-            self.workspace, torch.tensor(slots, dtype=torch.int64, device=device), positions_tensor, num_rows, length, identity, bias,
-            rows, cache_pos, cache_slots,
+            ws, torch.tensor(slots, dtype=torch.int64, device=device), positions_tensor,
+            num_rows, length, identity, bias,
+            None if rows is None else torch.from_numpy(rows).to(device),
+            None if cache_pos is None else torch.from_numpy(cache_pos).to(device),
+            cache_slots, append_index, refill_index,
         )
 
     def _refill_indices(self, refill: list[tuple[int, Sequence, int]]
-                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                        ) -> tuple[np.ndarray | None, np.ndarray | None, torch.Tensor | None]:
         """(workspace rows, positions, paged-cache flat slots) of every token to copy in."""
         refill = [r for r in refill if r[2] > 0]
         if not refill:
@@ -127,7 +136,5 @@ class WorkspaceSlots:
             slot_parts.append(flat[:num_tokens])
             pos_parts.append(np.arange(num_tokens, dtype=np.int64))
             rows.append(np.full(num_tokens, slot, dtype=np.int64))
-        device = self.workspace.device
-        return (torch.from_numpy(np.concatenate(rows)).to(device),
-                torch.from_numpy(np.concatenate(pos_parts)).to(device),
-                torch.from_numpy(np.concatenate(slot_parts)).to(device))
+        cache_slots = torch.from_numpy(np.concatenate(slot_parts)).to(self.workspace.device)
+        return np.concatenate(rows), np.concatenate(pos_parts), cache_slots

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import PRESETS, LoadedFn, make_prompt
 from test_engine_kv import MemoryStore
 
 from backends.engine.block_manager import BlockId
-from backends.engine.decode_workspace import DecodeWorkspace, WorkspaceStep, WorkspaceTensor
+from backends.engine.decode_workspace import (
+    DecodeWorkspace,
+    WorkspaceStep,
+    WorkspaceTensor,
+    store,
+)
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
 from backends.engine.kv_transfer import TensorKVSource
@@ -177,3 +183,16 @@ def test_slots_refill_rules() -> None:
     c = _seq("c", 2)
     step = plan(slots, [c])
     assert step is not None and step.slots.tolist() == [1] and _refilled(step) == [1, 1]
+
+
+def test_flat_index_addresses_row_heads_position() -> None:
+    workspace = DecodeWorkspace(1, (WorkspaceTensor((3,), (2,)), WorkspaceTensor((), (5,))), 4,
+                                torch.float32, torch.device("cpu"))
+    workspace.reserve(6)
+    heads, latent = workspace.flat_index(np.array([2, 0]), np.array([5, 1]))
+    assert heads.tolist() == [(6 + h) * 6 + 5 for h in range(3)] + [h * 6 + 1 for h in range(3)]
+    assert latent.tolist() == [2 * 6 + 5, 1]
+    values = torch.arange(12.0).view(2, 3, 2)
+    store(workspace.layers[0][0], heads, values)
+    assert torch.equal(workspace.layers[0][0][2, :, 5], values[0])
+    assert torch.equal(workspace.layers[0][0][0, :, 1], values[1])
