@@ -37,10 +37,12 @@ DEFAULT_SIZES = [64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB, 64 * MIB]
 NUM_LAYERS = 4
 TRANSFER_CASES = ("shm", "shm-pull", "tcp", "tcp-pull", "tcp-cold")
 TRANSFER_NOTES = (
-    "4 layers; producer = another process; destination = a pre-allocated, pre-touched pool;",
-    "each time = start_recv -> wait -> close in the consumer (median); memcpy timed just before each rep.",
-    "shm: published layer-wise transfer (control file); shm-pull: by handle, pin/unpin via block server.",
-    "tcp: published transfer; tcp-pull: by handle from the block server (the serving path); both on a",
+    "4 layers; producer = another process on the same 2 cores; destination = a pre-allocated, pre-touched",
+    "pool (as a real KV pool); time = start_recv -> wait -> close in the consumer, median over reps (then",
+    "median over --repeat runs); memcpy = numpy copy of the same size timed just before each rep.",
+    "shm: published layer-wise transfer (per-transfer control file: ~25-80 us fixed cost per transfer);",
+    "shm-pull: by KV handle, includes the pin round trip to the block server (loopback tcp) and the unpin.",
+    "tcp: published transfer; tcp-pull: by KV handle from the block server (the serving path); both on a",
     "warm pooled connection, xxh3_64 on. tcp-cold: a new transport per pull (connect + Hello included).",
 )
 
@@ -197,6 +199,16 @@ def transfer_section(sizes: list[int]) -> list[TransferRow]:
     return [row for rows in results.values() for row in rows]
 
 
+def median_rows(runs: list[list[TransferRow]]) -> list[TransferRow]:
+    """Per (transport, size): the median GB/s and memcpy GB/s over repeated runs."""
+    out = []
+    for rows in zip(*runs, strict=True):
+        gbps = statistics.median(r.gbps for r in rows)
+        memcpy = statistics.median(r.memcpy_gbps for r in rows)
+        out.append(TransferRow(rows[0].transport, rows[0].size_bytes, gbps, memcpy, gbps / memcpy))
+    return out
+
+
 def print_transfer_table(rows: list[TransferRow]) -> None:
     print(f"{'transport':<10}{'size':>10}{'GB/s':>10}{'memcpy GB/s':>14}{'ratio':>8}")
     for row in rows:
@@ -262,10 +274,20 @@ def radix_rows(cached_blocks: int, num_ops: int = 5000) -> list[RadixRow]:
     return rows
 
 
+def _hash_row(num_ops: int = 500, block_size: int = 16) -> RadixRow:
+    """hash_blocks over 64-block token sequences (the cost a prompt pays before a lookup)."""
+    from kvbridge.hashing import hash_blocks
+
+    rng = np.random.default_rng(0)
+    seqs = [(rng.integers(0, 32000, 64 * block_size).tolist(), block_size, "model") for _ in range(num_ops)]
+    return _radix_timed("hash_blocks", 0, 64, hash_blocks, seqs)
+
+
 def radix_section(sizes: tuple[int, ...] = RADIX_SIZES) -> list[dict[str, object]]:
     """Radix match/insert/evict ops/s at 10k, 100k and 1M cached blocks (64-block chains
     over 16 shared 16-block prefixes; match = a cached chain plus 8 missing blocks)."""
     rows = [row for size in sizes for row in radix_rows(size)]
+    rows.append(_hash_row())
     print(f"{'cached blocks':>14}{'op':>14}{'ops/s':>12}{'blocks/s':>14}")
     for row in rows:
         print(f"{row.cached_blocks:>14,}{row.op:>14}{row.ops_per_s:>12,.0f}{row.blocks_per_s:>14,.0f}")
@@ -277,13 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", choices=["all", "radix", "transfer"], default="all")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=DEFAULT_SIZES,
                         help="comma-separated transfer sizes in bytes (multiples of 4)")
+    parser.add_argument("--repeat", type=int, default=1, help="transfer section runs; the table shows medians")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     results: dict[str, object] = {}
     if args.section in ("all", "radix"):
         results["radix"] = radix_section()
     if args.section in ("all", "transfer"):
-        rows = transfer_section(args.sizes)
+        rows = median_rows([transfer_section(args.sizes) for _ in range(max(1, args.repeat))])
         print_transfer_table(rows)
         results["transfer"] = [asdict(row) for row in rows]
     if args.json:
