@@ -16,7 +16,7 @@ from transport_procs import LAYOUT, Side, eventually, pattern
 
 from kvbridge.errors import ChecksumMismatch
 from kvbridge.protocol import HelloAck, encode_frame
-from kvbridge.transport.base import TransferSpec
+from kvbridge.transport.base import PoolRegion, TransferSpec
 from kvbridge.transport.messages import ChunkHeader
 from kvbridge.transport.tcp import TcpTransport
 
@@ -154,3 +154,40 @@ def test_poll_reports_progress_without_wait_and_close_stops_writes(sides: tuple[
     finally:
         producer.close()
         consumer.close()
+
+
+def test_concurrent_pulls_share_one_receiver(sides: tuple[Side, Side]) -> None:
+    src, dst = sides
+    server, client = TcpTransport(), TcpTransport()
+    server.serve_pool(src.pool, src.alloc)
+    dst.alloc.free(dst.slots)
+    try:
+        spec = slot_pull_spec(server.endpoint, src)
+        # the third region shares slot 2 with the first: both write the same bytes there
+        regions = [PoolRegion(dst.pool.array, slots) for slots in ((0, 1, 2), (3, 4, 5), (7, 6, 2))]
+        errors: list[BaseException] = []
+
+        def pull(region: PoolRegion) -> None:
+            try:
+                recv = client.start_recv(spec, region)
+                recv.wait(time.monotonic() + 10)
+                recv.close()
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=pull, args=(r,)) for r in regions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert errors == []
+        for slots in ((0, 1, 2), (3, 4, 5), (7, 6, 2)):
+            for layer in range(LAYOUT.num_layers):
+                for k, slot in enumerate(slots):
+                    np.testing.assert_array_equal(dst.pool.block(layer, slot), pattern(layer, k))
+        assert 1 <= client.connections.num_idle(server.endpoint) <= 3
+        assert eventually(lambda: src.alloc.refcount(src.slots[0]) == 1)
+        src.release_and_check()
+    finally:
+        server.close()
+        client.close()
