@@ -8,6 +8,7 @@ Oracles: the single-process engine and HF transformers on the same preset weight
 from __future__ import annotations
 
 import json
+import queue
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -143,6 +144,16 @@ def _prompt_hashes(prompt: str) -> list[bytes]:
     return list(hash_blocks(TOK.encode(prompt), 16, "tiny-llama"))
 
 
+def _cancelled_status(results: queue.Queue[Any]) -> str:
+    """The status of the error the client's stream reports once it was cancelled."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, error, _ = results.get(timeout=30)
+        if error is not None:
+            return str(error.status())
+    raise AssertionError("the cancelled stream reported no error")
+
+
 def test_cancel_mid_stream_frees_blocks_on_both_workers(served: DisaggServer) -> None:
     client, results = grpc_stream(served, ["cancel me " * 3], {"max_tokens": 200, "temperature": 0,
                                                                "ignore_eos": True})
@@ -150,6 +161,7 @@ def test_cancel_mid_stream_frees_blocks_on_both_workers(served: DisaggServer) ->
     assert error is None
     client.stop_stream(cancel_requests=True)
     client.close()
+    assert _cancelled_status(results) == "StatusCode.CANCELLED"
     assert wait_blocks_free(served) == {"prefill": NUM_BLOCKS, "decode": NUM_BLOCKS}
     assert generate(served, "llm", {"text_input": "after", "sampling_parameters": greedy(3)}).status_code == 200
 
