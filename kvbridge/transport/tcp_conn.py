@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import xxhash
 
-from kvbridge.errors import RemoteError
+from kvbridge.errors import ProtocolError, RemoteError
 from kvbridge.protocol import (
     HEADER,
     ErrorReply,
@@ -78,6 +78,34 @@ def recv_request(sock: socket.socket) -> object | None:
         header[got:] = recv_exactly(sock, HEADER.size - got)
     length = decode_header(bytes(header))
     return decode_body(bytes(recv_exactly(sock, length)))
+
+
+class FrameReader:
+    """Reads one frame from a non-blocking socket across calls (BlockingIOError = not yet)."""
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self._max_frame_bytes = max_frame_bytes
+        self._reset()
+
+    def _reset(self) -> None:
+        self._buf = bytearray(HEADER.size)
+        self._got = 0
+        self._in_body = False
+
+    def read(self, sock: socket.socket) -> object:
+        while True:
+            view = memoryview(self._buf)
+            while self._got < len(self._buf):
+                n = sock.recv_into(view[self._got:])
+                if n == 0:
+                    raise ProtocolError(f"connection closed mid-frame after {self._got} bytes")
+                self._got += n
+            if self._in_body:
+                body = bytes(self._buf)
+                self._reset()
+                return decode_body(body)
+            length = decode_header(bytes(self._buf), self._max_frame_bytes)
+            self._buf, self._got, self._in_body = bytearray(length), 0, True
 
 
 def expect_reply(msg: object, cls: type[M]) -> M:

@@ -29,40 +29,13 @@ from kvbridge.errors import (
     TransferTimeout,
     describe_pending,
 )
-from kvbridge.protocol import HEADER, decode_body, decode_header, encode_frame
+from kvbridge.protocol import encode_frame
 from kvbridge.transport.base import LayerBuffers, RecvHandle, TransferSpec, remaining, span_views
 from kvbridge.transport.messages import ChunkHeader, PullDone, PullRequest
-from kvbridge.transport.tcp_conn import ConnectionPool, checksum, expect_reply
+from kvbridge.transport.tcp_conn import ConnectionPool, FrameReader, checksum, expect_reply
 
 log = logging.getLogger(__name__)
 MAX_CONTROL_FRAME_BYTES = 64 * 1024
-
-
-class _FrameReader:
-    """Reads one frame from a non-blocking socket across calls (BlockingIOError = not yet)."""
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        self._buf = bytearray(HEADER.size)
-        self._got = 0
-        self._in_body = False
-
-    def read(self, sock: socket.socket) -> object:
-        while True:
-            view = memoryview(self._buf)
-            while self._got < len(self._buf):
-                n = sock.recv_into(view[self._got:])
-                if n == 0:
-                    raise ProtocolError(f"connection closed mid-frame after {self._got} bytes")
-                self._got += n
-            if self._in_body:
-                body = bytes(self._buf)
-                self._reset()
-                return decode_body(body)
-            length = decode_header(bytes(self._buf), MAX_CONTROL_FRAME_BYTES)
-            self._buf, self._got, self._in_body = bytearray(length), 0, True
 
 
 class TcpRecvHandle(RecvHandle):
@@ -84,7 +57,7 @@ class TcpRecvHandle(RecvHandle):
         self._chunk: ChunkHeader | None = None
         self._views: list[memoryview] = []
         self._view_i = self._view_off = 0
-        self._frames = _FrameReader()
+        self._frames = FrameReader(MAX_CONTROL_FRAME_BYTES)
         self._failed: KVBridgeError | None = None
         self._closed = False
         self.sock = pool.acquire(spec.endpoint)
