@@ -105,9 +105,11 @@ class DecodeWorkspace:
             grown = []
             for j, spec in enumerate(self.layout):
                 shape = (self.rows, *spec.mid, length, *spec.tail)
-                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                new = torch.empty(shape, dtype=self.dtype, device=self.device)
+                length_dim = 1 + len(spec.mid)
                 if tensors:
-                    new.narrow(1 + len(spec.mid), 0, old).copy_(tensors[j])
+                    new.narrow(length_dim, 0, old).copy_(tensors[j])
+                new.narrow(length_dim, old, length - old).zero_()
                 grown.append(new)
             self.layers[i] = tuple(grown)
         self.capacity_len = length

@@ -23,9 +23,9 @@ class EngineConfig:
     max_model_len: most tokens (prompt + output) per sequence; None takes the model's limit.
     seed: seeds the engine generator used by unseeded sampled requests.
     kv_import_timeout_s: deadline for reading one request's imported KV (then recompute).
-    decode_workspace: decode over contiguous per-sequence KV copies beside the paged cache
-    (appended each step, refilled from the paged cache when stale; at most the pool's size
-    again in memory) instead of gathering every sequence's blocks every step.
+    decode_workspace: on CPU, decode over contiguous per-sequence KV copies beside the paged
+    cache (appended each step, refilled from the paged cache when stale; at most the pool's
+    size again in memory) instead of gathering every sequence's blocks every step.
     """
 
     block_size: int | None = None

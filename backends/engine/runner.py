@@ -28,8 +28,8 @@ class ModelRunner:
 
     The cache is one zeroed tensor `[num_blocks, block_size, kv_width]` per layer on `device`;
     the runner never frees or reuses blocks itself (the block manager decides). With
-    `max_num_seqs` and `max_model_len` given and a model exposing `decode_workspace_layout`,
-    decode-only steps run over a decode workspace (at most as large as the paged cache).
+    `max_num_seqs` and `max_model_len` given, a model exposing `decode_workspace_layout` and a
+    CPU device, decode-only steps run over a decode workspace (at most as large as the pool).
     """
 
     def __init__(
@@ -55,7 +55,10 @@ class ModelRunner:
         self.workspace: WorkspaceSlots | None = None
         layout_fn = getattr(model, "decode_workspace_layout", None)
         layout = layout_fn(self.kv_caches[0]) if layout_fn is not None else None
-        if layout is not None and max_num_seqs is not None and max_model_len is not None:
+        # CPU only: there the per-step block gather dominates decode; on GPUs it is cheap and
+        # memory is better spent on the pool.
+        if (layout is not None and max_num_seqs is not None and max_model_len is not None
+                and device.type == "cpu"):
             buffers = DecodeWorkspace(num_layers, layout, max_num_seqs, dtype, device)
             pool_bytes = sum(c.numel() * c.element_size() for c in self.kv_caches)
             self.workspace = WorkspaceSlots(

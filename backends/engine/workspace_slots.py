@@ -20,7 +20,7 @@ import torch
 from backends.engine.decode_workspace import DecodeWorkspace, WorkspaceStep
 from backends.engine.sequence import SeqStatus, Sequence
 
-_MIN_CAPACITY = 64
+_MIN_CAPACITY = 256
 
 
 @dataclass(slots=True)
@@ -46,6 +46,7 @@ class WorkspaceSlots:
         self._entries: dict[Sequence, _Entry] = {}
         self._free = list(range(workspace.rows))
         self._pending: list[tuple[_Entry, int, int]] = []
+        self._reserve(min(max_len, _MIN_CAPACITY))  # typical contexts never regrow mid-decode
 
     def _release_finished(self) -> None:
         """Free the slots of sequences that stopped running (finished, aborted, preempted)."""
@@ -57,9 +58,12 @@ class WorkspaceSlots:
         ws = self.workspace
         if length <= ws.capacity_len:
             return True
-        target = min(self.max_len, max(length, 2 * ws.capacity_len, _MIN_CAPACITY))
+        # grow geometrically (each growth copies every row): amortized O(1) per token
+        target = min(self.max_len, max(2 * length, 2 * ws.capacity_len, _MIN_CAPACITY))
         if ws.bytes_for(target) > self.max_bytes:
-            return False
+            target = length  # no headroom left: exactly what this step needs
+            if ws.bytes_for(target) > self.max_bytes:
+                return False
         ws.reserve(target)
         return True
 
