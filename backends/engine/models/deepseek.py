@@ -68,7 +68,7 @@ class DeepseekForCausalLM(nn.Module):
             raise ValueError(f"kv_caches: expected {self.num_layers} layers, got {len(kv_caches)}")
         plan = build_plan(meta, kv_caches[0].shape[1], kv_caches[0].dtype)
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
+        cos, sin = self.rotary(positions, h.dtype, meta.max_context_len)
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             h = layer(h, cos, sin, slot_mapping=meta.slot_mapping, plan=plan, cache=cache)
         return self.model.norm(h)

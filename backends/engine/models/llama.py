@@ -23,7 +23,7 @@ from backends.engine.decode_workspace import WorkspaceTensor
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.models.fused import FusedLinear, merge_fused_on_load
 from backends.engine.models.layers import RMSNorm, SwiGLU
-from backends.engine.models.rope import RotaryEmbedding, apply_rope_neox_, neox_tables
+from backends.engine.models.rope import RotaryEmbedding, apply_rope_neox_
 
 
 class LlamaAttention(nn.Module):
@@ -102,7 +102,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"kv_caches: expected {self.num_layers} layers, got {len(kv_caches)}")
         plan = build_plan(meta, kv_caches[0].shape[1], kv_caches[0].dtype)
         h = self.model.embed_tokens(input_ids)
-        cos, sin = neox_tables(*self.rotary(positions, h.dtype))
+        cos, sin = self.rotary.neox(positions, h.dtype, meta.max_context_len)
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             h = layer(h, cos, sin, meta.slot_mapping, plan, cache)
         return self.model.norm(h)

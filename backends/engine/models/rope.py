@@ -67,18 +67,37 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin [T, dim/2] for a step's positions, computed once per forward.
+    """cos/sin [T, dim/2] for a step's positions.
 
     The inverse frequencies stay float32 whatever the model dtype (they are not a buffer, so
-    `model.to(dtype)` leaves them alone); they follow the positions' device.
+    `model.to(dtype)` leaves them alone); they follow the positions' device. With
+    `max_position` (an upper bound of the positions), rows come from tables computed once for
+    positions `[0, n)` (n grows by doubling): the same values, one gather per step.
     """
 
     def __init__(self, rope: RopeConfig, dim: int) -> None:
         super().__init__()
         self._inv_freq = rope_inv_freq(rope, dim)
         self._attention_factor = rope_attention_factor(rope)
+        self._tables: dict[tuple[torch.dtype, torch.device, bool], torch.Tensor] = {}
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if max_position is None:
+            return self._compute(positions, dtype)
+        table = self._table(max_position, dtype, positions.device, neox=False)
+        cos, sin = table.index_select(0, positions).chunk(2, dim=-1)
+        return cos, sin
+
+    def neox(self, positions: torch.Tensor, dtype: torch.dtype,
+             max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`neox_tables(*self(positions, dtype))`, gathered from a precomputed table."""
+        table = self._table(max_position, dtype, positions.device, neox=True)
+        cos, sin = table.index_select(0, positions)[:, None, :].chunk(2, dim=-1)
+        return cos, sin
+
+    def _compute(self, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._inv_freq.to(positions.device)
         freqs = positions[:, None].float() * self._inv_freq[None, :]
@@ -86,6 +105,20 @@ class RotaryEmbedding(nn.Module):
         if self._attention_factor != 1.0:
             cos, sin = cos * self._attention_factor, sin * self._attention_factor
         return cos.to(dtype), sin.to(dtype)
+
+    def _table(self, max_position: int, dtype: torch.dtype, device: torch.device,
+               neox: bool) -> torch.Tensor:
+        """[n, dim] (cos then sin) or, for neox, [n, 2 * dim] (`neox_tables` layout)."""
+        key = (dtype, device, neox)
+        table = self._tables.get(key)
+        if table is None or table.shape[0] <= max_position:
+            size = max(256, 1 << max_position.bit_length())
+            cos, sin = self._compute(torch.arange(size, device=device), dtype)
+            if neox:
+                cos, sin = (t[:, 0, :] for t in neox_tables(cos, sin))
+            table = torch.cat((cos, sin), dim=-1)
+            self._tables[key] = table
+        return table
 
 
 def neox_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
