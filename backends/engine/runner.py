@@ -10,6 +10,7 @@ from torch import nn
 
 from backends.engine.decode_workspace import DecodeWorkspace
 from backends.engine.model_api import AttentionMetadata
+from backends.engine.models.layers import input_major_linear_weights
 from backends.engine.scheduler import ScheduledSeq
 from backends.engine.workspace_slots import WorkspaceSlots
 
@@ -30,6 +31,8 @@ class ModelRunner:
     the runner never frees or reuses blocks itself (the block manager decides). With
     `max_num_seqs` and `max_model_len` given, a model exposing `decode_workspace_layout` and a
     CPU device, decode-only steps run over a decode workspace (at most as large as the pool).
+    On CPU the runner also re-lays the model's linear weights input-major (same values; see
+    `models.layers.input_major_linear_weights`).
     """
 
     def __init__(
@@ -44,6 +47,8 @@ class ModelRunner:
         max_model_len: int | None = None,
     ) -> None:
         self.model = model
+        if device.type == "cpu":
+            input_major_linear_weights(model)
         self.block_size = block_size
         self.device = device
         num_layers: int = model.num_layers  # type: ignore[assignment]

@@ -27,6 +27,22 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def input_major_linear_weights(model: nn.Module) -> None:
+    """Re-lay every linear weight `[out, in]` as the transpose of a contiguous `[in, out]`
+    tensor: same shapes and values (state dicts and checkpoints are unchanged), but on CPU
+    `x @ W.T` then runs as a plain, faster GEMM. Idempotent; weights shared with an
+    embedding (tied lm_head) keep their row-major layout for the lookup."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, (nn.Linear, FusedLinear)):
+                continue
+            weight = module.weight
+            if id(weight) in embedded or weight.dim() != 2 or weight.stride(0) == 1:
+                continue
+            weight.data = weight.data.t().contiguous().t()
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); state-dict names match HF's LlamaMLP (gate/up are fused)."""
 
