@@ -25,7 +25,7 @@ class EngineConfig:
     kv_import_timeout_s: deadline for reading one request's imported KV (then recompute).
     decode_workspace: on CPU, decode over contiguous per-sequence KV copies beside the paged
     cache (appended each step, refilled from the paged cache when stale; at most the pool's
-    size again in memory) instead of gathering every sequence's blocks every step.
+    size again, at least 64 MiB) instead of gathering every sequence's blocks every step.
     """
 
     block_size: int | None = None

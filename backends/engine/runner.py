@@ -14,6 +14,9 @@ from backends.engine.models.layers import input_major_linear_weights
 from backends.engine.scheduler import ScheduledSeq
 from backends.engine.workspace_slots import WorkspaceSlots
 
+# The workspace may use as much memory as the KV pool, and at least this much (tiny pools).
+WORKSPACE_MIN_BUDGET_BYTES = 64 * 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class StepInputs:
@@ -30,7 +33,8 @@ class ModelRunner:
     The cache is one zeroed tensor `[num_blocks, block_size, kv_width]` per layer on `device`;
     the runner never frees or reuses blocks itself (the block manager decides). With
     `max_num_seqs` and `max_model_len` given, a model exposing `decode_workspace_layout` and a
-    CPU device, decode-only steps run over a decode workspace (at most as large as the pool).
+    CPU device, decode-only steps run over a decode workspace (at most the pool's size, or
+    `WORKSPACE_MIN_BUDGET_BYTES` for tiny pools).
     On CPU the runner also re-lays the model's linear weights input-major (same values; see
     `models.layers.input_major_linear_weights`).
     """
@@ -67,7 +71,8 @@ class ModelRunner:
             buffers = DecodeWorkspace(num_layers, layout, max_num_seqs, dtype, device)
             pool_bytes = sum(c.numel() * c.element_size() for c in self.kv_caches)
             self.workspace = WorkspaceSlots(
-                buffers, block_size=block_size, max_len=max_model_len, max_bytes=pool_bytes)
+                buffers, block_size=block_size, max_len=max_model_len,
+                max_bytes=max(pool_bytes, WORKSPACE_MIN_BUDGET_BYTES))
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         """Flatten the step's new tokens and describe where their KV lives."""

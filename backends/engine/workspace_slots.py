@@ -46,6 +46,8 @@ class WorkspaceSlots:
         self._entries: dict[Sequence, _Entry] = {}
         self._free = list(range(workspace.rows))
         self._pending: list[tuple[_Entry, int, int]] = []
+        self.num_steps = 0  # decode steps planned over the workspace (metrics, tests)
+        self.num_refilled_tokens = 0  # tokens copied in from the paged cache
         self._reserve(min(max_len, _MIN_CAPACITY))  # typical contexts never regrow mid-decode
 
     def _release_finished(self) -> None:
@@ -89,6 +91,8 @@ class WorkspaceSlots:
                 refill.append((entry.slot, seq, pos))
             slots.append(entry.slot)
             pending.append((entry, pos + 1, seq.kv_epoch))
+        self.num_steps += 1
+        self.num_refilled_tokens += sum(num_tokens for _, _, num_tokens in refill)
         return self._step(slots, positions, positions_tensor, length, refill)
 
     def commit(self) -> None:

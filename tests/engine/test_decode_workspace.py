@@ -62,6 +62,13 @@ def assert_same(got: Streams, want: Streams) -> None:
                                    atol=LOGPROB_ATOL, rtol=0)
 
 
+def workspace_counts(engine: LLMEngine) -> tuple[int, int]:
+    """(decode steps run over the workspace, tokens refilled from the paged cache)."""
+    slots = engine.runner.workspace
+    assert slots is not None
+    return slots.num_steps, slots.num_refilled_tokens
+
+
 def both(loaded: LoadedFn, name: str, config: EngineConfig | None = None
          ) -> tuple[LLMEngine, LLMEngine]:
     """(workspace engine, paged-path engine) with otherwise the same config."""
@@ -79,7 +86,9 @@ def test_slot_reuse_and_late_joiners(name: str, loaded: LoadedFn) -> None:
     arrivals = [0, 0, 1, 4, 6]
     ws, paged = both(loaded, name, EngineConfig(max_num_seqs=3, max_num_batched_tokens=24))
     got = run(ws, requests, arrivals)
-    assert ws.runner.workspace is not None and paged.runner.workspace is None
+    assert paged.runner.workspace is None
+    steps, refilled = workspace_counts(ws)
+    assert steps > 0 and refilled > 0
     assert_same(got, run(paged, requests, arrivals))
 
 
@@ -90,6 +99,7 @@ def test_preemption_then_decode(name: str, loaded: LoadedFn) -> None:
     ws, paged = both(loaded, name, EngineConfig(num_blocks=6, max_num_batched_tokens=64))
     got = run(ws, requests, [0, 0, 0])
     assert ws.scheduler.num_preemptions > 0
+    assert workspace_counts(ws)[0] > 0
     assert_same(got, run(paged, requests, [0, 0, 0]))
 
 
@@ -111,6 +121,9 @@ def test_kv_import_then_decode(name: str, loaded: LoadedFn) -> None:
                        prior_output_ids=first.new_token_ids)
     paged.add_request("p", prompt, greedy(10))
     got, want = run(decode, [], []), run(paged, [], [])
+    steps, refilled = workspace_counts(decode)
+    # "p" enters decode through the workspace with its imported prompt refilled
+    assert steps > 0 and refilled >= len(prompt)
     assert got["p"][0] == want["p"][0][1:]
     assert_same({"n": got["n"]}, {"n": want["n"]})
 
@@ -122,7 +135,9 @@ def test_prefix_load_then_decode(name: str, loaded: LoadedFn) -> None:
     prompt = make_prompt(31, block_size + 7)
     ws = LLMEngine(loaded(name), EngineConfig(), hooks=store)
     first = run(ws, [("a", prompt, 6)], [0])
+    before = workspace_counts(ws)[1]
     second = run(ws, [("b", prompt, 6)], [0])
+    assert workspace_counts(ws)[1] - before >= block_size  # the loaded prefix was refilled
     assert ("load", "b", block_size) in [call[:3] for call in store.calls]
     paged = LLMEngine(loaded(name), EngineConfig(decode_workspace=False))
     want = run(paged, [("a", prompt, 6)], [0])
