@@ -128,11 +128,17 @@ def record(cls: type[M]) -> type[M]:
 _SCALAR_FIELDS: dict[type, tuple[str, ...] | None] = {}
 
 
+def _is_flat(annotation: str) -> bool:
+    """A scalar or a tuple of scalars: encoded as is (msgpack writes a tuple as an array)."""
+    inner = annotation[len("tuple["):-len(", ...]")] if annotation.startswith("tuple[") else annotation
+    return inner in _SCALARS
+
+
 def _scalar_fields(cls: type) -> tuple[str, ...] | None:
-    """The field names of ``cls`` when every field is a scalar (fast path), else None."""
+    """The field names of ``cls`` when no field nests a record (fast path), else None."""
     if cls not in _SCALAR_FIELDS:
         fields = dataclasses.fields(cls)
-        flat = all(str(f.type) in _SCALARS for f in fields)
+        flat = all(_is_flat(str(f.type)) for f in fields)
         _SCALAR_FIELDS[cls] = tuple(f.name for f in fields) if flat else None
     return _SCALAR_FIELDS[cls]
 

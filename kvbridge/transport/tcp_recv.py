@@ -60,6 +60,7 @@ class TcpRecvHandle(RecvHandle):
         self._frames = FrameReader(MAX_CONTROL_FRAME_BYTES)
         self._failed: KVBridgeError | None = None
         self._closed = False
+        self._detached = False  # set once the receiver has let go of the socket
         self.sock = pool.acquire(spec.endpoint)
         try:
             self.sock.settimeout(timeout_s)
@@ -107,7 +108,9 @@ class TcpRecvHandle(RecvHandle):
             self._closed = True
             self._dest = None  # drop our views of the destination
             self._views = []
-        self._receiver.drop(self)
+            detached = self._detached
+        if not detached:  # a finished pull is no longer the receiver's: no wake-up needed
+            self._receiver.drop(self)
 
     # ----- receiver thread side
 
@@ -183,6 +186,10 @@ class TcpRecvHandle(RecvHandle):
                     log.error("kvbridge tcp receive: broken pull %s: %r", self._name, exc)
                 self._failed = err.with_traceback(None)
             self._cond.notify_all()
+
+    def detach(self) -> None:
+        with self._cond:
+            self._detached = True
 
     def last_layer_in(self) -> bool:
         with self._cond:
@@ -261,6 +268,7 @@ class Receiver:
         transfer), others close it."""
         registered.discard(pull)
         self._sel.unregister(pull.sock)
+        pull.detach()
         sock = pull.sock
         if not pull.last_layer_in():
             sock.close()
