@@ -14,7 +14,7 @@ import pytest
 import xxhash
 from transport_procs import LAYOUT, Side, eventually, pattern
 
-from kvbridge.errors import ChecksumMismatch
+from kvbridge.errors import ChecksumMismatch, RemoteError
 from kvbridge.protocol import HelloAck, encode_frame
 from kvbridge.transport.base import PoolRegion, TransferSpec
 from kvbridge.transport.messages import ChunkHeader
@@ -191,3 +191,24 @@ def test_concurrent_pulls_share_one_receiver(sides: tuple[Side, Side]) -> None:
     finally:
         server.close()
         client.close()
+
+
+def test_transport_close_fails_open_pulls(sides: tuple[Side, Side]) -> None:
+    src, dst = sides
+    producer, consumer = TcpTransport(), TcpTransport()
+    try:
+        spec = producer.spec_for("xfer-close", LAYOUT.num_layers, 3 * LAYOUT.block_bytes, src.slots)
+        send = producer.start_send(spec, src.region(), pins=src.alloc)
+        recv = consumer.start_recv(spec, dst.region())
+        send.publish_layer(0)
+        assert eventually(lambda: recv.poll() == 1)
+        consumer.close()  # the receiver thread stops: the open pull fails, its waiter does not hang
+        with pytest.raises(RemoteError, match=r"^remote error \[closed\]: tcp transport closed during xfer-close$"):
+            recv.wait(time.monotonic() + 5)
+        recv.close()
+        send.close()
+        src.release_and_check()
+        dst.release_and_check()
+    finally:
+        producer.close()
+        consumer.close()
