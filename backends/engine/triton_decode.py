@@ -193,8 +193,9 @@ def _check_inputs(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tens
     if any(t.device != cache.device for t in (q, block_tables, context_lens)):
         raise ValueError(f"q, block_tables and context_lens must be on the cache's device "
                          f"{cache.device}")
-    if cache.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError("q and cache must be contiguous in their last dimension")
+    if cache.stride(-1) != 1:
+        raise ValueError(f"cache must be contiguous in its last dimension, strides "
+                         f"{cache.stride()}")
     block_size = cache.shape[1]
     for name, value in (("block_size", block_size), ("tile_tokens", tile_tokens)):
         if value < _MIN_DOT or value & (value - 1):
@@ -216,6 +217,7 @@ def paged_gqa_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
     `tile_tokens` (default min(block_size, 64)) must divide block_size.
     """
     tile = tile_tokens or min(cache.shape[1], 64)
+    q = q if q.stride(-1) == 1 else q.contiguous()
     _check_inputs(q, cache, block_tables, context_lens, tile)
     batch, num_heads, head_dim = q.shape
     if num_kv_heads <= 0 or num_heads % num_kv_heads:
@@ -246,6 +248,7 @@ def paged_mla_decode(q_full: torch.Tensor, cache: torch.Tensor, block_tables: to
     `tile_tokens` (default min(block_size, 32)) must divide block_size.
     """
     tile = tile_tokens or min(cache.shape[1], 32)
+    q_full = q_full if q_full.stride(-1) == 1 else q_full.contiguous()
     _check_inputs(q_full, cache, block_tables, context_lens, tile)
     batch, num_heads, width = q_full.shape
     if cache.shape[2] != width:

@@ -23,6 +23,7 @@ import torch
 from backends.engine import triton_decode
 from backends.engine.attention import build_plan, gqa_attention
 from backends.engine.model_api import AttentionMetadata
+from backends.engine.models.mla import latent_attention
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed (the gpu extra)")
@@ -192,6 +193,26 @@ def test_mla_matches_reference(device: torch.device, block_size: int, tile_token
                                          case.context_lens, rank, 0.1, tile_tokens=tile_tokens)
     assert out.shape == (4, num_heads, rank) and out.dtype == dtype
     assert_close(out, reference_mla(q_full, case, rank, 0.1), dtype)
+
+
+def test_mla_equals_engine_latent_attention(device: torch.device) -> None:
+    """Same semantics as the engine's torch absorbed decode (models/mla.latent_attention)."""
+    rank, rope, block_size = 64, 16, 64
+    case = make_case([70, 2], block_size, rank + rope, torch.float32, device, seed=9)
+    cache = torch.nan_to_num(case.cache, nan=0.0)
+    q_full = torch.randn(2, 4, rank + rope,
+                         generator=torch.Generator().manual_seed(10)).to(device)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(2, dtype=torch.int64, device=device),
+        query_start_loc=[0, 1, 2], context_lens=case.context_lens,
+        block_tables=case.block_tables, max_context_len=70, decode_only=True)
+    plan = build_plan(meta, block_size, torch.float32)
+    assert plan.block_ids is not None and plan.bias is not None
+    entries = cache[plan.block_ids].flatten(1, 2)  # [B, L, R + rope]
+    expected = latent_attention(q_full, entries, plan.bias[:, 0], rank, 0.125)
+    out = triton_decode.paged_mla_decode(q_full, cache, plan.block_ids, case.context_lens,
+                                         rank, 0.125)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_name_the_field(device: torch.device) -> None:
