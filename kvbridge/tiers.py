@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Literal, NewType, Protocol
 
-from kvbridge.radix import RadixEvent
+from kvbridge.radix_types import RadixEvent
 
 TierName = Literal["active", "hot", "cold"]
 PoolName = Literal["hot", "cold"]
