@@ -39,8 +39,9 @@ class PagedPlan:
     `bias` [B, 1, 1, n * block_size]: 0 for real tokens, -inf for padding (the cache dtype).
     Prefill: `uniform_len` > 0 when every sequence is a fresh (no cached prefix) prompt of
     that many tokens, so one batched causal attention serves them all.
-    `workspace`: set on decode steps that run over the decode workspace (then the paged
-    fields are None: nothing is gathered)."""
+    `workspace`: set when some sequences run over the decode workspace: all of them on a
+    decode step (then the paged fields are None: nothing is gathered), or, in a mixed step,
+    those in `workspace.seq_indices` (they get no span)."""
 
     decode_only: bool
     spans: tuple[SeqSpan, ...]
@@ -56,8 +57,9 @@ def build_plan(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> 
     """Precompute what every layer needs to read the cache for this step."""
     device = meta.slot_mapping.device
     tables = meta.block_tables.to(device=device, dtype=torch.int64)
-    if meta.workspace is not None:
-        return PagedPlan(True, (), None, None, None, None, workspace=meta.workspace)
+    workspace = meta.workspace
+    if workspace is not None and workspace.token_index is None:
+        return PagedPlan(True, (), None, None, None, None, workspace=workspace)
     offsets = torch.arange(block_size, device=device, dtype=torch.int64)
     if meta.decode_only:
         num_blocks = -(-meta.max_context_len // block_size)
@@ -68,7 +70,10 @@ def build_plan(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> 
         bias = bias.masked_fill_(~valid, float("-inf"))[:, None, None, :]
         return PagedPlan(True, (), tables[:, :num_blocks].contiguous(), valid, context_lens, bias)
     spans = []
+    covered = set(workspace.seq_indices) if workspace is not None else set()
     for i, ctx in enumerate(meta.context_lens.tolist()):
+        if i in covered:
+            continue  # its one query attends over the workspace
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         num_blocks = -(-ctx // block_size)
         slots = (tables[i, :num_blocks, None] * block_size + offsets).flatten()[:ctx]
@@ -80,9 +85,9 @@ def build_plan(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> 
             mask = key_pos[None, :] <= query_pos[:, None]
         spans.append(SeqSpan(start, end, slots, mask, causal=q_len == ctx and q_len > 1))
     lengths = {span.query_end - span.query_start for span in spans}
-    uniform = len(lengths) == 1 and all(span.causal for span in spans)
+    uniform = len(lengths) == 1 and all(span.causal for span in spans) and not covered
     return PagedPlan(False, tuple(spans), None, None, None, None,
-                     uniform_len=lengths.pop() if uniform else 0)
+                     uniform_len=lengths.pop() if uniform else 0, workspace=workspace)
 
 
 def write_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:

@@ -43,6 +43,9 @@ class WorkspaceStep:
     `block_id * block_size + offset`) into the workspace before the append. append_index /
     refill_index: per buffer, the same targets as rows of the buffer viewed `[-1, *tail]`
     (`DecodeWorkspace.flat_index`), computed once per step for every layer.
+    token_index [B] int64 / seq_indices: in a mixed step, the rows of the flattened step and
+    the sequences (batch indices) whose single new token runs over the workspace, the other
+    sequences reading the paged cache; None / () when the whole step is decode.
     """
 
     buffers: DecodeWorkspace
@@ -57,6 +60,8 @@ class WorkspaceStep:
     refill_cache_slots: torch.Tensor | None
     append_index: tuple[torch.Tensor, ...]
     refill_index: tuple[torch.Tensor, ...] | None
+    token_index: torch.Tensor | None = None
+    seq_indices: tuple[int, ...] = ()
 
 
 class DecodeWorkspace:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backends.engine.decode_workspace import DecodeWorkspace
+from backends.engine.decode_workspace import DecodeWorkspace, WorkspaceStep
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.models.layers import input_major_linear_weights
 from backends.engine.scheduler import ScheduledSeq
@@ -99,7 +99,7 @@ class ModelRunner:
             pos = positions[i]
             slot_parts.append(row[pos // bs] * bs + pos % bs)
         sample = [query_start_loc[i + 1] - 1 for i, item in enumerate(batch) if item.samples]
-        return self._inputs(
+        inputs = self._inputs(
             tokens,
             np.concatenate(positions),
             np.concatenate(slot_parts),
@@ -108,6 +108,22 @@ class ModelRunner:
             tables,
             sample,
         )
+        single = [i for i, item in enumerate(batch) if item.num_new_tokens == 1]
+        if self.workspace is not None and single:
+            inputs.meta.workspace = self._mixed_workspace(batch, single, query_start_loc)
+        return inputs
+
+    def _mixed_workspace(self, batch: list[ScheduledSeq], single: list[int],
+                         query_start_loc: list[int]) -> WorkspaceStep | None:
+        """In a mixed step, the one-token sequences (decodes) attend over the workspace."""
+        if self.workspace is None:
+            return None
+        seqs = [batch[i].seq for i in single]
+        positions = [seq.num_computed_tokens for seq in seqs]
+        index = torch.tensor([[query_start_loc[i] for i in single], positions],
+                             dtype=torch.int64).to(self.device)
+        return self.workspace.plan(seqs, positions, index[1], token_index=index[0],
+                                   seq_indices=tuple(single))
 
     def _prepare_decode(self, batch: list[ScheduledSeq]) -> StepInputs:
         """One new token per sequence (each samples): plain Python over B items, one tensor

@@ -11,6 +11,7 @@ cache, which is written every step and stays the source of truth.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class WorkspaceSlots:
         self._pending: list[tuple[_Entry, int, int]] = []
         self.num_steps = 0  # decode steps planned over the workspace (metrics, tests)
         self.num_refilled_tokens = 0  # tokens copied in from the paged cache
+        self.num_mixed_steps = 0  # of those, mixed steps (decodes beside prefill chunks)
         self._reserve(min(max_len, _MIN_CAPACITY))  # typical contexts never regrow mid-decode
 
     def _release_finished(self) -> None:
@@ -69,11 +71,13 @@ class WorkspaceSlots:
         ws.reserve(target)
         return True
 
-    def plan(self, seqs: list[Sequence], positions: list[int],
-             positions_tensor: torch.Tensor) -> WorkspaceStep | None:
-        """The workspace step for a decode-only batch (`positions[i]`: where seqs[i]'s new
-        token goes; `positions_tensor` the same on the workspace's device), or None (then the
-        step reads the paged cache)."""
+    def plan(self, seqs: list[Sequence], positions: list[int], positions_tensor: torch.Tensor,
+             *, token_index: torch.Tensor | None = None,
+             seq_indices: tuple[int, ...] = ()) -> WorkspaceStep | None:
+        """The workspace step for sequences that each compute one token (`positions[i]`: where
+        seqs[i]'s new token goes; `positions_tensor` the same on the workspace's device), or
+        None (then they read the paged cache). `token_index` / `seq_indices`: see
+        `WorkspaceStep` (a mixed step)."""
         self._release_finished()
         self._pending = []
         length = max(positions) + 1
@@ -93,7 +97,11 @@ class WorkspaceSlots:
             pending.append((entry, pos + 1, seq.kv_epoch))
         self.num_steps += 1
         self.num_refilled_tokens += sum(num_tokens for _, _, num_tokens in refill)
-        return self._step(slots, positions, positions_tensor, length, refill)
+        step = self._step(slots, positions, positions_tensor, length, refill)
+        if token_index is None:
+            return step
+        self.num_mixed_steps += 1
+        return dataclasses.replace(step, token_index=token_index, seq_indices=seq_indices)
 
     def commit(self) -> None:
         """Record the tokens the last planned step appended as valid."""

@@ -89,6 +89,7 @@ def test_slot_reuse_and_late_joiners(name: str, loaded: LoadedFn) -> None:
     assert paged.runner.workspace is None
     steps, refilled = workspace_counts(ws)
     assert steps > 0 and refilled > 0
+    assert ws.runner.workspace is not None and ws.runner.workspace.num_mixed_steps > 0
     assert_same(got, run(paged, requests, arrivals))
 
 

@@ -51,11 +51,17 @@ class LlamaAttention(nn.Module):
         q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
         fresh = qkv[:, q_size:].to(cache.dtype)  # this step's cache rows: K (rotated) then V
         write_cache(cache, slot_mapping, fresh)
-        if plan.workspace is not None:
-            out = gqa_workspace_decode(q, fresh, cache, plan.workspace, self.layer,
-                                       self.num_kv_heads, self.scale)
+        ws = plan.workspace
+        if ws is not None and ws.token_index is None:  # decode step
+            out = gqa_workspace_decode(q, fresh, cache, ws, self.layer, self.num_kv_heads,
+                                       self.scale)
         else:
             out = gqa_attention(q, cache, plan, self.num_kv_heads, self.scale, fresh)
+            if ws is not None and ws.token_index is not None:  # a mixed step's decodes
+                rows = ws.token_index
+                out.index_copy_(0, rows, gqa_workspace_decode(
+                    q.index_select(0, rows), fresh.index_select(0, rows), cache, ws,
+                    self.layer, self.num_kv_heads, self.scale))
         return self.o_proj(out.reshape(num_tokens, -1))
 
 

@@ -100,12 +100,18 @@ class MLAttention(nn.Module):
         q_pe, k_pe = self._rope(q_pe, k_pe, cos, sin)
         fresh = torch.cat((latent, k_pe), dim=-1).to(cache.dtype)
         write_cache(cache, slot_mapping, fresh)
-        if plan.workspace is not None:
-            out = self._decode_workspace(q_nope, q_pe, fresh, cache, plan.workspace)
+        ws = plan.workspace
+        if ws is not None and ws.token_index is None:  # decode step
+            out = self._decode_workspace(q_nope, q_pe, fresh, cache, ws)
         elif plan.decode_only:
             out = self._decode_absorbed(q_nope, q_pe, cache, plan)
         else:
             out = self._prefill_expanded(torch.cat((q_nope, q_pe), dim=-1), cache, plan, fresh)
+            if ws is not None and ws.token_index is not None:  # a mixed step's decodes
+                rows = ws.token_index
+                out.index_copy_(0, rows, self._decode_workspace(
+                    q_nope.index_select(0, rows), q_pe.index_select(0, rows),
+                    fresh.index_select(0, rows), cache, ws))
         return self.o_proj(out.reshape(num_tokens, -1))
 
     def _rope(self, q_pe: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor,
