@@ -175,6 +175,23 @@ def test_locked_segment_keeps_its_lock_across_detach_and_adoption() -> None:
     assert evicted_names(tree.evict(10)) == ["a3", "a2", "a1", "a0"]
 
 
+def test_anchor_inside_a_new_run_splits_it_and_keeps_the_segment_lock() -> None:
+    events: list[RadixEvent] = []
+    tree = RadixTree(listener=events.append)
+    tree.insert(B[2:], [22, 23], parent_hash=B[1])
+    segment = tree.split_at(tree.match_prefix(B, start=2))
+    tree.lock(segment)
+    assert tree.insert(A, [10, 11, 12, 13]) == 4  # the run a0..a3 is split after a1
+    assert events == [BlockStored(tuple(B[2:]), B[1]), BlockStored(tuple(A), None)]
+    assert tree.match_prefix(B).values == [10, 11, 22, 23]
+    assert tree.root.lock_ref == 1
+    tree.check_integrity()
+    assert evicted_names(tree.evict(10)) == ["a3", "a2"]
+    tree.unlock(segment)
+    assert evicted_names(tree.evict(10)) == ["b3", "b2", "a1", "a0"]
+    tree.check_integrity()
+
+
 def test_insert_batch_and_fifo_policy() -> None:
     tree = RadixTree(policy=FIFOPolicy())
     assert tree.insert_batch([Chain(A, [1, 2, 3, 4]), Chain(C, [5, 6])]) == 6
