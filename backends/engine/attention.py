@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from backends.engine.decode_workspace import WorkspaceStep, update
 from backends.engine.model_api import AttentionMetadata
+from backends.engine.triton_decode import paged_gqa_decode, triton_decode_usable
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +139,9 @@ def gqa_attention(q: torch.Tensor, cache: torch.Tensor, plan: PagedPlan, num_kv_
     if plan.decode_only:
         if plan.block_ids is None or plan.bias is None:
             raise RuntimeError("decode plan without block ids")
+        if cache.is_cuda and plan.context_lens is not None and triton_decode_usable(q, cache):
+            return paged_gqa_decode(q, cache, plan.block_ids, plan.context_lens,
+                                    num_kv_heads, scale)
         kv = gather_blocks(cache, plan.block_ids)
         batch, length = kv.shape[:2]
         k = kv[..., :kv_dim].view(batch, length, num_kv_heads, head_dim).transpose(1, 2)

@@ -31,6 +31,7 @@ from backends.engine.models.rope import (
     neox_tables,
     yarn_mscale,
 )
+from backends.engine.triton_decode import paged_mla_decode, triton_decode_usable
 
 # HF builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
@@ -142,6 +143,12 @@ class MLAttention(nn.Module):
             if plan.block_ids is None or plan.context_lens is None:
                 raise RuntimeError("decode plan without block ids")
             out_latent = flash_mla_decode(
+                q_full, cache, plan.block_ids, plan.context_lens, rank, self.scale)
+            return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+        if cache.is_cuda and triton_decode_usable(q_full, cache):
+            if plan.block_ids is None or plan.context_lens is None:
+                raise RuntimeError("decode plan without block ids")
+            out_latent = paged_mla_decode(
                 q_full, cache, plan.block_ids, plan.context_lens, rank, self.scale)
             return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
         return mla_decode_torch(q_full, cache, plan, rank, self.scale, w_uv)
