@@ -9,7 +9,9 @@ is ``block_size * bytes_per_token_per_layer`` raw bytes, whatever the dtype.
 - ``load_prefix``: pins the matched blocks (``acquire``) and writes their KV into the
   engine's blocks layer by layer.
 - ``blocks_computed``: copies newly full blocks out of the engine's cache into fresh pool
-  slots, then publishes them (a block is published only after its KV is written).
+  slots, then publishes them (a block is published only after its KV is written). A chain's
+  first report (e.g. an import's blocks) pins the prefix the store already holds instead of
+  copying it again.
 - ``request_finished``: releases the request's blocks to the history tier.
 
 Not thread-safe: the engine calls hooks from its step thread only.
@@ -121,6 +123,8 @@ class StoreKVHooks:
         hashes = self._chain(request_id, token_ids)
         start = len(hashes) - len(block_ids)
         held = self.store.held_blocks(request_id)
+        if held == 0 and start == 0:
+            held = self._adopt_stored(request_id, hashes)
         if held < start or held >= len(hashes):
             return  # a gap (the chain must stay contiguous) or nothing new
         new_hashes, new_ids = hashes[held:], list(block_ids[held - start :])
@@ -143,6 +147,15 @@ class StoreKVHooks:
         self.store.release(request_id)
 
     # ---- helpers ----
+    def _adopt_stored(self, request_id: str, hashes: list[BlockHash]) -> int:
+        """Pins the prefix of a chain's first report that the store already holds (e.g.
+        imported KV this node published before), so only the rest is copied; returns its
+        length in blocks."""
+        if self.store.lookup(hashes).num_blocks == 0:
+            return 0
+        self.store.release(request_id)  # a registration with nothing pinned
+        return len(self.store.acquire(request_id, hashes))
+
     def _chain(self, request_id: str, token_ids: Sequence[int]) -> list[BlockHash]:
         """Hashes of the full blocks of token_ids, extending this request's cached chain."""
         chain = self._chains.setdefault(request_id, [])

@@ -3,7 +3,8 @@
 The engine calls a `KVHooks` implementation at these points, always on its own step thread:
 - admission of a request with nothing computed: `lookup_prefix`, then (after allocating
   blocks for that many tokens) `load_prefix` with those blocks;
-- after each step, for each sequence whose KV filled new blocks: `blocks_computed`;
+- after each step, for each sequence whose KV filled new blocks, and at admission for the
+  full blocks a `kv_source` import wrote: `blocks_computed`;
 - when a request finishes, is aborted or its exported KV is released: `request_finished`.
 Hooks see the paged cache only through `KVCacheAccess`.
 """
@@ -71,7 +72,9 @@ class KVHooks(Protocol):
         `token_ids` are all tokens of the sequence up to the end of the last new block
         (len == k * block_size, so a store can hash the whole chain); `block_ids` are the new
         blocks only: they hold the last `len(block_ids) * block_size` of `token_ids`. Called at
-        most once per block; blocks loaded through `load_prefix` are never reported.
+        most once per block; blocks loaded through `load_prefix` are never reported. The full
+        blocks of a successful `kv_source` import are reported once, at admission, right after
+        the import wrote them (so a store holds the chain the generated blocks extend).
         """
         ...
 

@@ -97,9 +97,26 @@ class KVAdmission:
                 loaded = 0
         except KVImportError:
             loaded = 0
+        imported = seq.kv_source is not None
         seq.kv_source = None
         seq.num_published_blocks = loaded // self.access.layout.block_size
+        if imported:
+            self._report_imported(seq)
         return min(loaded, num_tokens)
+
+    def _report_imported(self, seq: Sequence) -> None:
+        """Reports the imported full blocks (their KV is written) so the store indexes the
+        whole chain and the blocks computed after them extend it; prefix-loaded blocks came
+        from the store and are not reported."""
+        full = seq.num_published_blocks
+        if self.hooks is None or full == 0:
+            return
+        self.hooks.blocks_computed(
+            seq.request_id,
+            seq.token_ids[: full * self.access.layout.block_size],
+            list(seq.block_table[:full]),
+            self.access,
+        )
 
     def _import(self, seq: Sequence, num_tokens: int) -> int:
         source = seq.kv_source

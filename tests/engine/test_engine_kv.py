@@ -10,6 +10,7 @@ from conftest import LoadedFn, make_prompt
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
 from backends.engine.hooks import KVCacheAccess, KVImportError
+from backends.engine.kv_transfer import TensorKVSource
 from backends.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -174,3 +175,37 @@ def test_hooks_publish_full_blocks_and_load_prefixes(loaded: LoadedFn) -> None:
     assert store.calls[0][:3] == ("load", "b", 32)
     assert store.calls[-1] == ("finished", "b", 0, [])
     assert_all_free(engine)
+
+
+def test_imported_blocks_are_reported_so_a_second_turn_reuses_the_reply(loaded: LoadedFn) -> None:
+    prefill = LLMEngine(loaded("tiny-llama"), EngineConfig(num_blocks=32))
+    prompt = make_prompt(5, 40)  # 2 full blocks + 8 tokens
+    fresh = LLMEngine(loaded("tiny-llama"), EngineConfig(num_blocks=32))
+    whole = fresh.generate([prompt], GREEDY)[0].output_token_ids
+    prefill.add_request("p", prompt, GREEDY, prefill_only=True)
+    [first] = drain(prefill)["p"]
+    export = prefill.export_kv("p")
+    source = TensorKVSource(export.num_tokens, [export.layer(i) for i in range(4)])
+    prefill.release_kv("p")
+    store = MemoryStore(block_size=16)
+    decode = LLMEngine(loaded("tiny-llama"), EngineConfig(num_blocks=32), hooks=store)
+    decode.add_request("d", prompt, GREEDY, kv_source=source, prior_output_ids=[first])
+    assert [first] + drain(decode)["d"] == list(whole)
+    # 40 imported tokens (2 full blocks) at admission; 49 computed of 50 -> block 2 after it.
+    assert store.calls == [
+        ("computed", "d", 32, [0, 1]),
+        ("computed", "d", 48, [2]),
+        ("finished", "d", 0, []),
+    ]
+    assert_all_free(decode)
+    store.calls.clear()
+    turn2 = [*prompt, *whole, *make_prompt(6, 7)]  # 57 tokens
+    expected = fresh.generate([turn2], GREEDY)[0].output_token_ids
+    decode.add_request("t2", turn2, GREEDY)
+    outs = []
+    while decode.has_unfinished():
+        outs += decode.step()
+    assert [t for o in outs for t in o.new_token_ids] == list(expected)
+    assert outs[-1].num_cached_tokens == 48
+    assert store.calls[0] == ("load", "t2", 48, [4, 5, 6])  # the free list is FIFO
+    assert_all_free(decode)
