@@ -92,9 +92,12 @@ def test_ensemble_greedy_equals_engine_and_hf(served: DisaggServer, hf_tokens: l
 def test_transfer_metrics_are_exact_in_bytes(served: DisaggServer) -> None:
     bytes_before = metric(served, "pd_kv_transfer_bytes_total", "llm")
     seconds_before = metric(served, "pd_kv_transfer_seconds_sum", "llm")
-    r = generate(served, "llm", {"text_input": PROMPT, "sampling_parameters": greedy(4)})
+    # A prompt no node holds: once a decode node stored a prompt's chain, a repeat of it is
+    # planned locally there (fully cached), with no transfer.
+    fresh = PROMPT.lower()
+    r = generate(served, "llm", {"text_input": fresh, "sampling_parameters": greedy(4)})
     assert r.status_code == 200, r.text
-    expected = len(TOK.encode(PROMPT)) * BYTES_PER_TOKEN_ALL_LAYERS
+    expected = len(TOK.encode(fresh)) * BYTES_PER_TOKEN_ALL_LAYERS
     deadline = time.monotonic() + 5  # the orchestrator records metrics just after the final response
     while time.monotonic() < deadline and metric(served, "pd_kv_transfer_bytes_total", "llm") == bytes_before:
         time.sleep(0.05)
