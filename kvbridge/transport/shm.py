@@ -2,27 +2,24 @@
 
 The consumer maps the producer's HostBlockPool (from the spec's PoolHandle) and copies each
 published layer straight from the producer's blocks into its destination runs: one copy, no
-staging buffer. Progress travels through a 64-byte control file ``/dev/shm/kvb-xfer-<id>``
-(int64 words: magic, num_layers, published, acked, state, layer_nbytes) created by the producer:
-``publish_layer`` bumps *published* after the layer's bytes are written, the consumer bumps
-*acked* after copying a layer. Either side sets *state* when it gives up, so the other fails
-fast (RemoteError) instead of waiting for its deadline. Word stores are single aligned
-8-byte writes, and x86's store order makes data-before-counter visible in that order.
-The producer owns (creates, unlinks) the control file; the consumer only maps it.
+staging buffer. Progress travels through an entry of the pool's control table (see
+shm_control.py; created once per producer pool, mapped once per consumer transport, so a
+transfer opens no file): ``publish_layer`` bumps *published* after the layer's bytes are
+written, the consumer bumps *acked* after copying a layer. Either side marks its state when it
+gives up, so the other fails fast (RemoteError) instead of waiting for its deadline; a consumer
+whose entry was reclaimed and reused (a stale generation) fails with RemoteError too.
+The consumer finds its entry by the spec's transfer_id (a 64-bit key in the entry).
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
-import os
 import threading
 import time
 from collections.abc import Callable
 
 from kvbridge.errors import RemoteError, TransferTimeout, describe_pending
 from kvbridge.handle import KVHandle
-from kvbridge.pool import SHM_DIR, HostBlockPool, PoolHandle, SlotAllocator
+from kvbridge.pool import HostBlockPool, PoolHandle, SlotAllocator
 from kvbridge.transport.base import (
     LayerBuffers,
     PoolRegion,
@@ -32,57 +29,27 @@ from kvbridge.transport.base import (
     Transport,
     copy_layers,
 )
+from kvbridge.transport.shm_control import (
+    ACKED,
+    CONSUMER_ABORTED,
+    CSTATE,
+    GEN,
+    ID,
+    LAYER_NBYTES,
+    NUM_LAYERS,
+    PRODUCER_ABORTED,
+    PSTATE,
+    PUBLISHED,
+    ProducerTable,
+    TableView,
+    acquire_table,
+    release_table,
+    tag,
+    transfer_key,
+    untag,
+)
 from kvbridge.transport.shm_pull import ShmPullHandle
 from kvbridge.transport.tcp_conn import ConnectionPool
-
-_CTL_MAGIC = 0x4B56425843544C31  # "KVBXCTL1"
-_MAGIC, _NUM_LAYERS, _PUBLISHED, _ACKED, _STATE, _LAYER_NBYTES = range(6)
-_RUNNING, _PRODUCER_ABORTED, _CONSUMER_ABORTED = 0, 1, 2
-_CTL_BYTES = 64
-
-
-class _Control:
-    """The 64-byte control file of one transfer, as eight int64 words (aligned single stores)."""
-
-    def __init__(self, name: str, create: bool, spec: TransferSpec | None = None) -> None:
-        self.path = f"{SHM_DIR}/{name}"
-        flags = os.O_CREAT | os.O_EXCL | os.O_RDWR if create else os.O_RDWR
-        fd = os.open(self.path, flags, 0o600)
-        try:
-            if create:
-                os.ftruncate(fd, _CTL_BYTES)
-            self._mm: mmap.mmap | None = mmap.mmap(fd, _CTL_BYTES)
-        finally:
-            os.close(fd)
-        self._words: memoryview | None = memoryview(self._mm).cast("q")
-        if spec is not None:
-            self.set(_NUM_LAYERS, spec.num_layers)
-            self.set(_LAYER_NBYTES, spec.layer_nbytes)
-            self.set(_MAGIC, _CTL_MAGIC)
-
-    def get(self, word: int) -> int:
-        """The word's value; 0 once closed (a closed transfer reports no progress)."""
-        return 0 if self._words is None else int(self._words[word])
-
-    def set(self, word: int, value: int) -> None:
-        """Stores the word; ignored once closed (the transfer is over for this side)."""
-        if self._words is not None:
-            self._words[word] = value
-
-    def close(self, unlink: bool) -> None:
-        if self._mm is None or self._words is None:
-            return
-        words, self._words = self._words, None
-        words.release()
-        mm, self._mm = self._mm, None
-        mm.close()
-        if unlink:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-
-
-def _control_name(transfer_id: str) -> str:
-    return f"kvb-xfer-{transfer_id}"
 
 
 def _wait_until(ready: Callable[[], bool], deadline: float) -> bool:
@@ -97,9 +64,14 @@ def _wait_until(ready: Callable[[], bool], deadline: float) -> bool:
 
 
 class ShmSendHandle(SendHandle):
-    def __init__(self, spec: TransferSpec, pins: SlotAllocator | None) -> None:
+    """Holds one control-table entry (and the pins) from construction to ``close()``."""
+
+    def __init__(self, spec: TransferSpec, pins: SlotAllocator | None, table: ProducerTable,
+                 grace_s: float) -> None:
         self.spec = spec
-        self._ctl = _Control(_control_name(spec.transfer_id), create=True, spec=spec)
+        self._table: ProducerTable | None = table
+        self._entry, self._gen = table.allocate(transfer_key(spec.transfer_id), spec.num_layers, spec.layer_nbytes)
+        self._grace_s = grace_s
         self._published = 0
         self._pins = pins
         if pins is not None:
@@ -108,17 +80,25 @@ class ShmSendHandle(SendHandle):
     def publish_layer(self, layer: int) -> None:
         if layer != self._published or layer >= self.spec.num_layers:
             raise ValueError(f"layer: expected to publish layer {self._published} next, got {layer}")
+        if self._table is None:
+            raise RuntimeError(f"shm transfer {self.spec.transfer_id} is closed")
         self._published += 1
-        self._ctl.set(_PUBLISHED, self._published)
+        self._table.view.set(self._entry, PUBLISHED, self._published)
+
+    def _consumer_word(self, word: int) -> int:
+        """The consumer's word for our generation; 0 before it wrote one and once closed."""
+        if self._table is None:
+            return 0
+        return untag(self._table.view.get(self._entry, word), self._gen) or 0
 
     def poll(self) -> int:
-        return self._ctl.get(_ACKED)
+        return self._consumer_word(ACKED)
 
     def wait(self, deadline: float) -> None:
         start = time.monotonic()
         n = self.spec.num_layers
-        done = _wait_until(lambda: self.poll() >= n or self._ctl.get(_STATE) != _RUNNING, deadline)
-        if self._ctl.get(_STATE) == _CONSUMER_ABORTED and self.poll() < n:
+        done = _wait_until(lambda: self.poll() >= n or self._consumer_word(CSTATE) != 0, deadline)
+        if self._consumer_word(CSTATE) == CONSUMER_ABORTED and self.poll() < n:
             raise RemoteError("aborted", f"shm transfer {self.spec.transfer_id}: the consumer gave up")
         if not done:
             raise TransferTimeout(
@@ -127,49 +107,87 @@ class ShmSendHandle(SendHandle):
             )
 
     def close(self) -> None:
-        if self._ctl.get(_ACKED) < self.spec.num_layers:
-            self._ctl.set(_STATE, _PRODUCER_ABORTED)
-        self._ctl.close(unlink=True)
+        if self._table is not None:
+            table, self._table = self._table, None
+            table.release(self._entry, self._grace_s)  # marks an unfinished transfer aborted first
         if self._pins is not None:
             pins, self._pins = self._pins, None
             pins.unpin(self.spec.source_slots)
 
 
 class ShmRecvHandle(RecvHandle):
-    def __init__(self, spec: TransferSpec, source: PoolRegion, dest: LayerBuffers) -> None:
+    """Copies published layers; writes only its entry's ACKED and CSTATE words (gen-tagged)."""
+
+    def __init__(self, spec: TransferSpec, source: PoolRegion, dest: LayerBuffers,
+                 locate: Callable[[bool], TableView | None]) -> None:
         self.spec = spec
         self.num_layers = spec.num_layers
         self._buffers: tuple[PoolRegion, LayerBuffers] | None = (source, dest)
-        self._ctl: _Control | None = None
+        self._locate = locate
+        self._key = transfer_key(spec.transfer_id)
+        self._view: TableView | None = None
+        self._entry = self._gen = 0
         self._copied = 0
         self._closed = False
 
     def poll(self) -> int:
         return self._copied
 
+    def _find_entry(self) -> bool:
+        """Finds our entry in the pool's table; False while the producer has not published it."""
+        view = self._locate(False)
+        found = [] if view is None else view.find(self._key)
+        if not found:
+            if view is not None and not view.is_current():
+                self._locate(True)  # the producer's table was replaced: map the new one next time
+            return False
+        if view is None:
+            raise RuntimeError("unreachable: entries found without a table")
+        for entry in found:
+            gen = view.get(entry, GEN)
+            if view.get(entry, ID) != self._key:
+                continue  # reclaimed while we looked
+            if (view.get(entry, NUM_LAYERS), view.get(entry, LAYER_NBYTES)) != (self.num_layers,
+                                                                                 self.spec.layer_nbytes):
+                raise ValueError(
+                    f"spec: transfer {self.spec.transfer_id!r} says {self.num_layers} x {self.spec.layer_nbytes} "
+                    f"bytes, the producer publishes {view.get(entry, NUM_LAYERS)} x {view.get(entry, LAYER_NBYTES)}"
+                )
+            self._view, self._entry, self._gen = view, entry, gen
+            return True
+        return False
+
+    def _check_current(self, view: TableView) -> None:
+        """RemoteError if our entry was reclaimed (and perhaps reused) by the producer."""
+        gen = view.get(self._entry, GEN)
+        if gen != self._gen:
+            raise RemoteError("stale", f"shm transfer {self.spec.transfer_id}: control entry {self._entry} "
+                                       f"was reclaimed (generation {self._gen}, now {gen}); the producer ended it")
+
     def _step(self) -> bool:
-        """Copies the next published layer if there is one; True when it made progress."""
-        if self._ctl is None:
-            try:
-                self._ctl = _Control(_control_name(self.spec.transfer_id), create=False)
-            except FileNotFoundError:
-                return False
-            if self._ctl.get(_MAGIC) != _CTL_MAGIC:
-                self._ctl.close(unlink=False)
-                self._ctl = None
-                return False
-        published = self._ctl.get(_PUBLISHED)
+        """Copies the next published layers if there are any; True when it made progress."""
+        if self._view is None and not self._find_entry():
+            return False
+        view = self._view
+        if view is None or self._buffers is None:
+            raise RuntimeError(f"shm transfer {self.spec.transfer_id} is closed")
+        self._check_current(view)
+        published = view.get(self._entry, PUBLISHED)
         if published > self._copied:
-            if self._buffers is None:
-                raise RuntimeError(f"shm transfer {self.spec.transfer_id} is closed")
             source, dest = self._buffers
             copy_layers(source, dest, self._copied, published)  # every layer published so far, at once
+            # the producer marks an abort before it unpins: the copy counts only if it held throughout
+            self._check_current(view)
+            self._check_producer(view)
             self._copied = published
-            self._ctl.set(_ACKED, self._copied)
+            view.set(self._entry, ACKED, tag(self._gen, published))
             return True
-        if self._ctl.get(_STATE) == _PRODUCER_ABORTED:
-            raise RemoteError("aborted", f"shm transfer {self.spec.transfer_id}: the producer gave up")
+        self._check_producer(view)
         return False
+
+    def _check_producer(self, view: TableView) -> None:
+        if view.get(self._entry, PSTATE) == PRODUCER_ABORTED:
+            raise RemoteError("aborted", f"shm transfer {self.spec.transfer_id}: the producer gave up")
 
     def wait_layer(self, layer: int, deadline: float) -> None:
         if not 0 <= layer < self.num_layers:
@@ -185,13 +203,17 @@ class ShmRecvHandle(RecvHandle):
                 )
 
     def close(self) -> None:
+        """Marks an unfinished transfer aborted (if our entry is still ours) and drops both pools' views."""
         self._closed = True
-        self._buffers = None  # drop our views of both pools
-        if self._ctl is not None:
-            if self._copied < self.num_layers:
-                self._ctl.set(_STATE, _CONSUMER_ABORTED)
-            self._ctl.close(unlink=False)
-            self._ctl = None
+        self._buffers = None
+        view, self._view = self._view, None
+        if view is None or self._copied >= self.num_layers:
+            return
+        try:
+            if view.get(self._entry, GEN) == self._gen:
+                view.set(self._entry, CSTATE, tag(self._gen, CONSUMER_ABORTED))
+        except RuntimeError:
+            pass  # our transport closed the table first: the producer's grace period reclaims
 
 
 def shm_pull_spec(handle: KVHandle) -> TransferSpec:
@@ -208,16 +230,27 @@ class ShmTransport(Transport):
     """Same-host transfers; keeps the producer pools it mapped (and its pin connections) until ``close()``.
 
     Two receive modes: a published transfer (spec with a ``transfer_id`` and the producer's
-    pool; progress through the control file) or, with an empty ``transfer_id``, a pull by KV
+    pool; progress through the pool's control table) or, with an empty ``transfer_id``, a pull by KV
     handle (spec from :func:`shm_pull_spec`; the slots are pinned through the producer's
     block server at ``spec.endpoint`` for the pull, see shm_pull.py).
     """
 
     name = "shm"
 
-    def __init__(self, *, token: str | None = None, timeout_s: float = 60.0, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, *, token: str | None = None, timeout_s: float = 60.0, connect_timeout_s: float = 5.0,
+                 control_entries: int = 1024, reclaim_grace_s: float = 1.0) -> None:
+        """``control_entries``: transfers a pool's control table holds at once (in flight or
+        retiring); ``reclaim_grace_s``: how long an entry whose producer closed first waits for
+        its consumer's final word before reuse."""
+        if control_entries < 1 or reclaim_grace_s < 0:
+            raise ValueError(f"control_entries/reclaim_grace_s: expected >= 1 / >= 0, "
+                             f"got {control_entries}/{reclaim_grace_s}")
         self._pools: dict[str, HostBlockPool] = {}
+        self._tables: dict[str, ProducerTable] = {}  # pools we publish from
+        self._views: dict[str, TableView] = {}  # pools we receive from
         self._lock = threading.Lock()
+        self._control_entries = control_entries
+        self._grace_s = reclaim_grace_s
         self.timeout_s = timeout_s
         self.connections = ConnectionPool(token=token, peer="shm-pin", connect_timeout_s=connect_timeout_s,
                                           sock_buf_bytes=0)
@@ -233,7 +266,29 @@ class ShmTransport(Transport):
         if spec.pool is None or not spec.transfer_id:
             raise ValueError("spec: shm needs a transfer_id and the producer's pool handle")
         spec.check_buffers(source, "source")
-        return ShmSendHandle(spec, pins)
+        return ShmSendHandle(spec, pins, self._producer_table(spec.pool.name), self._grace_s)
+
+    def _producer_table(self, pool_name: str) -> ProducerTable:
+        with self._lock:
+            table = self._tables.get(pool_name)
+            if table is None:
+                table = self._tables[pool_name] = acquire_table(pool_name, self._control_entries)
+            return table
+
+    def control_table(self, pool_name: str) -> ProducerTable | None:
+        """The control table this transport publishes ``pool_name``'s transfers through, if any."""
+        with self._lock:
+            return self._tables.get(pool_name)
+
+    def _table_view(self, pool_name: str, refresh: bool) -> TableView | None:
+        """The producer's table of ``pool_name``, mapped once (again after ``refresh``)."""
+        with self._lock:
+            view = None if refresh else self._views.get(pool_name)
+            if view is None:
+                view = TableView.attach(pool_name)
+                if view is not None:
+                    self._views[pool_name] = view  # a replaced view is unmapped when its handles drop it
+            return view
 
     def start_recv(self, spec: TransferSpec, dest: LayerBuffers) -> RecvHandle:
         spec.check_buffers(dest, "dest")
@@ -244,7 +299,9 @@ class ShmTransport(Transport):
                                  timeout_s=self.timeout_s)
         if spec.pool is None:
             raise ValueError("spec: shm needs a transfer_id and the producer's pool handle")
-        return ShmRecvHandle(spec, PoolRegion(self.attach(spec.pool).array, spec.source_slots), dest)
+        pool_name = spec.pool.name
+        return ShmRecvHandle(spec, PoolRegion(self.attach(spec.pool).array, spec.source_slots), dest,
+                             lambda refresh: self._table_view(pool_name, refresh))
 
     def attach(self, handle: PoolHandle) -> HostBlockPool:
         """The producer pool ``handle`` names, mapped once and kept until ``close()``."""
@@ -261,5 +318,11 @@ class ShmTransport(Transport):
         self.connections.close()
         with self._lock:
             pools, self._pools = self._pools, {}
+            tables, self._tables = self._tables, {}
+            views, self._views = self._views, {}
+        for pool_name in tables:
+            release_table(pool_name)
+        for view in views.values():
+            view.close()
         for pool in pools.values():
             pool.close()
