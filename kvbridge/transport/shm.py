@@ -282,6 +282,9 @@ class ShmTransport(Transport):
 
     def _table_view(self, pool_name: str, refresh: bool) -> TableView | None:
         """The producer's table of ``pool_name``, mapped once (again after ``refresh``)."""
+        view = None if refresh else self._views.get(pool_name)
+        if view is not None:
+            return view
         with self._lock:
             view = None if refresh else self._views.get(pool_name)
             if view is None:

@@ -29,8 +29,6 @@ import os
 import threading
 import time
 
-import numpy as np
-
 from kvbridge.pool import SHM_DIR
 
 CTL_MAGIC = 0x4B56424354424C31  # "KVBCTBL1"
@@ -70,7 +68,6 @@ class TableView:
         self.inode = os.fstat(fd).st_ino
         self._mm: mmap.mmap | None = mmap.mmap(fd, nbytes)
         self._words: memoryview | None = memoryview(self._mm).cast("q")
-        self._array: np.ndarray | None = np.frombuffer(self._mm, dtype=np.int64)
 
     @classmethod
     def attach(cls, pool_name: str) -> TableView | None:
@@ -118,23 +115,20 @@ class TableView:
 
     def find(self, key: int) -> list[int]:
         """Entries (below the high water) whose ID is ``key``."""
-        if self._array is None:
-            raise RuntimeError(f"shm control table {self.path} is closed")
-        high = self.header(_H_HIGH_WATER)
-        ids = self._array[ENTRY_WORDS + ID:ENTRY_WORDS * (high + 1):ENTRY_WORDS]
-        return [int(i) for i in np.flatnonzero(ids == key)]
+        words = self._checked()
+        high = int(words[_H_HIGH_WATER])
+        ids = words[ENTRY_WORDS + ID:ENTRY_WORDS * (high + 1):ENTRY_WORDS].tolist()
+        return [i for i, entry_id in enumerate(ids) if entry_id == key] if key in ids else []
 
     def close(self) -> None:
         """Unmaps. Idempotent; later accesses raise RuntimeError."""
         if self._mm is None:
             return
-        self._array = None
         if self._words is not None:
             self._words.release()
             self._words = None
         mm, self._mm = self._mm, None
-        with contextlib.suppress(BufferError):  # a numpy view still alive: unmapped when collected
-            mm.close()
+        mm.close()
 
 
 class ProducerTable:
