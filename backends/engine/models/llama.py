@@ -13,17 +13,16 @@ from torch import nn
 
 from backends.engine.attention import (
     PagedPlan,
-    build_plan,
     gqa_attention,
     gqa_workspace_decode,
     write_cache,
 )
 from backends.engine.config import ModelConfig
 from backends.engine.decode_workspace import WorkspaceTensor
-from backends.engine.model_api import AttentionMetadata
+from backends.engine.models.decoder import DecoderForCausalLM, DecoderLayer
 from backends.engine.models.fused import FusedLinear, merge_fused_on_load
-from backends.engine.models.layers import RMSNorm, SwiGLU
-from backends.engine.models.rope import RotaryEmbedding, apply_rope_neox_
+from backends.engine.models.layers import SwiGLU
+from backends.engine.models.rope import apply_rope_neox_
 
 
 class LlamaAttention(nn.Module):
@@ -65,58 +64,21 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(config, layer)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                slot_mapping: torch.Tensor, plan: PagedPlan, cache: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, slot_mapping, plan, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(DecoderForCausalLM):
     """CausalLM (see model_api.py). With tied embeddings lm_head shares embed_tokens' weight."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.num_layers = config.num_layers
-        self.kv_width = config.kv_width
-        self.model = LlamaModel(config)
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().__init__(config, lambda i: DecoderLayer(
+            config, LlamaAttention(config, i),
+            SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)),
+            config.head_dim)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        if len(kv_caches) != self.num_layers:
-            raise ValueError(f"kv_caches: expected {self.num_layers} layers, got {len(kv_caches)}")
-        plan = build_plan(meta, kv_caches[0].shape[1], kv_caches[0].dtype)
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.neox(positions, h.dtype, meta.max_context_len)
-        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, meta.slot_mapping, plan, cache)
-        return self.model.norm(h)
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype,
+                    max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary.neox(positions, dtype, max_len)
 
     def decode_workspace_layout(self, cache: torch.Tensor) -> tuple[WorkspaceTensor, ...] | None:
         """Decode workspace buffers: K and V, each `[rows, kv_heads, len, head_dim]`."""
         heads = WorkspaceTensor((self.config.num_kv_heads,), (self.config.head_dim,))
         return heads, heads
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
