@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -257,3 +257,14 @@ class Transport(ABC):
 def remaining(deadline: float) -> float:
     """Seconds left until ``deadline`` (monotonic), never negative."""
     return max(0.0, deadline - time.monotonic())
+
+
+def wait_until(ready: Callable[[], bool], deadline: float) -> bool:
+    """Polls ``ready`` with a short exponential backoff (20 us .. 1 ms) until the deadline."""
+    pause = 2e-5
+    while not ready():
+        if time.monotonic() >= deadline:
+            return ready()
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
+    return True

@@ -39,8 +39,9 @@ from kvbridge.transport.base import (
     SendHandle,
     TransferSpec,
     Transport,
+    wait_until,
 )
-from kvbridge.transport.nixl_agent import NixlAgent, Region, nixl_available, pair_runs, wait_until
+from kvbridge.transport.nixl_agent import NixlAgent, Region, nixl_available, pair_runs
 
 __all__ = ["NixlRecvHandle", "NixlSendHandle", "NixlTransferSpec", "NixlTransport", "nixl_available"]
 

@@ -12,12 +12,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from kvbridge.errors import TransportUnavailable
+from kvbridge.transport.base import wait_until
 
 CLOSE_WAIT_S = 5.0
 
@@ -73,17 +74,6 @@ def pair_runs(local: Sequence[Region], remote: Sequence[Region]) -> list[tuple[i
     if li != len(local) or ri != len(remote):
         raise ValueError("dest: source and destination layers differ in size")
     return pieces
-
-
-def wait_until(ready: Callable[[], bool], deadline: float) -> bool:
-    """Polls ``ready`` with a short exponential backoff (20 us .. 1 ms) until the deadline."""
-    pause = 2e-5
-    while not ready():
-        if time.monotonic() >= deadline:
-            return ready()
-        time.sleep(pause)
-        pause = min(pause * 2, 1e-3)
-    return True
 
 
 class NixlAgent:

@@ -28,6 +28,7 @@ from kvbridge.transport.base import (
     TransferSpec,
     Transport,
     copy_layers,
+    wait_until,
 )
 from kvbridge.transport.shm_control import (
     ACKED,
@@ -50,17 +51,6 @@ from kvbridge.transport.shm_control import (
 )
 from kvbridge.transport.shm_pull import ShmPullHandle
 from kvbridge.transport.tcp_conn import ConnectionPool
-
-
-def _wait_until(ready: Callable[[], bool], deadline: float) -> bool:
-    """Polls ``ready`` with a short exponential backoff (20 us .. 1 ms) until the deadline."""
-    pause = 2e-5
-    while not ready():
-        if time.monotonic() >= deadline:
-            return ready()
-        time.sleep(pause)
-        pause = min(pause * 2, 1e-3)
-    return True
 
 
 class ShmSendHandle(SendHandle):
@@ -97,7 +87,7 @@ class ShmSendHandle(SendHandle):
     def wait(self, deadline: float) -> None:
         start = time.monotonic()
         n = self.spec.num_layers
-        done = _wait_until(lambda: self.poll() >= n or self._consumer_word(CSTATE) != 0, deadline)
+        done = wait_until(lambda: self.poll() >= n or self._consumer_word(CSTATE) != 0, deadline)
         if self._consumer_word(CSTATE) == CONSUMER_ABORTED and self.poll() < n:
             raise RemoteError("aborted", f"shm transfer {self.spec.transfer_id}: the consumer gave up")
         if not done:
@@ -196,7 +186,7 @@ class ShmRecvHandle(RecvHandle):
             raise RuntimeError(f"shm transfer {self.spec.transfer_id} is closed")
         start = time.monotonic()
         while self._copied <= layer:
-            if not _wait_until(self._step, deadline):
+            if not wait_until(self._step, deadline):
                 raise TransferTimeout(
                     f"shm recv {self.spec.transfer_id}", deadline - start,
                     describe_pending(list(range(self._copied, layer + 1))),
