@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 
@@ -11,6 +12,7 @@ from transport_procs import LAYOUT, Side, pattern
 
 from kvbridge.errors import RemoteError, TransferTimeout, TransportUnavailable
 from kvbridge.handle import KVHandle, KVLayoutSpec
+from kvbridge.transport import nixl_agent
 from kvbridge.transport.base import PoolRegion, TransferSpec
 from kvbridge.transport.deepep import DeepEPTransport, deepep_available
 from kvbridge.transport.nixl import NixlTransport, nixl_available
@@ -132,9 +134,14 @@ def test_block_server_refuses_exposed_bind_without_token() -> None:
         _ = TcpTransport(host="0.0.0.0").endpoint
 
 
-@pytest.mark.skipif(nixl_available(), reason="nixl is installed (its transfers: test_transport_nixl.py)")
-def test_nixl_missing_is_a_clear_error() -> None:
-    with pytest.raises(TransportUnavailable, match="transport 'nixl' needs the 'nixl' package"):
+def test_nixl_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a None entry in sys.modules is how Python marks a module unimportable: nixl's real import
+    # guard then sees no package, whether or not one is installed here
+    for module in nixl_agent._MODULES:
+        monkeypatch.setitem(sys.modules, module, None)
+    assert not nixl_available()
+    with pytest.raises(TransportUnavailable, match=r"^transport 'nixl' needs the 'nixl' package "
+                                                   r"\(pip install nixl-cu12\), not installed$"):
         NixlTransport()
 
 
