@@ -8,6 +8,8 @@ an error (CANCELLED after abort, INVALID_ARG for a bad request, INTERNAL/UNAVAIL
 The role (prefill | decode | both) is a label for the Supervisor, which may relabel a worker:
 every worker with a KV transport serves every request type. A generation_only request's KV
 source is closed when the request ends; its pull time rides on its first response.
+``num_cached_tokens`` counts prompt tokens reused from this worker's own prefix cache: 0 for
+generation_only, whose imported KV is a transfer (the orchestrator sums hits into metrics).
 """
 
 from __future__ import annotations
@@ -227,9 +229,12 @@ class WorkerService:
                 self._finish_error(out.request_id, exc)
                 return
         pull_ns = self._pull_ns(active)
+        # Prefix-cache hits only: a generation_only request's prompt KV was imported from its
+        # prefill (the engine counts it as cached), not reused from this node's store.
+        cached = 0 if active.job.request_type == "generation_only" else out.num_cached_tokens
         update = WorkerUpdate(
             out.new_token_ids, out.new_logprobs, out.finished, out.finish_reason or "",
-            out.num_prompt_tokens, out.num_output_tokens, out.num_cached_tokens,
+            out.num_prompt_tokens, out.num_output_tokens, cached,
             published.handle if published else b"", published.num_bytes if published else 0,
             published.elapsed_ns if published else pull_ns)
         if out.finished:

@@ -1,5 +1,6 @@
 """A real tritonserver serving a disaggregated deployment (1 prefill + 1 decode, tiny preset),
-with a kvbridge master in the test process; plus metric and gRPC helpers for its tests."""
+with a kvbridge master in the test process; plus metric and gRPC helpers for its tests.
+The session-scoped fixture over it lives in disagg_plugin.py."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import queue
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +21,6 @@ from disagg_server import (
     grpc_stream,
     is_final,
     metric,
-    serve_disaggregated,
     wait_blocks_free,
 )
 
@@ -34,6 +32,7 @@ from backends.engine.tokenizer import byte_level_tokenizer
 from kvbridge.master.messages import LoadReport
 
 pytestmark = pytest.mark.e2e
+pytest_plugins = ("disagg_plugin",)  # the session's one disaggregated server: disagg_served
 TOK = byte_level_tokenizer()
 PROMPT = "Disaggregated prefill hands its KV cache to decode."  # 51 tokens: 3 full blocks + 3
 BYTES_PER_TOKEN_ALL_LAYERS = 4 * 128 * 4  # tiny-llama: 4 layers x kv_width 128 x float32
@@ -41,8 +40,8 @@ MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DisaggServer]:
-    yield from serve_disaggregated(tmp_path_factory.mktemp("disagg"))
+def served(disagg_served: DisaggServer) -> DisaggServer:
+    return disagg_served
 
 
 @pytest.fixture(scope="module")
