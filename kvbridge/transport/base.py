@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
@@ -124,20 +124,43 @@ def span_views(buffers: LayerBuffers, pos: int, nbytes: int) -> list[memoryview]
     return views
 
 
+class Overlap(NamedTuple):
+    """Where two splits of the same bytes overlap: a run and offset on each side, and the length."""
+
+    a_run: int
+    a_offset: int
+    b_run: int
+    b_offset: int
+    nbytes: int
+
+
+def overlaps(a_sizes: Sequence[int], b_sizes: Sequence[int], mismatch: str) -> list[Overlap]:
+    """The pieces, in order, covering bytes split into runs of ``a_sizes`` and of ``b_sizes``.
+
+    ValueError(``mismatch``) when the two splits differ in total size.
+    """
+    pieces: list[Overlap] = []
+    ai = bi = a_off = b_off = 0
+    while ai < len(a_sizes) and bi < len(b_sizes):
+        take = min(a_sizes[ai] - a_off, b_sizes[bi] - b_off)
+        pieces.append(Overlap(ai, a_off, bi, b_off, take))
+        a_off += take
+        b_off += take
+        if a_off == a_sizes[ai]:
+            ai, a_off = ai + 1, 0
+        if b_off == b_sizes[bi]:
+            bi, b_off = bi + 1, 0
+    if ai != len(a_sizes) or bi != len(b_sizes):
+        raise ValueError(mismatch)
+    return pieces
+
+
 def copy_runs(src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> None:
     """Copies a layer from ``src`` runs into ``dst`` runs (same total), one memcpy per overlap."""
-    si = di = s_off = d_off = 0
-    while si < len(src) and di < len(dst):
-        take = min(src[si].nbytes - s_off, dst[di].nbytes - d_off)
+    pieces = overlaps([run.nbytes for run in src], [run.nbytes for run in dst],
+                      "dst: source and destination layers differ in size")
+    for si, s_off, di, d_off, take in pieces:
         np.copyto(dst[di][d_off:d_off + take], src[si][s_off:s_off + take])
-        s_off += take
-        d_off += take
-        if s_off == src[si].nbytes:
-            si, s_off = si + 1, 0
-        if d_off == dst[di].nbytes:
-            di, d_off = di + 1, 0
-    if si != len(src) or di != len(dst):
-        raise ValueError("dst: source and destination layers differ in size")
 
 
 def copy_layers(src: LayerBuffers, dst: LayerBuffers, first: int, stop: int) -> None:
@@ -146,6 +169,7 @@ def copy_layers(src: LayerBuffers, dst: LayerBuffers, first: int, stop: int) -> 
     Between two pool regions of the same block size this is one numpy copy per overlap of
     their slot runs, covering all those layers at once (a strided [layers, blocks] copy), so
     the Python cost does not grow with the number of layers; otherwise one layer at a time.
+    A size mismatch raises ValueError before anything is copied.
     """
     if not (isinstance(src, PoolRegion) and isinstance(dst, PoolRegion)
             and src.array.shape[2] == dst.array.shape[2]):
@@ -153,19 +177,11 @@ def copy_layers(src: LayerBuffers, dst: LayerBuffers, first: int, stop: int) -> 
             copy_runs(src.layer_runs(layer), dst.layer_runs(layer))
         return
     s_runs, d_runs = src.runs, dst.runs
-    si = di = s_off = d_off = 0
-    while si < len(s_runs) and di < len(d_runs):
-        take = min(s_runs[si][1] - s_off, d_runs[di][1] - d_off)
+    pieces = overlaps([count for _, count in s_runs], [count for _, count in d_runs],
+                      "dst: source and destination regions differ in size")
+    for si, s_off, di, d_off, take in pieces:
         s0, d0 = s_runs[si][0] + s_off, d_runs[di][0] + d_off
         np.copyto(dst.array[first:stop, d0:d0 + take], src.array[first:stop, s0:s0 + take])
-        s_off += take
-        d_off += take
-        if s_off == s_runs[si][1]:
-            si, s_off = si + 1, 0
-        if d_off == d_runs[di][1]:
-            di, d_off = di + 1, 0
-    if si != len(s_runs) or di != len(d_runs):
-        raise ValueError("dst: source and destination regions differ in size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +215,29 @@ class TransferSpec:
                 f"{side}: buffers hold {buffers.num_layers} layers x {buffers.layer_nbytes} bytes, "
                 f"spec says {self.num_layers} x {self.layer_nbytes}"
             )
+
+
+def check_next_layer(layer: int, published: int, num_layers: int) -> None:
+    """ValueError unless ``layer`` is the next to publish after ``published`` of ``num_layers``."""
+    if layer != published or layer >= num_layers:
+        raise ValueError(f"layer: expected to publish layer {published} next, got {layer}")
+
+
+class SlotPins:
+    """Keeps ``slots`` pinned in ``pins`` (when given) from construction to ``release()`` (idempotent)."""
+
+    __slots__ = ("_pins", "_slots")
+
+    def __init__(self, pins: SlotAllocator | None, slots: tuple[int, ...]) -> None:
+        self._slots = slots
+        self._pins = pins
+        if pins is not None:
+            pins.pin(slots)
+
+    def release(self) -> None:
+        pins, self._pins = self._pins, None
+        if pins is not None:
+            pins.unpin(self._slots)
 
 
 class SendHandle(ABC):

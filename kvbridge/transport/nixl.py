@@ -37,8 +37,10 @@ from kvbridge.transport.base import (
     PoolRegion,
     RecvHandle,
     SendHandle,
+    SlotPins,
     TransferSpec,
     Transport,
+    check_next_layer,
     wait_until,
 )
 from kvbridge.transport.nixl_agent import NixlAgent, Region, nixl_available, pair_runs
@@ -102,13 +104,10 @@ class NixlSendHandle(SendHandle):
             layer_addrs=tuple(tuple(_layer_addrs(source, i)) for i in range(spec.num_layers)),
         )
         self._published = 0
-        self._pins = pins
-        if pins is not None:
-            pins.pin(spec.source_slots)
+        self._pins = SlotPins(pins, spec.source_slots)
 
     def publish_layer(self, layer: int) -> None:
-        if layer != self._published or layer >= self.spec.num_layers:
-            raise ValueError(f"layer: expected to publish layer {self._published} next, got {layer}")
+        check_next_layer(layer, self._published, self.spec.num_layers)
         if self._ctl is None:
             raise RuntimeError(f"nixl transfer {self.spec.transfer_id} is closed")
         self._published += 1
@@ -135,9 +134,7 @@ class NixlSendHandle(SendHandle):
         self._agent.close_send(self.spec.transfer_id)
         self._agent.release(self._regions)
         self._ctl = None
-        if self._pins is not None:
-            pins, self._pins = self._pins, None
-            pins.unpin(self.spec.source_slots)
+        self._pins.release()
 
 
 class NixlRecvHandle(RecvHandle):

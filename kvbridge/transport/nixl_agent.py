@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kvbridge.errors import TransportUnavailable
-from kvbridge.transport.base import wait_until
+from kvbridge.transport.base import overlaps, wait_until
 
 CLOSE_WAIT_S = 5.0
 
@@ -60,20 +60,8 @@ def new_agent(name: str) -> Any:
 
 def pair_runs(local: Sequence[Region], remote: Sequence[Region]) -> list[tuple[int, int, int]]:
     """(local_addr, remote_addr, nbytes) pieces covering two splits of the same bytes, in order."""
-    pieces: list[tuple[int, int, int]] = []
-    li = ri = l_off = r_off = 0
-    while li < len(local) and ri < len(remote):
-        take = min(local[li][1] - l_off, remote[ri][1] - r_off)
-        pieces.append((local[li][0] + l_off, remote[ri][0] + r_off, take))
-        l_off += take
-        r_off += take
-        if l_off == local[li][1]:
-            li, l_off = li + 1, 0
-        if r_off == remote[ri][1]:
-            ri, r_off = ri + 1, 0
-    if li != len(local) or ri != len(remote):
-        raise ValueError("dest: source and destination layers differ in size")
-    return pieces
+    pieces = overlaps([n for _, n in local], [n for _, n in remote], "dest: source and destination layers differ in size")
+    return [(local[li][0] + l_off, remote[ri][0] + r_off, take) for li, l_off, ri, r_off, take in pieces]
 
 
 class NixlAgent:

@@ -25,8 +25,10 @@ from kvbridge.transport.base import (
     PoolRegion,
     RecvHandle,
     SendHandle,
+    SlotPins,
     TransferSpec,
     Transport,
+    check_next_layer,
     wait_until,
 )
 from kvbridge.transport.shm_control import (
@@ -58,13 +60,10 @@ class ShmSendHandle(SendHandle):
         self._entry, self._gen = table.allocate(transfer_key(spec.transfer_id), spec.num_layers, spec.layer_nbytes)
         self._grace_s = grace_s
         self._published = 0
-        self._pins = pins
-        if pins is not None:
-            pins.pin(spec.source_slots)
+        self._pins = SlotPins(pins, spec.source_slots)
 
     def publish_layer(self, layer: int) -> None:
-        if layer != self._published or layer >= self.spec.num_layers:
-            raise ValueError(f"layer: expected to publish layer {self._published} next, got {layer}")
+        check_next_layer(layer, self._published, self.spec.num_layers)
         if self._table is None:
             raise RuntimeError(f"shm transfer {self.spec.transfer_id} is closed")
         self._published += 1
@@ -95,9 +94,7 @@ class ShmSendHandle(SendHandle):
         if self._table is not None:
             table, self._table = self._table, None
             table.release(self._entry, self._grace_s)  # marks an unfinished transfer aborted first
-        if self._pins is not None:
-            pins, self._pins = self._pins, None
-            pins.unpin(self.spec.source_slots)
+        self._pins.release()
 
 
 def shm_pull_spec(handle: KVHandle) -> TransferSpec:

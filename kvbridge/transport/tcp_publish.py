@@ -13,7 +13,14 @@ from typing import Protocol
 
 from kvbridge.errors import KVBridgeError, RemoteError, TransferTimeout, describe_pending
 from kvbridge.pool import SlotAllocator
-from kvbridge.transport.base import LayerBuffers, SendHandle, TransferSpec, remaining
+from kvbridge.transport.base import (
+    LayerBuffers,
+    SendHandle,
+    SlotPins,
+    TransferSpec,
+    check_next_layer,
+    remaining,
+)
 
 
 class Registry(Protocol):
@@ -36,14 +43,11 @@ class PublishedTransfer(SendHandle):
         self._claimed = False
         self._closed = False
         self._error: KVBridgeError | None = None
-        self._pins = pins
-        if pins is not None:
-            pins.pin(spec.source_slots)
+        self._pins = SlotPins(pins, spec.source_slots)
 
     def publish_layer(self, layer: int) -> None:
         with self._cond:
-            if layer != self._published or layer >= self.spec.num_layers:
-                raise ValueError(f"layer: expected to publish layer {self._published} next, got {layer}")
+            check_next_layer(layer, self._published, self.spec.num_layers)
             self._published += 1
             self._cond.notify_all()
 
@@ -72,9 +76,7 @@ class PublishedTransfer(SendHandle):
             self._closed = True
             self._source = None  # the connection thread holds its own reference while streaming
             self._cond.notify_all()
-        if self._pins is not None:
-            pins, self._pins = self._pins, None
-            pins.unpin(self.spec.source_slots)
+        self._pins.release()
 
     # ----- called by the server's connection thread
 
