@@ -56,7 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ports = ServerPorts(args.http_port, args.grpc_port, args.metrics_port, args.address)
     server = TritonServer(LaunchSpec(install, repo, backend_dir, ports))
     stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    # Both signals stop the server, also when a launching shell left SIGINT ignored.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.update(now=True))
     # disagg hook (owner of kv*.py): a loopback kvbridge master unless KVBRIDGE_MASTER names one;
     # it exports KVBRIDGE_MASTER, which tritonserver's workers and orchestrators inherit.
     master = start_master_if_needed()
@@ -64,7 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         server.wait_ready(args.ready_timeout)
         print(f"triton-pd: serving {repo} on http {args.address}:{args.http_port}, "
-              f"grpc :{args.grpc_port}, metrics :{args.metrics_port}; Ctrl-C stops", flush=True)
+              f"grpc :{args.grpc_port}, metrics :{args.metrics_port} (tritonserver pid {server.pid}); "
+              "Ctrl-C stops", flush=True)
         while not stop["now"] and server.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:

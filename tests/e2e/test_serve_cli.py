@@ -1,0 +1,72 @@
+"""``triton-pd serve`` as a user runs it: serves until Ctrl-C (SIGINT) or SIGTERM, then stops
+tritonserver, every stub process and the kvbridge master it started."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from backends.serving.install import find_triton, repo_root
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _group_members(pgid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,pgid,comm"], capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines()[1:] if line.split()[1] == str(pgid)]
+
+
+def _ignore_sigint() -> None:
+    """As a non-interactive shell starts a background job: SIGINT ignored on entry."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
+    try:
+        find_triton()
+    except RuntimeError as exc:
+        pytest.skip(f"no tritonserver: {exc}")
+    http, grpc, metrics = _free_port(), _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "KVBRIDGE_MASTER"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backends.cli", "serve", "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+        cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, preexec_fn=_ignore_sigint)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        body = {"text_input": "hi", "sampling_parameters": '{"max_tokens": 2, "temperature": 0}'}
+        reply = requests.post(f"http://127.0.0.1:{http}/v2/models/llm/generate", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        proc.send_signal(signum)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output
+    [server_pid] = re.findall(r"\(tritonserver pid (\d+)\); Ctrl-C stops", output)
+    assert _group_members(int(server_pid)) == []
+    assert _group_members(proc.pid) == []
