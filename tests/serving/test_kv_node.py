@@ -203,6 +203,10 @@ def test_worker_services_hand_off_and_report_transfer(workers: tuple[Worker, Wor
             updates = sink.collect()
             assert list(handoff.new_token_ids) + [t for u in updates for t in u.new_token_ids] == expected
             assert updates[0].kv_transfer_ns > 0 and updates[0].kv_transfer_bytes == 0
+            # Imported KV is a transfer, not a prefix hit of the decode worker's own cache.
+            assert [u.num_cached_tokens for u in updates] == [0] * len(updates)
+            if i > 0:  # the prefill node now holds the prompt's 3 full blocks
+                assert handoff.num_cached_tokens == 48
     finally:
         prefill_svc.close()
         decode_svc.close()
