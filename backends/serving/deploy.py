@@ -9,10 +9,14 @@ naming the key path)::
     decode: {count: 1, devices: [cpu]}
     engine: {block_size: 16, num_blocks: 512, max_num_seqs: 32,
              max_num_batched_tokens: 1024, max_model_len: 1024, dtype: float32}
-    serving: {max_tokens: 1024, prefix: ""}
+    serving: {max_tokens: 1024, prefix: "", decoupled: true}
 
 Models generated: ``<prefix>llm`` and ``<prefix>ensemble`` (pd_orchestrator), and workers
 ``<prefix>prefill[_i]`` / ``<prefix>decode[_i]`` (disaggregated) or ``<prefix>worker[_i]``.
+``serving.decoupled`` is tensorrtllm_backend's ``decoupled_mode``: true (default) makes the
+public models decoupled (streaming; Triton refuses HTTP ``/infer`` for them); false makes them
+answer one response per request (HTTP and gRPC ``infer``; ``stream=true`` is INVALID_ARG).
+Workers are decoupled either way (the orchestrator streams from them over BLS).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Deployment:
     engine: EngineSpec = EngineSpec()
     max_tokens: int = 1024
     prefix: str = ""
+    decoupled: bool = True
 
 
 def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -128,7 +133,7 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
         raise ValueError(f"deployment: expected a mapping at the top level, got {type(data).__name__}")
     _check_keys(data, {"model", "disaggregation", "prefill", "decode", "engine", "serving"}, "")
     serving = _mapping(data.get("serving"), "serving")
-    _check_keys(serving, {"max_tokens", "prefix"}, "serving.")
+    _check_keys(serving, {"max_tokens", "prefix", "decoupled"}, "serving.")
     engine_data = _mapping(data.get("engine"), "engine")
     # The model and the devices are set at the top level and per pool, never per engine.
     _check_keys(engine_data, {f.name for f in fields(EngineSpec)} - {"source", "device"}, "engine.")
@@ -144,7 +149,8 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
     return Deployment(
         model=model, disaggregation=_typed(data.get("disaggregation", True), bool, "disaggregation"),
         prefill=_pool(data.get("prefill", {}), "prefill"), decode=_pool(data.get("decode", {}), "decode"),
-        engine=engine, max_tokens=max_tokens, prefix=prefix)
+        engine=engine, max_tokens=max_tokens, prefix=prefix,
+        decoupled=_typed(serving.get("decoupled", True), bool, "serving.decoupled"))
 
 
 def load_deployment(path: str | Path) -> Deployment:
@@ -194,9 +200,10 @@ def model_specs(dep: Deployment) -> list[tuple[specs.ModelSpec, EngineSpec | Non
               "decode_models": by_role["decode"] or by_role["both"]}
     public: list[tuple[specs.ModelSpec, EngineSpec | None]] = [
         (specs.ModelSpec(f"{dep.prefix}llm", "pd_orchestrator", 0, specs.LLM_INPUTS,
-                         specs.LLM_OUTPUTS, {**common, "api": "llm"}), None),
+                         specs.LLM_OUTPUTS, {**common, "api": "llm"}, decoupled=dep.decoupled), None),
         (specs.ModelSpec(f"{dep.prefix}ensemble", "pd_orchestrator", 64, specs.ENSEMBLE_INPUTS,
-                         specs.ENSEMBLE_OUTPUTS, {**common, "api": "ensemble"}), None)]
+                         specs.ENSEMBLE_OUTPUTS, {**common, "api": "ensemble"}, decoupled=dep.decoupled),
+         None)]
     return public + [(s, e) for s, e in workers]
 
 

@@ -129,16 +129,23 @@ class ModelSpec:
     outputs: tuple[TensorSpec, ...]
     parameters: Mapping[str, str]
     instance_count: int = 1
+    decoupled: bool = True  # False: one response per request (HTTP/gRPC infer, no streaming)
 
 
 def render_config(spec: ModelSpec) -> str:
-    """config.pbtxt text (decoupled, KIND_CPU instances; parameters sorted by key)."""
+    """config.pbtxt text (KIND_CPU instances; parameters sorted by key).
+
+    A non-decoupled model with a batch dimension also gets ``dynamic_batching``: its execute
+    returns only when every request of the batch is done, so requests queued meanwhile must
+    arrive together in the next batch (where they run concurrently) instead of one by one.
+    """
     params = "".join(
         f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n'
         for k, v in sorted(spec.parameters.items()))
     return (
         f'name: "{spec.name}"\nbackend: "{spec.backend}"\nmax_batch_size: {spec.max_batch_size}\n'
-        "model_transaction_policy {\n  decoupled: true\n}\n"
+        f"model_transaction_policy {{\n  decoupled: {'true' if spec.decoupled else 'false'}\n}}\n"
+        + ("dynamic_batching {\n}\n" if not spec.decoupled and spec.max_batch_size > 0 else "")
         + _tensor_block("input", spec.inputs, True) + _tensor_block("output", spec.outputs, False)
         + f"instance_group [\n  {{\n    count: {spec.instance_count}\n    kind: KIND_CPU\n  }}\n]\n"
         + params)

@@ -30,11 +30,11 @@ def test_full_file(tmp_path: Path) -> None:
     (tmp_path / "d.yaml").write_text(
         "model: tiny-mla\ndisaggregation: true\nprefill: {count: 2, devices: [cuda:0, cuda:1]}\n"
         "decode: {count: 3}\nengine: {block_size: 64, num_blocks: 100, max_model_len: 512, dtype: bfloat16}\n"
-        "serving: {max_tokens: 256, prefix: pd_}\n")
+        "serving: {max_tokens: 256, prefix: pd_, decoupled: false}\n")
     assert load_deployment(tmp_path / "d.yaml") == Deployment(
         model="tiny-mla", disaggregation=True, prefill=Pool(2, ("cuda:0", "cuda:1")), decode=Pool(3, ("cpu",)),
         engine=EngineSpec(source="tiny-mla", block_size=64, num_blocks=100, max_model_len=512, dtype="bfloat16"),
-        max_tokens=256, prefix="pd_")
+        max_tokens=256, prefix="pd_", decoupled=False)
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -64,7 +64,10 @@ def test_full_file(tmp_path: Path) -> None:
     ({"engine": {"source": "x"}}, f"engine.source: unknown key (expected one of {ENGINE_KEYS})"),
     ({"engine": {"device": "cuda"}}, f"engine.device: unknown key (expected one of {ENGINE_KEYS})"),
     ({"serving": 5}, "serving: expected a mapping, got 5"),
-    ({"serving": {"x": 1}}, "serving.x: unknown key (expected one of ['max_tokens', 'prefix'])"),
+    ({"serving": {"x": 1}}, "serving.x: unknown key (expected one of ['decoupled', 'max_tokens', 'prefix'])"),
+    ({"serving": {"decoupled": "no"}}, "serving.decoupled: expected true or false, got 'no'"),
+    ({"serving": {"decoupled": 0}}, "serving.decoupled: expected true or false, got 0"),
+    ({"serving": {"decoupled": None}}, "serving.decoupled: missing value"),
     ({"serving": {"max_tokens": 0}}, "serving.max_tokens: expected a positive integer, got 0"),
     ({"serving": {"max_tokens": 2048}}, "serving.max_tokens: must be <= engine.max_model_len=1024, got 2048"),
     ({"serving": {"prefix": 5}}, "serving.prefix: expected a string, got 5"),
@@ -134,6 +137,26 @@ def test_write_repository_engine_yaml_round_trips(tmp_path: Path) -> None:
     assert config.startswith('name: "worker"\nbackend: "pd_worker"\nmax_batch_size: 0\n'
                              "model_transaction_policy {\n  decoupled: true\n}\n")
     assert config.endswith('parameters {\n  key: "role"\n  value: { string_value: "both" }\n}\n')
+
+
+def _policy(config: str) -> str:
+    start = config.index("model_transaction_policy")
+    return config[start:config.index("input [")]
+
+
+def test_decoupled_false_makes_only_the_public_models_non_decoupled(tmp_path: Path) -> None:
+    """tensorrtllm_backend's decoupled_mode=false: infer-able public models; workers stay
+    decoupled (BLS streams from them); the batched ensemble is dynamically batched."""
+    dep = parse_deployment({"disaggregation": False, "serving": {"decoupled": False}})
+    assert [(s.name, s.decoupled) for s, _ in model_specs(dep)] == \
+        [("llm", False), ("ensemble", False), ("worker", True)]
+    write_repository(dep, tmp_path)
+    policies = {name: _policy((tmp_path / name / "config.pbtxt").read_text())
+                for name in ("llm", "ensemble", "worker")}
+    assert policies == {
+        "llm": "model_transaction_policy {\n  decoupled: false\n}\n",
+        "ensemble": "model_transaction_policy {\n  decoupled: false\n}\ndynamic_batching {\n}\n",
+        "worker": "model_transaction_policy {\n  decoupled: true\n}\n"}
 
 
 def test_committed_model_repository_is_the_default_deployment(tmp_path: Path) -> None:
