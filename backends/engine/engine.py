@@ -99,6 +99,11 @@ class LLMEngine:
         bad = [t for t in [*prompt_token_ids, *prior_output_ids] if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = [t for word in params.bad_words_ids for t in word if t >= vocab]
+        if bad:
+            raise ValueError(
+                f"bad_words_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            )
         if len(prior_output_ids) >= params.max_tokens:
             raise ValueError(
                 f"prior_output_ids has {len(prior_output_ids)} tokens, "
@@ -134,7 +139,10 @@ class LLMEngine:
             return outputs
         logits = self.runner.execute(scheduled)
         sampling = [item for item in scheduled if item.samples]
-        rows = [SampleRow(item.seq.params, item.seq.num_output_tokens) for item in sampling]
+        rows = [
+            SampleRow(s.params, s.num_output_tokens, s.token_ids, s.num_prompt_tokens)
+            for s in (item.seq for item in sampling)
+        ]
         sampled = self.sampler.sample(logits, rows) if rows else None
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens

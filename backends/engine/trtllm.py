@@ -76,6 +76,12 @@ class TRTLLMEngine:
         self._pending[request_id] = (future, len(prompt_token_ids), prefill_only)
 
     def _sampling(self, p: SamplingParams, prefill_only: bool) -> Any:
+        multi = [w for w in p.bad_words_ids if len(w) > 1]
+        if multi:
+            raise ValueError(
+                f"bad_words_ids: multi-token sequences are not supported by the TensorRT-LLM "
+                f"engine, got {multi!r}"
+            )
         return self._trt.SamplingParams(
             max_tokens=1 if prefill_only else p.max_tokens,
             temperature=p.temperature,
@@ -87,6 +93,11 @@ class TRTLLMEngine:
             stop=list(p.stop) or None,
             ignore_eos=p.ignore_eos,
             logprobs=1 if p.logprobs else None,
+            repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
+            presence_penalty=p.presence_penalty or None,
+            frequency_penalty=p.frequency_penalty or None,
+            min_p=p.min_p or None,
+            bad_token_ids=[w[0] for w in p.bad_words_ids] or None,
         )
 
     def has_unfinished(self) -> bool:
