@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from backends.serving.detokenize import TextStream
 from backends.serving.errors import CANCELLED, INVALID_ARG, RequestCancelled, WorkerError
 from backends.serving.public_io import Chunk, Timing
-from backends.serving.requests import GenerateRequest
+from backends.serving.requests import GenerateRequest, with_bad_words_ids
 from backends.serving.supervisor import ClusterSnapshot, Plan, Supervisor
 from backends.serving.worker_io import WorkerJob, WorkerUpdate
 
@@ -96,6 +96,7 @@ class Orchestrator:
         """Runs one request to its final chunk; raises (ValueError, RequestCancelled, ...) otherwise."""
         arrival_ns = time.time_ns()
         prompt_ids = self.tokenize(req)
+        req = with_bad_words_ids(req, self._tokenizer)
         run = _Run(req, prompt_ids, TextStream(self._tokenizer, req.params.stop, prompt_ids), arrival_ns)
         plan = self._supervisor.plan(len(prompt_ids), await self._snapshot(prompt_ids))
         try:

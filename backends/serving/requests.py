@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -24,15 +24,14 @@ DEFAULT_MAX_TOKENS = 16
 
 # vLLM SamplingParams keys we honour.
 _LLM_SUPPORTED = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-                  "min_tokens", "ignore_eos", "logprobs"}
+                  "min_tokens", "ignore_eos", "logprobs", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "min_p", "bad_words"}
 # vLLM keys accepted only at their no-op value (clients send them by habit).
-_LLM_NOOP = {"n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-             "repetition_penalty": 1.0, "skip_special_tokens": True, "detokenize": True,
+_LLM_NOOP = {"n": 1, "best_of": 1, "skip_special_tokens": True, "detokenize": True,
              "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
-             "min_p": 0.0, "length_penalty": 1.0}
+             "length_penalty": 1.0}
 # ensemble inputs accepted only at their no-op value.
-_ENSEMBLE_NOOP = {"beam_width": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
-                  "presence_penalty": 0.0, "frequency_penalty": 0.0,
+_ENSEMBLE_NOOP = {"beam_width": 1, "num_return_sequences": 1,
                   "return_context_logits": False, "return_generation_logits": False}
 
 
@@ -49,7 +48,9 @@ class GenerateRequest:
     """One parsed generation request, whichever public model it came through.
 
     ``return_*`` flags say which optional outputs the llm model sends; the ensemble model
-    always sends every output (Triton drops those the client did not request).
+    always sends every output (Triton drops those the client did not request). ``bad_words``
+    are the client's words, not yet tokenized: ``with_bad_words_ids`` turns them into
+    ``params.bad_words_ids`` once the model's tokenizer is at hand.
     """
 
     api: Api
@@ -61,6 +62,32 @@ class GenerateRequest:
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
     return_logprobs: bool = False
+    bad_words: tuple[str, ...] = ()
+
+
+class WordTokenizer(Protocol):
+    bos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+def with_bad_words_ids(req: GenerateRequest, tokenizer: WordTokenizer) -> GenerateRequest:
+    """``req`` with each of its ``bad_words`` tokenized into ``params.bad_words_ids``.
+
+    As TensorRT-LLM does: each word is encoded on its own, without special tokens (a BOS the
+    tokenizer prepends is dropped); a word that encodes to no token is a ValueError.
+    """
+    if not req.bad_words:
+        return req
+    ids: list[tuple[int, ...]] = []
+    for word in req.bad_words:
+        tokens = tokenizer.encode(word)
+        if tokens and tokens[0] == tokenizer.bos_token_id:
+            tokens = tokens[1:]
+        if not tokens:
+            raise ValueError(f"bad_words: {word!r} encodes to no tokens")
+        ids.append(tuple(tokens))
+    return replace(req, params=replace(req.params, bad_words_ids=tuple(ids)))
 
 
 def _first(inputs: Inputs, name: str) -> Any | None:
@@ -203,12 +230,17 @@ def _json_bool(data: dict[str, Any], key: str) -> bool:
     return value
 
 
+def _json_words(data: dict[str, Any], key: str) -> tuple[str, ...]:
+    words = data.get(key) or ()
+    if isinstance(words, str):
+        words = (words,)
+    if not isinstance(words, list | tuple) or not all(isinstance(s, str) and s for s in words):
+        raise ValueError(f"sampling_parameters.{key}: expected non-empty strings, got {words!r}")
+    return tuple(words)
+
+
 def _params_from_json(data: dict[str, Any], limits: Limits) -> SamplingParams:
-    stop = data.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"sampling_parameters.stop: expected non-empty strings, got {stop!r}")
+    stop = _json_words(data, "stop")
     stop_ids = data.get("stop_token_ids") or ()
     if not isinstance(stop_ids, list | tuple) or not all(isinstance(t, int) and t >= 0 for t in stop_ids):
         raise ValueError(f"sampling_parameters.stop_token_ids: expected token ids, got {stop_ids!r}")
@@ -223,7 +255,11 @@ def _params_from_json(data: dict[str, Any], limits: Limits) -> SamplingParams:
         min_tokens=_json_int(data, "min_tokens", 0),
         seed=None if seed is None else _json_int(data, "seed", 0),
         stop_token_ids=tuple(stop_ids), stop=tuple(stop),
-        ignore_eos=_json_bool(data, "ignore_eos"), logprobs=bool(data.get("logprobs")))
+        ignore_eos=_json_bool(data, "ignore_eos"), logprobs=bool(data.get("logprobs")),
+        repetition_penalty=_json_float(data, "repetition_penalty", 1.0),
+        presence_penalty=_json_float(data, "presence_penalty", 0.0),
+        frequency_penalty=_json_float(data, "frequency_penalty", 0.0),
+        min_p=_json_float(data, "min_p", 0.0))
     return _checked(params, "sampling_parameters.")
 
 
@@ -239,7 +275,8 @@ def _checked(params: SamplingParams, prefix: str) -> SamplingParams:
 def parse_llm(inputs: Inputs, limits: Limits) -> GenerateRequest:
     """vllm_backend tensors → GenerateRequest."""
     prompt = _require_prompt(inputs)
-    params = parse_sampling_parameters(_text(inputs, "sampling_parameters"), limits)
+    raw = _text(inputs, "sampling_parameters")
+    params = parse_sampling_parameters(raw, limits)
     stream = bool(_bool(inputs, "stream"))
     return GenerateRequest(
         api="llm", prompt=prompt, params=params, stream=stream,
@@ -247,7 +284,15 @@ def parse_llm(inputs: Inputs, limits: Limits) -> GenerateRequest:
         return_finish_reason=bool(_bool(inputs, "return_finish_reason")),
         return_num_input_tokens=bool(_bool(inputs, "return_num_input_tokens")),
         return_num_output_tokens=bool(_bool(inputs, "return_num_output_tokens")),
-        return_logprobs=bool(_bool(inputs, "return_logprobs")) or params.logprobs)
+        return_logprobs=bool(_bool(inputs, "return_logprobs")) or params.logprobs,
+        bad_words=_llm_bad_words(raw))
+
+
+def _llm_bad_words(raw: str | None) -> tuple[str, ...]:
+    """``bad_words`` of an already validated ``sampling_parameters`` JSON object."""
+    if raw is None or not raw.strip():
+        return ()
+    return _json_words(json.loads(raw), "bad_words")
 
 
 def _check_ensemble_noops(inputs: Inputs) -> None:
@@ -255,8 +300,6 @@ def _check_ensemble_noops(inputs: Inputs) -> None:
         value = _first(inputs, name)
         if value is not None and value.item() != noop:
             raise ValueError(f"{name}: only {noop!r} is supported, got {value.item()!r}")
-    if _strings(inputs, "bad_words"):
-        raise ValueError(f"bad_words: not supported, got {_strings(inputs, 'bad_words')!r}")
 
 
 def parse_ensemble(inputs: Inputs, limits: Limits) -> GenerateRequest:
@@ -286,10 +329,13 @@ def parse_ensemble(inputs: Inputs, limits: Limits) -> GenerateRequest:
         seed=seed if seed is not None else _int(inputs, "random_seed"),
         stop_token_ids=() if end_id is None else (end_id,),
         stop=_strings(inputs, "stop_words"),
-        logprobs=bool(_bool(inputs, "return_log_probs")))
+        logprobs=bool(_bool(inputs, "return_log_probs")),
+        repetition_penalty=_float(inputs, "repetition_penalty", 1.0),
+        presence_penalty=_float(inputs, "presence_penalty", 0.0),
+        frequency_penalty=_float(inputs, "frequency_penalty", 0.0))
     stream = bool(_bool(inputs, "stream"))
     return GenerateRequest(
         api="ensemble", prompt=prompt, params=_checked(params, ""), stream=stream,
         exclude_input_in_output=_exclude_input(stream, _bool(inputs, "exclude_input_in_output")),
         return_finish_reason=True, return_num_input_tokens=True, return_num_output_tokens=True,
-        return_logprobs=params.logprobs)
+        return_logprobs=params.logprobs, bad_words=_strings(inputs, "bad_words"))

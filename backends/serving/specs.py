@@ -92,6 +92,11 @@ WORKER_INPUTS = (
     _t("return_log_probs", "TYPE_BOOL"),
     _t("stop_token_ids", "TYPE_INT32", (-1,)),
     _t("stop_words", "TYPE_STRING", (-1,)),
+    _t("repetition_penalty", "TYPE_FP32"),
+    _t("presence_penalty", "TYPE_FP32"),
+    _t("frequency_penalty", "TYPE_FP32"),
+    _t("min_p", "TYPE_FP32"),
+    _t("bad_words_list", "TYPE_INT32", (2, -1)),
     _t("prior_output_ids", "TYPE_INT32", (-1,)),
     _t("context_phase_params", "TYPE_UINT8", (-1,)),
 )

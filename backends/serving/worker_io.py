@@ -2,7 +2,10 @@
 
 Request tensors: input_ids INT32 [-1], request_output_len INT32 [1], sampling tensors
 (temperature, runtime_top_k, runtime_top_p, min_tokens, random_seed, end_id, ignore_eos,
-return_log_probs, stop_words), prior_output_ids INT32 [-1] and context_phase_params UINT8 [-1].
+return_log_probs, stop_words, repetition_penalty, presence_penalty, frequency_penalty, min_p,
+bad_words_list INT32 [2, -1] in TensorRT-LLM's layout: row 0 the words' ids concatenated, row 1
+each word's end offset, padded with -1), prior_output_ids INT32 [-1] and context_phase_params
+UINT8 [-1].
 Request parameters: ``request_type`` (context_only | generation_only | context_and_generation
 | cancel) and ``pd_request_id`` (the id cancel refers to).
 Response tensors: output_ids INT32 [-1] (this response's new tokens), sequence_length INT32 [1],
@@ -59,6 +62,31 @@ def _i32(values: object) -> np.ndarray:
     return np.asarray(values, dtype=np.int32).reshape(-1)
 
 
+def _f32(value: float) -> np.ndarray:
+    return np.array([value], dtype=np.float32)
+
+
+def words_list(words: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """Token-id words → TensorRT-LLM's [2, n] word list (ids; end offsets padded with -1)."""
+    flat = [t for w in words for t in w]
+    ends = np.cumsum([len(w) for w in words], dtype=np.int64).tolist()
+    return np.array([flat, ends + [-1] * (len(flat) - len(ends))], dtype=np.int32).reshape(2, -1)
+
+
+def parse_words_list(array: np.ndarray | None) -> tuple[tuple[int, ...], ...]:
+    """The inverse of ``words_list``; ValueError names the tensor when the layout is wrong."""
+    if array is None or array.size == 0:
+        return ()
+    rows = np.asarray(array).reshape(2, -1) if array.size % 2 == 0 else None
+    if rows is None:
+        raise ValueError(f"bad_words_list: expected shape [2, n], got {list(np.shape(array))}")
+    ids, ends = rows[0].tolist(), [e for e in rows[1].tolist() if e >= 0]
+    if ends != sorted(ends) or (ends and ends[-1] != len(ids)) or 0 in ends:
+        raise ValueError(f"bad_words_list: bad end offsets {rows[1].tolist()} for {len(ids)} ids")
+    starts = [0, *ends[:-1]]
+    return tuple(tuple(ids[a:b]) for a, b in zip(starts, ends, strict=True))
+
+
 def job_tensors(job: WorkerJob) -> dict[str, np.ndarray]:
     """Tensors the orchestrator sends for ``job`` (parameters go separately: job_parameters)."""
     p = job.params
@@ -73,6 +101,11 @@ def job_tensors(job: WorkerJob) -> dict[str, np.ndarray]:
         "return_log_probs": np.array([p.logprobs], dtype=bool),
         "stop_token_ids": _i32(p.stop_token_ids),
         "stop_words": np.array([s.encode() for s in p.stop] or [b""], dtype=np.object_),
+        "repetition_penalty": _f32(p.repetition_penalty),
+        "presence_penalty": _f32(p.presence_penalty),
+        "frequency_penalty": _f32(p.frequency_penalty),
+        "min_p": _f32(p.min_p),
+        "bad_words_list": words_list(p.bad_words_ids),
         "prior_output_ids": _i32(job.prior_output_ids),
         "context_phase_params": np.frombuffer(job.kv_handle, dtype=np.uint8).copy(),
     }
@@ -124,7 +157,12 @@ def parse_job(inputs: Inputs, parameters: Mapping[str, object], fallback_id: str
         seed=None if seed is None or seed.size == 0 else int(seed[0]),
         stop_token_ids=_ints(inputs, "stop_token_ids"),
         stop=stop, ignore_eos=bool(_scalar(inputs, "ignore_eos", False)),
-        logprobs=bool(_scalar(inputs, "return_log_probs", False)))
+        logprobs=bool(_scalar(inputs, "return_log_probs", False)),
+        repetition_penalty=float(_scalar(inputs, "repetition_penalty", 1.0)),
+        presence_penalty=float(_scalar(inputs, "presence_penalty", 0.0)),
+        frequency_penalty=float(_scalar(inputs, "frequency_penalty", 0.0)),
+        min_p=float(_scalar(inputs, "min_p", 0.0)),
+        bad_words_ids=parse_words_list(inputs.get("bad_words_list")))
     handle = _opt(inputs, "context_phase_params")
     kv_handle = b"" if handle is None else handle.astype(np.uint8).tobytes()
     if request_type == "generation_only" and not kv_handle:

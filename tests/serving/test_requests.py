@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from backends.engine.sampling_params import SamplingParams
-from backends.serving.requests import GenerateRequest, Limits, parse_ensemble, parse_llm
+from backends.engine.tokenizer import byte_level_tokenizer
+from backends.serving.requests import (
+    GenerateRequest,
+    Limits,
+    parse_ensemble,
+    parse_llm,
+    with_bad_words_ids,
+)
+from backends.serving.worker_io import WorkerJob, job_parameters, job_tensors, parse_job
 
 LIMITS = Limits(max_tokens=100, default_max_tokens=16)
 
@@ -61,8 +69,17 @@ def test_llm_defaults_include_the_prompt_unless_streaming() -> None:
     ({"sampling_parameters": s("[1]")}, "sampling_parameters: expected a JSON object, got list"),
     ({"sampling_parameters": sp(bogus=1)}, "sampling_parameters.bogus: unknown key"),
     ({"sampling_parameters": sp(n=2)}, "sampling_parameters.n: only 1 is supported, got 2"),
-    ({"sampling_parameters": sp(presence_penalty=0.5)},
-     "sampling_parameters.presence_penalty: only 0.0 is supported, got 0.5"),
+    ({"sampling_parameters": sp(length_penalty=0.5)},
+     "sampling_parameters.length_penalty: only 1.0 is supported, got 0.5"),
+    ({"sampling_parameters": sp(presence_penalty=2.5)},
+     "sampling_parameters.presence_penalty must be in [-2, 2], got 2.5"),
+    ({"sampling_parameters": sp(frequency_penalty="x")},
+     "sampling_parameters.frequency_penalty: expected a number, got 'x'"),
+    ({"sampling_parameters": sp(repetition_penalty=0)},
+     "sampling_parameters.repetition_penalty must be > 0 (1.0 disables it), got 0.0"),
+    ({"sampling_parameters": sp(min_p=1.5)}, "sampling_parameters.min_p must be in [0, 1], got 1.5"),
+    ({"sampling_parameters": sp(bad_words=["a", 3])},
+     "sampling_parameters.bad_words: expected non-empty strings, got ['a', 3]"),
     ({"sampling_parameters": sp(max_tokens=0)}, "sampling_parameters.max_tokens must be > 0, got 0"),
     ({"sampling_parameters": sp(max_tokens=-3)}, "sampling_parameters.max_tokens must be > 0, got -3"),
     ({"sampling_parameters": sp(max_tokens=101)}, "sampling_parameters.max_tokens must be <= 100, got 101"),
@@ -135,9 +152,11 @@ def test_ensemble_defaults_and_precedence() -> None:
     ({"max_tokens": one(2.0, np.float32)}, "max_tokens: expected an integer, got 2.0"),
     ({"beam_width": one(2, np.int32)}, "beam_width: only 1 is supported, got 2"),
     ({"num_return_sequences": one(3, np.int32)}, "num_return_sequences: only 1 is supported, got 3"),
-    ({"frequency_penalty": one(0.5, np.float32)}, "frequency_penalty: only 0.0 is supported, got 0.5"),
+    ({"frequency_penalty": one(3.0, np.float32)}, "frequency_penalty must be in [-2, 2], got 3.0"),
+    ({"presence_penalty": one(-2.5, np.float32)}, "presence_penalty must be in [-2, 2], got -2.5"),
+    ({"repetition_penalty": one(-1.0, np.float32)},
+     "repetition_penalty must be > 0 (1.0 disables it), got -1.0"),
     ({"return_generation_logits": one(True, np.bool_)}, "return_generation_logits: only False is supported, got True"),
-    ({"bad_words": np.array([[b"x,y"]], dtype=np.object_)}, "bad_words: not supported, got ('x', 'y')"),
     ({"temperature": one(-1.0, np.float32)}, "temperature must be >= 0, got -1.0"),
     ({"temperature": one(np.inf, np.float32)}, "temperature: expected a finite number, got inf"),
     ({"temperature": one(b"hot", np.object_)}, "temperature: expected a number, got b'hot'"),
@@ -156,3 +175,42 @@ def test_ensemble_bad_input_names_the_field(inputs: dict[str, np.ndarray | None]
     with pytest.raises(ValueError) as info:
         parse_ensemble(tensors, LIMITS)
     assert str(info.value) == message
+
+
+def test_llm_penalties_min_p_and_bad_words() -> None:
+    req = llm(sampling_parameters=sp(repetition_penalty=1.5, presence_penalty=-0.5,
+                                     frequency_penalty=0.25, min_p=0.1, bad_words=["ab", "c"]))
+    assert req.params == SamplingParams(max_tokens=16, repetition_penalty=1.5, presence_penalty=-0.5,
+                                        frequency_penalty=0.25, min_p=0.1)
+    assert req.bad_words == ("ab", "c")
+    assert llm(sampling_parameters=sp(bad_words="x")).bad_words == ("x",)
+    tokenized = with_bad_words_ids(req, byte_level_tokenizer())
+    assert tokenized.params.bad_words_ids == ((100, 101), (102,))  # byte b -> id 3 + b
+    assert tokenized.bad_words == ("ab", "c")
+
+
+def test_ensemble_penalties_and_bad_words() -> None:
+    req = ens(repetition_penalty=one(1.5, np.float32), presence_penalty=one(0.5, np.float32),
+              frequency_penalty=one(-1.0, np.float32),
+              bad_words=np.array([[b"x,yz", b"w"]], dtype=np.object_))
+    assert req.params == SamplingParams(max_tokens=16, repetition_penalty=1.5, presence_penalty=0.5,
+                                        frequency_penalty=-1.0)
+    assert req.bad_words == ("x", "yz", "w")
+    assert with_bad_words_ids(req, byte_level_tokenizer()).params.bad_words_ids == (
+        (123,), (124, 125), (122,))
+    assert with_bad_words_ids(ens(), byte_level_tokenizer()) == ens()
+
+
+def test_worker_wire_carries_penalties_and_bad_words() -> None:
+    params = SamplingParams(max_tokens=9, repetition_penalty=1.5, presence_penalty=-0.5,
+                            frequency_penalty=0.25, min_p=0.125, bad_words_ids=((7, 8), (9,), (1, 2, 3)))
+    job = WorkerJob("r1", "context_and_generation", (5, 6), params)
+    tensors = job_tensors(job)
+    assert tensors["bad_words_list"].tolist() == [[7, 8, 9, 1, 2, 3], [2, 3, 6, -1, -1, -1]]
+    assert parse_job(tensors, job_parameters(job), "x") == job
+    plain = WorkerJob("r2", "context_and_generation", (5,), SamplingParams())
+    assert parse_job(job_tensors(plain), job_parameters(plain), "x") == plain
+    bad = {**tensors, "bad_words_list": np.array([[7, 8], [3, -1]], dtype=np.int32)}
+    with pytest.raises(ValueError) as info:
+        parse_job(bad, job_parameters(job), "x")
+    assert str(info.value) == "bad_words_list: bad end offsets [3, -1] for 2 ids"
