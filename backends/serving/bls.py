@@ -1,4 +1,4 @@
-"""Reaching the worker models from the orchestrator through BLS (inside the Triton stub).
+"""Reaching the worker models through BLS, and the public request's channel (inside the Triton stub).
 
 ``async_exec(decoupled=True)`` hands back a response iterator whose ``next`` blocks until the
 worker's next response; each ``next`` runs on a dedicated thread pool so the event loop (and
@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import numpy as np
 
 from backends.serving import specs
 from backends.serving.errors import WorkerError, code_name, triton_error
@@ -70,8 +72,13 @@ class BlsWorkers:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def public_tensors(req: GenerateRequest, chunk: Chunk, block_size: int) -> dict[str, np.ndarray]:
+    """The public model's output tensors for ``chunk`` (``llm`` 1-D, ``ensemble`` batched)."""
+    return llm_tensors(req, chunk) if req.api == "llm" else ensemble_tensors(chunk, block_size)
+
+
 class TritonChannel:
-    """ClientChannel over a public request's response sender."""
+    """ClientChannel over a public request's response sender (a decoupled public model)."""
 
     def __init__(self, pb_utils: Any, request: Any, req: GenerateRequest | None, block_size: int) -> None:
         self._pb = pb_utils
@@ -83,14 +90,39 @@ class TritonChannel:
     def send(self, chunk: Chunk, final: bool) -> None:
         if self.req is None:
             raise RuntimeError("TritonChannel.send before the request was parsed")
-        tensors = llm_tensors(self.req, chunk) if self.req.api == "llm" \
-            else ensemble_tensors(chunk, self._block_size)
         flags = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        self._sender.send(make_response(self._pb, tensors), flags=flags)
+        self._sender.send(make_response(self._pb, public_tensors(self.req, chunk, self._block_size)), flags=flags)
 
     def fail(self, exc: BaseException) -> None:
         response = self._pb.InferenceResponse(output_tensors=[], error=triton_error(self._pb, exc))
         self._sender.send(response, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def is_cancelled(self) -> bool:
+        return bool(self._request.is_cancelled())
+
+
+class TritonReply:
+    """ClientChannel of a non-decoupled public model: keeps the request's one response.
+
+    ``execute`` returns ``response`` (set by the final ``send`` or by ``fail``); a non-final
+    chunk is a broken invariant (the request must have been refused with stream=true).
+    """
+
+    def __init__(self, pb_utils: Any, request: Any, req: GenerateRequest | None, block_size: int) -> None:
+        self._pb = pb_utils
+        self._request = request
+        self.req = req
+        self._block_size = block_size
+        self.response: Any = None
+
+    def send(self, chunk: Chunk, final: bool) -> None:
+        if self.req is None or not final:
+            raise RuntimeError(f"TritonReply.send: a non-decoupled model sends one final response "
+                               f"(parsed={self.req is not None}, final={final})")
+        self.response = make_response(self._pb, public_tensors(self.req, chunk, self._block_size))
+
+    def fail(self, exc: BaseException) -> None:
+        self.response = self._pb.InferenceResponse(output_tensors=[], error=triton_error(self._pb, exc))
 
     def is_cancelled(self) -> bool:
         return bool(self._request.is_cancelled())

@@ -1,7 +1,12 @@
 """The pd_orchestrator model (Triton python-based backend; entry: backends/pd_orchestrator/model.py).
 
 Thin: parses each request (backends.serving.requests) and runs it as its own coroutine in
-backends.serving.orchestrator.Orchestrator (async execute: requests never serialize).
+backends.serving.orchestrator.Orchestrator (async execute; the requests of a batch run together).
+Decoupled (the default deployment): responses go out through each request's sender and
+``execute`` returns at once, so requests never serialize. Not decoupled (deployment
+``serving.decoupled: false``): ``execute`` returns one response per request, in request order,
+each the full result or that request's own error; the stub waits for it before the next batch
+(``ensemble`` is dynamically batched so waiting requests join the next batch together).
 Model parameters: api (llm | ensemble), source, max_tokens, max_model_len, disaggregation
 (on | off), prefill_models and decode_models (comma-separated worker model names).
 """
@@ -14,7 +19,7 @@ import logging
 import triton_python_backend_utils as pb_utils
 
 from backends.serving import triton_io
-from backends.serving.bls import BlsWorkers, TritonChannel
+from backends.serving.bls import BlsWorkers, TritonChannel, TritonReply
 from backends.serving.kv_cluster import ClusterView
 from backends.serving.metrics import RequestMetrics
 from backends.serving.orchestrator import Orchestrator
@@ -43,6 +48,8 @@ class TritonPythonModel:
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from exc
         self.block_size = int(p.get("block_size", "16"))
+        self.name = args["model_name"]
+        self.decoupled = triton_io.is_decoupled(pb_utils, args)
         self.workers = BlsWorkers(pb_utils)
         # disagg hook (owner of kv*.py): plan with the kvbridge master's prefix hits and loads when one is set
         self.cluster = ClusterView.from_env(p.get("source", "tiny-llama"), self.block_size)
@@ -51,15 +58,28 @@ class TritonPythonModel:
         self.metrics = RequestMetrics(pb_utils, args["model_name"])
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def execute(self, requests: list) -> None:
-        await asyncio.gather(*(self._serve(r) for r in requests))
+    async def execute(self, requests: list) -> list | None:
+        if self.decoupled:
+            await asyncio.gather(*(self._serve(r, TritonChannel(pb_utils, r, None, self.block_size))
+                                   for r in requests))
+            return None
+        replies = [TritonReply(pb_utils, r, None, self.block_size) for r in requests]
+        await asyncio.gather(*(self._serve(r, c) for r, c in zip(requests, replies, strict=True)))
+        return [self._response(c) for c in replies]
 
-    async def _serve(self, request: object) -> None:
-        channel = TritonChannel(pb_utils, request, None, self.block_size)
+    def _response(self, reply: TritonReply) -> object:
+        if reply.response is None:  # _serve always answers; never leave Triton without a response
+            reply.fail(RuntimeError(f"{self.name}: the request ended without a response"))
+        return reply.response
+
+    async def _serve(self, request: object, channel: TritonChannel | TritonReply) -> None:
         try:
             inputs = triton_io.request_inputs(request)
             parse = parse_llm if self.api == "llm" else parse_ensemble
             channel.req = parse(inputs, self.limits)
+            if channel.req.stream and not self.decoupled:
+                raise ValueError(f"stream: true needs a decoupled model; {self.name} is deployed with "
+                                 "serving.decoupled: false (send stream=false, or deploy it decoupled)")
             timing = await self.orchestrator.handle(channel.req, channel)
             self.metrics.observe(timing)
         except Exception as exc:  # one bad request gets its own error; the rest keep going

@@ -35,6 +35,11 @@ def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
 
+def is_decoupled(pb_utils: Any, args: Mapping[str, str]) -> bool:
+    """Whether the model's config has ``model_transaction_policy { decoupled: true }``."""
+    return bool(pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"])))
+
+
 def model_dir(args: Mapping[str, str]) -> Path:
     """The model's directory (python-based backends get it as ``model_repository``)."""
     return Path(args["model_repository"])
