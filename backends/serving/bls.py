@@ -1,20 +1,21 @@
 """Reaching the worker models through BLS, and the public request's channel (inside the Triton stub).
 
 ``async_exec(decoupled=True)`` hands back a response iterator whose ``next`` blocks until the
-worker's next response; each ``next`` runs on a dedicated thread pool so the event loop (and
-every other request) keeps going. A worker error response becomes WorkerError with its code.
+worker's next response; each ``next`` runs on a pool of daemon threads so the event loop (and
+every other request) keeps going. Every iterator is read to its final response. A worker error response becomes WorkerError with its code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from backends.serving import specs
+from backends.serving.daemon_executor import DaemonExecutor
 from backends.serving.errors import WorkerError, code_name, triton_error
 from backends.serving.public_io import Chunk, ensemble_tensors, llm_tensors
 from backends.serving.requests import GenerateRequest
@@ -32,11 +33,12 @@ _DONE = object()
 
 
 class BlsWorkers:
-    """WorkerClient over pb_utils BLS. ``close()`` stops its thread pool."""
+    """WorkerClient over pb_utils BLS. ``close()`` stops its threads (daemons: a ``next`` that
+    never returns cannot hold up the stub's exit)."""
 
     def __init__(self, pb_utils: Any, max_threads: int = 256) -> None:
         self._pb = pb_utils
-        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="pd-bls")
+        self._pool = DaemonExecutor(max_threads, "pd-bls")
 
     def _request(self, model: str, job: WorkerJob) -> Any:
         tensors = [self._pb.Tensor(n, v) for n, v in job_tensors(job).items()]
@@ -45,23 +47,34 @@ class BlsWorkers:
             parameters=job_parameters(job))
 
     async def stream(self, model: str, job: WorkerJob) -> AsyncIterator[WorkerUpdate]:
+        """The worker's updates for ``job``. However the caller stops (a final update, an error,
+        or abandoning the stream), the response iterator is read to its end: python_backend
+        forgets a BLS iterator dropped before its final response and then blocks in the stub's
+        finalize draining it forever (the model never unloads)."""
         responses = await self._request(model, job).async_exec(decoupled=True)
         iterator = iter(responses)
         loop = asyncio.get_running_loop()
-        while True:
-            response: Any = await loop.run_in_executor(self._pool, next, iterator, _DONE)
-            if response is _DONE:
-                return
-            if response.has_error():
-                err = response.error()
-                raise WorkerError(f"{model}: {err.message()}", code_name(self._pb, err))
-            outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
-            if not outputs:
-                continue  # the empty flag-only final response
-            update = parse_update(outputs)
-            yield update
-            if update.final:
-                return
+        ended = False
+        try:
+            while True:
+                response: Any = await loop.run_in_executor(self._pool, next, iterator, _DONE)
+                if response is _DONE:
+                    ended = True
+                    return
+                if response.has_error():
+                    err = response.error()
+                    raise WorkerError(f"{model}: {err.message()}", code_name(self._pb, err))
+                outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
+                if not outputs:
+                    continue  # the empty flag-only final response
+                update = parse_update(outputs)
+                yield update
+                if update.final:
+                    return
+        finally:
+            if not ended:
+                with contextlib.suppress(RuntimeError):  # closed: the stub's finalize drains it
+                    self._pool.submit(_drain, iterator)
 
     async def cancel(self, model: str, request_id: str) -> None:
         job = WorkerJob(request_id, "cancel")
@@ -70,6 +83,12 @@ class BlsWorkers:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _drain(iterator: Any) -> None:
+    """Reads a BLS response iterator to its final response (the worker always sends one)."""
+    for _ in iterator:
+        pass
 
 
 def public_tensors(req: GenerateRequest, chunk: Chunk, block_size: int) -> dict[str, np.ndarray]:

@@ -4,7 +4,9 @@
 ``mla_worker`` serve tiny-mla (one server for both: a second one would cost its start-up time).
 
 The server runs from the pytriton wheel (or a system install), on free loopback ports, with a
-backend directory laid out in a temp dir; teardown stops it and checks no stub survives.
+backend directory laid out in a temp dir; teardown stops it and checks that every model
+unloaded cleanly: no stub survives and no stub's /dev/shm region is left behind (python_backend
+only removes it when its stub finalizes; a stub the server had to SIGKILL leaves it).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +44,17 @@ def _stub_pids(pgid: int) -> list[int]:
             if line.split()[1] == str(pgid) and "triton" in line]
 
 
+def _shm_regions(pids: list[int]) -> list[str]:
+    """The /dev/shm region of each stub: its command line's second argument."""
+    regions = []
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        if len(argv) > 2 and argv[2].startswith(b"triton_"):
+            regions.append(argv[2].decode())
+    return sorted(regions)
+
+
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     try:
@@ -64,5 +78,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield Served(server, server.http_url, server.grpc_url, f"http://127.0.0.1:{metrics_port}/metrics",
                      NUM_BLOCKS)
     finally:
+        regions = _shm_regions(_stub_pids(pgid)) if pgid is not None else []
         server.close()
         assert pgid is not None and _stub_pids(pgid) == []
+    assert len(regions) == 3 * len(WORKERS)  # the llm, ensemble and worker stubs of each preset
+    assert [r for r in regions if Path("/dev/shm", r).exists()] == []

@@ -1,0 +1,80 @@
+"""An Executor on daemon threads, for blocking calls that may never return.
+
+``concurrent.futures.ThreadPoolExecutor`` joins its (non-daemon) threads at interpreter exit,
+so one thread stuck in a call that never returns (a BLS response iterator's ``next`` whose
+final response never comes) keeps the Triton stub from exiting. DaemonExecutor's threads are
+daemons: nothing waits for them at exit, and ``shutdown`` never joins them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any
+
+_Work = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class DaemonExecutor(Executor):
+    """Runs submitted calls on up to ``max_threads`` daemon threads, started as needed.
+
+    A thread is started only when no started thread is idle. ``shutdown`` stops idle threads,
+    cancels queued calls with ``cancel_futures`` and never waits; ``submit`` after it is a
+    RuntimeError.
+    """
+
+    def __init__(self, max_threads: int, name: str) -> None:
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be at least 1, got {max_threads}")
+        self._max_threads = max_threads
+        self._name = name
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self._name}: submit after shutdown")
+            future: Future[Any] = Future()
+            self._work.put((future, fn, args, kwargs))
+            if not self._idle.acquire(timeout=0) and len(self._threads) < self._max_threads:
+                thread = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            return future
+
+    def shutdown(self, wait: bool = False, *, cancel_futures: bool = False) -> None:
+        """Stops the threads once they are idle; ``wait`` is ignored (daemons are never joined)."""
+        with self._lock:
+            self._closed = True
+            while cancel_futures:
+                try:
+                    work = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if work is not None:
+                    work[0].cancel()
+            self._work.put(None)
+
+    def _run(self) -> None:
+        while True:
+            work = self._work.get()
+            if work is None:
+                self._work.put(None)  # wakes the next thread to stop too
+                return
+            future, fn, args, kwargs = work
+            del work
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn, args, kwargs
+            self._idle.release()

@@ -1,0 +1,111 @@
+"""BlsWorkers.stream reads every BLS response iterator to its end, however its caller stops.
+
+python_backend (2.51) forgets a decoupled BLS response iterator dropped before its final
+response, then blocks forever draining it when the stub finalizes (the model never unloads).
+The pb_utils stand-in below is the BLS transport only; the code under test is BlsWorkers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from backends.serving.bls import BlsWorkers
+from backends.serving.worker_io import WorkerJob, WorkerUpdate, update_tensors
+
+
+class _Tensor:
+    def __init__(self, name: str, value: np.ndarray) -> None:
+        self._name, self._value = name, value
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._value
+
+
+class _Response:
+    def __init__(self, update: WorkerUpdate) -> None:
+        self._tensors = [_Tensor(n, v) for n, v in update_tensors(update).items()]
+
+    def has_error(self) -> bool:
+        return False
+
+    def output_tensors(self) -> list[_Tensor]:
+        return self._tensors
+
+
+class _Transport:
+    """Serves one decoupled BLS stream of ``tokens`` (the last one final); records what was read."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+        self.read: list[int] = []
+        self.ended = threading.Event()
+
+    def responses(self) -> Iterator[_Response]:
+        for i, token in enumerate(self.tokens):
+            self.read.append(token)
+            final = i == len(self.tokens) - 1
+            yield _Response(WorkerUpdate((token,), (), final, "length" if final else "", 3, i + 1, 0))
+        self.ended.set()
+
+
+class _PbUtils:
+    def __init__(self, transport: _Transport) -> None:
+        self._transport = transport
+        self.Tensor = _Tensor
+
+    def InferenceRequest(self, **kwargs: Any) -> Any:  # noqa: N802 - pb_utils' name
+        transport = self._transport
+
+        class _Request:
+            async def async_exec(self, decoupled: bool) -> Iterator[_Response]:
+                assert decoupled
+                return transport.responses()
+
+        return _Request()
+
+
+def _first_update(workers: BlsWorkers) -> WorkerUpdate:
+    async def run() -> WorkerUpdate:
+        stream: Any = workers.stream("worker", WorkerJob("r1", "context_and_generation", (1, 2, 3)))
+        first = await stream.__anext__()
+        await stream.aclose()  # the caller abandons the stream (a client cancel, a stop string)
+        return first
+
+    return asyncio.run(run())
+
+
+def test_abandoned_stream_is_read_to_its_final_response() -> None:
+    transport = _Transport([7, 8, 9, 10])
+    workers = BlsWorkers(_PbUtils(transport))
+    try:
+        first = _first_update(workers)
+        assert transport.ended.wait(5)
+    finally:
+        workers.close()
+    assert (first.new_token_ids, first.final) == ((7,), False)
+    assert transport.read == [7, 8, 9, 10]
+
+
+def test_stream_read_to_the_end_yields_every_update() -> None:
+    transport = _Transport([4, 5])
+
+    async def run(workers: BlsWorkers) -> list[tuple[tuple[int, ...], bool, str]]:
+        job = WorkerJob("r2", "context_and_generation", (1,))
+        return [(u.new_token_ids, u.final, u.finish_reason) async for u in workers.stream("worker", job)]
+
+    workers = BlsWorkers(_PbUtils(transport))
+    try:
+        updates = asyncio.run(run(workers))
+        assert transport.ended.wait(5)
+    finally:
+        workers.close()
+    assert updates == [((4,), False, ""), ((5,), True, "length")]
+    assert transport.read == [4, 5]
