@@ -18,6 +18,8 @@ not thread-safe); block-server threads only report ended pulls to the lease tabl
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -83,6 +85,12 @@ class NotifyingSlotAllocator(SlotAllocator):
         self._on_unpin(slots)
 
 
+def pool_name(pgid: int) -> str:
+    """A fresh pool name tagged with the server's process group: a worker stub runs in
+    tritonserver's group, so the launcher can unlink what a killed stub left behind."""
+    return f"kvb-pool-g{pgid}-{secrets.token_hex(6)}"
+
+
 class KVNode:
     """See the module docstring. ``close()`` stops the server and unlinks the pool."""
 
@@ -91,7 +99,8 @@ class KVNode:
         self.config = config
         self.layout = layout
         self.leases = LeaseTable()
-        self.pool = HostBlockPool.create(PoolLayout(layout.num_layers, config.pool_blocks, layout.block_bytes))
+        self.pool = HostBlockPool.create(PoolLayout(layout.num_layers, config.pool_blocks, layout.block_bytes),
+                                         name=pool_name(os.getpgrp()))
         self.allocator = NotifyingSlotAllocator(config.pool_blocks, self.leases.pulled)
         connect_s = min(config.pull_timeout_s, 5.0)
         self.tcp = TcpTransport(config.host, 0, timeout_s=config.pull_timeout_s, connect_timeout_s=connect_s)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from backends.serving.install import TritonInstall, python_lib_dir, repo_root
+from backends.serving.shm_cleanup import stub_regions, unlink_leftovers
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,7 @@ class TritonServer:
         """SIGTERM the server, wait up to ``grace_s``, then SIGKILL its whole process group."""
         proc, self._proc = self._proc, None
         if proc is not None:
+            regions = stub_regions(proc.pid)
             # SIGTERM the server only: it unloads models and stops its stubs itself.
             _signal_pid(proc, signal.SIGTERM)
             try:
@@ -164,7 +166,8 @@ class TritonServer:
                 proc.wait(timeout=10.0)
             # Stubs whose parent died still carry the group id: make sure none survives.
             _signal_group(proc.pid, signal.SIGKILL)
-            _wait_group_gone(proc.pid, timeout_s=10.0)
+            if _wait_group_gone(proc.pid, timeout_s=10.0):
+                unlink_leftovers(proc.pid, regions)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -182,15 +185,17 @@ def _signal_pid(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
             proc.send_signal(sig)
 
 
-def _wait_group_gone(pgid: int, timeout_s: float) -> None:
-    """Waits until no process of group ``pgid`` is left (killpg(0) probes without signalling)."""
+def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    """Waits until no process of group ``pgid`` is left (killpg(0) probes without signalling);
+    False if some is still there at the deadline."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             os.killpg(pgid, 0)
         except (ProcessLookupError, PermissionError):
-            return
+            return True
         time.sleep(0.05)
+    return False
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -9,12 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
 from backends.serving.install import find_triton, repo_root
+from backends.serving.shm_cleanup import leftovers, stub_regions
 
 pytestmark = pytest.mark.e2e
 
@@ -30,6 +30,17 @@ def _group_members(pgid: int) -> list[str]:
     return [line for line in out.stdout.splitlines()[1:] if line.split()[1] == str(pgid)]
 
 
+def _read_until_ready(proc: subprocess.Popen[str]) -> str:
+    """serve's output up to its ready line (the rest is read by communicate())."""
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Ctrl-C stops" in line:
+            return "".join(lines)
+    raise AssertionError("serve exited before it was ready:\n" + "".join(lines))
+
+
 def _ignore_sigint() -> None:
     """As a non-interactive shell starts a background job: SIGINT ignored on entry."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -37,6 +48,9 @@ def _ignore_sigint() -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
+    """A client keeps its HTTP keep-alive connection open across the shutdown: tritonserver
+    then spends its exit timeout waiting for it and kills the stubs unfinalized; the launcher
+    must still leave no process and no shared memory behind."""
     try:
         find_triton()
     except RuntimeError as exc:
@@ -45,28 +59,24 @@ def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
     env = {k: v for k, v in os.environ.items() if k != "KVBRIDGE_MASTER"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "backends.cli", "serve", "--http-port", str(http),
-         "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--ready-timeout", "240"],
         cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True, preexec_fn=_ignore_sigint)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
+        [server_pid] = re.findall(r"\(tritonserver pid (\d+)\)", _read_until_ready(proc))
+        regions = stub_regions(int(server_pid))
+        assert len(regions) == 4  # llm, ensemble, prefill, decode
         body = {"text_input": "hi", "sampling_parameters": '{"max_tokens": 2, "temperature": 0}'}
-        reply = requests.post(f"http://127.0.0.1:{http}/v2/models/llm/generate", json=body, timeout=60)
-        assert reply.status_code == 200, reply.text
-        proc.send_signal(signum)
-        output, _ = proc.communicate(timeout=60)
+        with requests.Session() as client:
+            reply = client.post(f"http://127.0.0.1:{http}/v2/models/llm/generate", json=body, timeout=60)
+            assert reply.status_code == 200, reply.text
+            proc.send_signal(signum)
+            output, _ = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, output
-    [server_pid] = re.findall(r"\(tritonserver pid (\d+)\); Ctrl-C stops", output)
     assert _group_members(int(server_pid)) == []
     assert _group_members(proc.pid) == []
+    assert leftovers(int(server_pid), regions) == []

@@ -1,0 +1,60 @@
+"""What a stopped tritonserver's process group may leave in /dev/shm, and its removal.
+
+A stub that finalizes unlinks its own shared memory: python_backend's region (the stub's
+second command-line argument) and, for pd_worker, its kvbridge pool (named with the server's
+process group, see kv_node.pool_name). A stub killed at shutdown (the server's exit timeout
+ran out, e.g. while a client held an HTTP keep-alive connection) leaves them behind. The
+launcher collects the region names while the stubs live and, once the whole group is gone,
+unlinks whatever is left: no live process can map them any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+STUB_NAME = "triton_python_backend_stub"
+
+
+def _pgid_of(pid_dir: Path) -> int | None:
+    try:
+        stat = (pid_dir / "stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after its ')'.
+    fields = stat[stat.rfind(")") + 2:].split()
+    return int(fields[2]) if len(fields) > 2 else None
+
+
+def stub_regions(pgid: int) -> list[str]:
+    """The python_backend shared-memory region of every stub now running in group ``pgid``."""
+    regions = []
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        if _pgid_of(pid_dir) != pgid:
+            continue
+        with contextlib.suppress(OSError):
+            argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
+            if len(argv) > 2 and os.path.basename(argv[0].decode()) == STUB_NAME:
+                regions.append(argv[2].decode())
+    return sorted(regions)
+
+
+def leftovers(pgid: int, regions: list[str]) -> list[Path]:
+    """Which of ``regions`` and of group ``pgid``'s kvbridge pools (and their control tables)
+    still exist."""
+    names = {p for p in SHM_DIR.glob(f"kvb-*pool-g{pgid}-*")}
+    names.update(SHM_DIR / r for r in regions if "/" not in r and (SHM_DIR / r).exists())
+    return sorted(names)
+
+
+def unlink_leftovers(pgid: int, regions: list[str]) -> list[Path]:
+    """Unlinks ``leftovers(pgid, regions)``; call only once no process of ``pgid`` is left.
+    Returns what it removed."""
+    removed = []
+    for path in leftovers(pgid, regions):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
