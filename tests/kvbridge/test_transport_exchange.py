@@ -6,9 +6,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
-import numpy as np
 import pytest
-from transport_procs import LAYOUT, pattern, producer
+from transport_procs import LAYOUT, assert_pattern, pattern, producer
 
 from kvbridge.pool import HostBlockPool, SlotAllocator
 from kvbridge.transport.base import PoolRegion
@@ -41,9 +40,7 @@ def test_two_process_layerwise_exchange(name: str) -> None:
         recv.wait(time.monotonic() + 30)
         assert recv.poll() == 4
         recv.close()
-        for layer in range(LAYOUT.num_layers):
-            for k, slot in enumerate(slots):
-                np.testing.assert_array_equal(dest.block(layer, slot), pattern(layer, k))
+        assert_pattern(dest, slots)
         assert parent.poll(30)
         assert parent.recv() == ([1, 1, 1], 8)  # producer: pins released, then its own slots freed
         parent.send("bye")

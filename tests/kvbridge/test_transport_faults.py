@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from transport_procs import LAYOUT, Side, pattern
+from transport_procs import LAYOUT, Side, assert_pattern, pattern
 
 from kvbridge.errors import RemoteError, TransferTimeout, TransportUnavailable
 from kvbridge.handle import KVHandle, KVLayoutSpec
@@ -103,9 +103,7 @@ def test_pull_by_kv_handle_pins_until_done(sides: tuple[Side, Side]) -> None:
         recv = client.start_recv(pull_spec(handle), dst.region())
         recv.wait(time.monotonic() + 10)
         recv.close()
-        for layer in range(LAYOUT.num_layers):
-            for k, slot in enumerate(dst.slots):
-                np.testing.assert_array_equal(dst.pool.block(layer, slot), pattern(layer, k))
+        assert_pattern(dst.pool, dst.slots)
         deadline = time.monotonic() + 5
         while src.alloc.refcount(src.slots[0]) != 1 and time.monotonic() < deadline:
             time.sleep(0.01)  # the server unpins right after the receiver's PullDone

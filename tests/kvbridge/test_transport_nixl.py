@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 import pytest
-from transport_procs import LAYOUT, Side, pattern, source_slots
+from transport_procs import LAYOUT, Side, assert_pattern, fill_pattern, pattern, source_slots
 
 from kvbridge.errors import RemoteError, TransferTimeout, TransportUnavailable
 from kvbridge.pool import HostBlockPool, SlotAllocator
@@ -54,8 +54,7 @@ def producer(conn: Connection) -> None:
     for layer in range(LAYOUT.num_layers):
         if layer == LAYOUT.num_layers - 1 and (not conn.poll(30) or conn.recv() != "ack0"):
             raise RuntimeError("no ack of layer 0")
-        for k, slot in enumerate(slots):
-            pool.block(layer, slot)[:] = pattern(layer, k)
+        fill_pattern(pool, layer, slots)
         send.publish_layer(layer)
     send.wait(time.monotonic() + 30)
     acked = send.poll()
@@ -92,9 +91,7 @@ def test_two_process_layerwise_exchange() -> None:
         recv.close()
         recv.close()
         assert transport.num_registered == 0
-        for layer in range(LAYOUT.num_layers):
-            for k, slot in enumerate(slots):
-                np.testing.assert_array_equal(dest.block(layer, slot), pattern(layer, k))
+        assert_pattern(dest, slots)
         assert not dest.array[:, [1, 4, 5, 6, 7]].any()
         assert parent.poll(30)
         assert parent.recv() == (4, [1, 1, 1], 8, 0)  # all acked, pins released, slots freed, unregistered

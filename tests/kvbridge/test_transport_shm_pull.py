@@ -7,9 +7,8 @@ import socket
 import time
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
-from transport_procs import LAYOUT, Side, eventually, pattern
+from transport_procs import LAYOUT, Side, assert_pattern, eventually
 
 from kvbridge.errors import RemoteError, TransferTimeout
 from kvbridge.handle import KVHandle, KVLayoutSpec
@@ -50,9 +49,7 @@ def refs(side: Side) -> list[int]:
 
 
 def assert_copied(dst: Side) -> None:
-    for layer in range(LAYOUT.num_layers):
-        for k, slot in enumerate(dst.slots):
-            np.testing.assert_array_equal(dst.pool.block(layer, slot), pattern(layer, k))
+    assert_pattern(dst.pool, dst.slots)
 
 
 def test_slot_freed_during_pull_returns_only_after_unpin(sides: tuple[Side, Side], server: TcpTransport) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
-from transport_procs import LAYOUT, Side, pattern
+from transport_procs import LAYOUT, Side, assert_pattern
 
 from kvbridge.errors import RemoteError
 from kvbridge.transport.base import TransferSpec
@@ -29,9 +28,7 @@ def spec(transfer_id: str, src: Side) -> TransferSpec:
 
 
 def assert_received(dst: Side) -> None:
-    for layer in range(LAYOUT.num_layers):
-        for k, slot in enumerate(dst.slots):
-            np.testing.assert_array_equal(dst.pool.block(layer, slot), pattern(layer, k))
+    assert_pattern(dst.pool, dst.slots)
 
 
 def test_sequential_transfers_reuse_one_entry(sides: tuple[Side, Side]) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import xxhash
-from transport_procs import LAYOUT, Side, eventually, pattern
+from transport_procs import LAYOUT, Side, assert_pattern, eventually, pattern
 
 from kvbridge.errors import ChecksumMismatch, RemoteError
 from kvbridge.protocol import HelloAck, encode_frame
@@ -117,9 +117,7 @@ def test_pulls_reuse_one_connection(sides: tuple[Side, Side]) -> None:
             recv = client.start_recv(spec, dst.region())
             recv.wait(time.monotonic() + 10)
             recv.close()
-            for layer in range(LAYOUT.num_layers):
-                for k, slot in enumerate(dst.slots):
-                    np.testing.assert_array_equal(dst.pool.block(layer, slot), pattern(layer, k))
+            assert_pattern(dst.pool, dst.slots)
             assert client.connections.num_idle(server.endpoint) == 1
         assert server.server.connections_accepted == 1
         assert eventually(lambda: src.alloc.refcount(src.slots[0]) == 1)
@@ -182,9 +180,7 @@ def test_concurrent_pulls_share_one_receiver(sides: tuple[Side, Side]) -> None:
             thread.join(10)
         assert errors == []
         for slots in ((0, 1, 2), (3, 4, 5), (7, 6, 2)):
-            for layer in range(LAYOUT.num_layers):
-                for k, slot in enumerate(slots):
-                    np.testing.assert_array_equal(dst.pool.block(layer, slot), pattern(layer, k))
+            assert_pattern(dst.pool, slots)
         assert 1 <= client.connections.num_idle(server.endpoint) <= 3
         assert eventually(lambda: src.alloc.refcount(src.slots[0]) == 1)
         src.release_and_check()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -17,6 +17,19 @@ LAYOUT = PoolLayout(num_layers=4, num_slots=8, block_bytes=4096)
 
 def pattern(layer: int, block: int) -> np.ndarray:
     return np.random.default_rng(layer * 100 + block).integers(0, 256, LAYOUT.block_bytes, dtype=np.uint8)
+
+
+def fill_pattern(pool: HostBlockPool, layer: int, slots: Sequence[int]) -> None:
+    """Writes block k of ``slots`` in ``layer`` with ``pattern(layer, k)``."""
+    for k, slot in enumerate(slots):
+        pool.block(layer, slot)[:] = pattern(layer, k)
+
+
+def assert_pattern(pool: HostBlockPool, slots: Sequence[int]) -> None:
+    """Every layer's block k of ``slots`` holds exactly ``pattern(layer, k)``."""
+    for layer in range(LAYOUT.num_layers):
+        for k, slot in enumerate(slots):
+            np.testing.assert_array_equal(pool.block(layer, slot), pattern(layer, k))
 
 
 def source_slots(alloc: SlotAllocator) -> tuple[int, ...]:
@@ -36,8 +49,7 @@ class Side:
         self.slots = source_slots(self.alloc) if source else tuple(self.alloc.allocate(3) or ())
         if source:
             for layer in range(LAYOUT.num_layers):
-                for k, slot in enumerate(self.slots):
-                    self.pool.block(layer, slot)[:] = pattern(layer, k)
+                fill_pattern(self.pool, layer, self.slots)
 
     def region(self) -> PoolRegion:
         return PoolRegion(self.pool.array, self.slots)
@@ -80,8 +92,7 @@ def producer(name: str, conn: Connection) -> None:
     for layer in range(LAYOUT.num_layers):
         if layer == LAYOUT.num_layers - 1 and (not conn.poll(30) or conn.recv() != "ack0"):
             raise RuntimeError("no ack of layer 0")
-        for k, slot in enumerate(slots):
-            pool.block(layer, slot)[:] = pattern(layer, k)
+        fill_pattern(pool, layer, slots)
         send.publish_layer(layer)
     send.wait(time.monotonic() + 30)
     send.close()
