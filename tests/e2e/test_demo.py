@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from procs import group_members
 
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
@@ -17,11 +18,6 @@ from backends.serving.install import find_triton, repo_root
 pytestmark = pytest.mark.e2e
 PROMPT = "The capital of France is"
 MAX_TOKENS = 8
-
-
-def _group_members(pgid: int) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,pgid,comm"], capture_output=True, text=True, check=True)
-    return [line for line in out.stdout.splitlines()[1:] if line.split()[1] == str(pgid)]
 
 
 def test_demo_streams_the_greedy_reply_and_leaves_no_process() -> None:
@@ -41,4 +37,4 @@ def test_demo_streams_the_greedy_reply_and_leaves_no_process() -> None:
     assert f"{MAX_TOKENS} tokens, finish_reason length" in proc.stderr
     assert proc.stderr.rstrip().endswith("triton-pd demo: stopped")
     [pid] = re.findall(r"tritonserver pid (\d+) ready", proc.stderr)
-    assert _group_members(int(pid)) == []
+    assert group_members(int(pid)) == []

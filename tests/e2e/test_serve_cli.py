@@ -6,28 +6,18 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import requests
+from procs import group_members
 
 from backends.serving.install import find_triton, repo_root
+from backends.serving.launcher import free_ports
 from backends.serving.shm_cleanup import leftovers, stub_regions
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _group_members(pgid: int) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,pgid,comm"], capture_output=True, text=True, check=True)
-    return [line for line in out.stdout.splitlines()[1:] if line.split()[1] == str(pgid)]
 
 
 def _read_until_ready(proc: subprocess.Popen[str]) -> str:
@@ -55,7 +45,7 @@ def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
         find_triton()
     except RuntimeError as exc:
         pytest.skip(f"no tritonserver: {exc}")
-    http, grpc, metrics = _free_port(), _free_port(), _free_port()
+    http, grpc, metrics = free_ports(3)
     env = {k: v for k, v in os.environ.items() if k != "KVBRIDGE_MASTER"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "backends.cli", "serve", "--http-port", str(http),
@@ -77,6 +67,6 @@ def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, output
-    assert _group_members(int(server_pid)) == []
-    assert _group_members(proc.pid) == []
+    assert group_members(int(server_pid)) == []
+    assert group_members(proc.pid) == []
     assert leftovers(int(server_pid), regions) == []
