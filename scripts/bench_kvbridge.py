@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -37,7 +38,8 @@ DEFAULT_SIZES = [64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB, 64 * MIB]
 NUM_LAYERS = 4
 TRANSFER_CASES = ("shm", "shm-pull", "tcp", "tcp-pull", "tcp-cold")
 TRANSFER_NOTES = (
-    "4 layers; producer = another process on the same 2 cores; destination = a pre-allocated, pre-touched",
+    "4 layers; producer = another process, pinned to its own CPU, the consumer to another (--no-pin: the OS",
+    "places both, and may put them on one core); destination = a pre-allocated, pre-touched",
     "pool (as a real KV pool); time = start_recv -> wait -> close in the consumer, median over reps (then",
     "median over --repeat runs); memcpy = numpy copy of the same size timed just before each rep.",
     "shm: published layer-wise transfer; progress through an entry of the pool's control table (one",
@@ -63,9 +65,18 @@ def _layout(size_bytes: int) -> PoolLayout:
     return PoolLayout(NUM_LAYERS, layer_nbytes // block_bytes, block_bytes)
 
 
-def _producer(conn: Connection) -> None:
+def pin_cpus() -> tuple[int, int] | None:
+    """(consumer CPU, producer CPU): two different CPUs of this process's affinity set, or None
+    when it has fewer than two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def _producer(conn: Connection, cpu: int | None) -> None:
     """The prefill side: per size, a random pool served by its block server (pulls by handle);
     on request, a published transfer of the whole pool over shm or tcp. Exits on None."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     tcp = TcpTransport()
     transports: dict[str, Transport] = {"shm": ShmTransport(), "tcp": tcp}
     pool: HostBlockPool | None = None
@@ -178,11 +189,16 @@ def _measure(consumer: _Consumer, case: Callable[[int], float]) -> tuple[float, 
     return consumer.size / statistics.median(times) / 1e9, consumer.size / statistics.median(copies) / 1e9
 
 
-def transfer_section(sizes: list[int]) -> list[TransferRow]:
+def transfer_section(sizes: list[int], pin: bool) -> list[TransferRow]:
+    """One run over ``sizes``; with ``pin``, producer and consumer each on their own CPU."""
+    cpus = pin_cpus() if pin else None
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_producer, args=(child,), daemon=True)
+    proc = ctx.Process(target=_producer, args=(child, cpus[1] if cpus else None), daemon=True)
     proc.start()
+    previous = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, {cpus[0]})
     shm, tcp = ShmTransport(), TcpTransport()
     results: dict[str, list[TransferRow]] = {case: [] for case in TRANSFER_CASES}
     try:
@@ -197,6 +213,7 @@ def transfer_section(sizes: list[int]) -> list[TransferRow]:
         proc.join(60)
         shm.close()
         tcp.close()
+        os.sched_setaffinity(0, previous)
     return [row for rows in results.values() for row in rows]
 
 
@@ -301,13 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=DEFAULT_SIZES,
                         help="comma-separated transfer sizes in bytes (multiples of 4)")
     parser.add_argument("--repeat", type=int, default=1, help="transfer section runs; the table shows medians")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the OS place producer and consumer (default: one CPU each, as workers are pinned)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     results: dict[str, object] = {}
     if args.section in ("all", "radix"):
         results["radix"] = radix_section()
     if args.section in ("all", "transfer"):
-        rows = median_rows([transfer_section(args.sizes) for _ in range(max(1, args.repeat))])
+        rows = median_rows([transfer_section(args.sizes, not args.no_pin) for _ in range(max(1, args.repeat))])
         print_transfer_table(rows)
         results["transfer"] = [asdict(row) for row in rows]
     if args.json:

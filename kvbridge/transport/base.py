@@ -24,7 +24,7 @@ from typing import ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
-from kvbridge.pool import PoolHandle, SlotAllocator
+from kvbridge.pool import HostBlockPool, PoolHandle, SlotAllocator
 
 
 class LayerBuffers(Protocol):
@@ -51,15 +51,31 @@ class PoolRegion:
     """The blocks at ``slots`` of a pool array [num_layers, num_slots, block_bytes] (uint8)."""
 
     def __init__(self, array: np.ndarray, slots: Sequence[int]) -> None:
-        if array.ndim != 3 or array.dtype != np.uint8 or not array.flags.c_contiguous:
-            raise ValueError(f"array: expected a C-contiguous uint8 [L, S, B] array, got {array.dtype} {array.shape}")
-        if not slots or any(not 0 <= s < array.shape[1] for s in slots):
-            raise ValueError(f"slots: expected slots in [0, {array.shape[1]}), got {list(slots)[:16]}")
+        shape = array.shape
+        if len(shape) != 3 or array.dtype != np.uint8 or not array.flags.c_contiguous:
+            raise ValueError(f"array: expected a C-contiguous uint8 [L, S, B] array, got {array.dtype} {shape}")
+        if not slots or min(slots) < 0 or max(slots) >= shape[1]:
+            raise ValueError(f"slots: expected slots in [0, {shape[1]}), got {list(slots)[:16]}")
         self.array = array
         self.slots = tuple(slots)
-        self.num_layers = int(array.shape[0])
-        self.layer_nbytes = len(self.slots) * int(array.shape[2])
+        self.num_layers = int(shape[0])
+        self.layer_nbytes = len(self.slots) * int(shape[2])
         self._runs = slot_runs(self.slots)
+
+    @classmethod
+    def of_pool(cls, pool: HostBlockPool, slots: Sequence[int]) -> PoolRegion:
+        """The blocks at ``slots`` of ``pool``; checks only the slots (a pool's array is by
+        construction a C-contiguous uint8 [L, S, B] array): the receive path's cheap form."""
+        layout = pool.layout
+        if not slots or min(slots) < 0 or max(slots) >= layout.num_slots:
+            raise ValueError(f"slots: expected slots in [0, {layout.num_slots}), got {list(slots)[:16]}")
+        region = cls.__new__(cls)
+        region.array = pool.array
+        region.slots = tuple(slots)
+        region.num_layers = layout.num_layers
+        region.layer_nbytes = len(region.slots) * layout.block_bytes
+        region._runs = slot_runs(region.slots)
+        return region
 
     def layer_runs(self, layer: int) -> list[np.ndarray]:
         view = self.array[layer]
@@ -176,7 +192,11 @@ def copy_layers(src: LayerBuffers, dst: LayerBuffers, first: int, stop: int) -> 
         for layer in range(first, stop):
             copy_runs(src.layer_runs(layer), dst.layer_runs(layer))
         return
-    s_runs, d_runs = src.runs, dst.runs
+    s_runs, d_runs = src._runs, dst._runs
+    if len(s_runs) == 1 and len(d_runs) == 1 and s_runs[0][1] == d_runs[0][1]:  # the common case: one run each
+        (s0, count), (d0, _) = s_runs[0], d_runs[0]
+        np.copyto(dst.array[first:stop, d0:d0 + count], src.array[first:stop, s0:s0 + count])
+        return
     pieces = overlaps([count for _, count in s_runs], [count for _, count in d_runs],
                       "dst: source and destination regions differ in size")
     for si, s_off, di, d_off, take in pieces:

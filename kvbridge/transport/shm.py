@@ -184,11 +184,14 @@ class ShmTransport(Transport):
         if spec.pool is None:
             raise ValueError("spec: shm needs a transfer_id and the producer's pool handle")
         pool_name = spec.pool.name
-        return ShmRecvHandle(spec, PoolRegion(self.attach(spec.pool).array, spec.source_slots), dest,
+        return ShmRecvHandle(spec, PoolRegion.of_pool(self.attach(spec.pool), spec.source_slots), dest,
                              lambda refresh: self._table_view(pool_name, refresh))
 
     def attach(self, handle: PoolHandle) -> HostBlockPool:
         """The producer pool ``handle`` names, mapped once and kept until ``close()``."""
+        pool = self._pools.get(handle.name)  # the common case, without the lock (dict reads are atomic)
+        if pool is not None and pool.layout == handle.layout:
+            return pool
         with self._lock:
             pool = self._pools.get(handle.name)
             if pool is None or pool.layout != handle.layout:

@@ -23,11 +23,12 @@ single aligned 8-byte writes, and x86's store order makes data-before-counter vi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import mmap
 import os
 import threading
 import time
+
+import xxhash
 
 from kvbridge.pool import SHM_DIR
 
@@ -46,8 +47,8 @@ def table_path(pool_name: str) -> str:
 
 def transfer_key(transfer_id: str) -> int:
     """A nonzero int64 naming the transfer in the table (the same in every process)."""
-    key = int.from_bytes(hashlib.blake2b(transfer_id.encode(), digest_size=8).digest(), "little", signed=True)
-    return key or 1
+    key = xxhash.xxh3_64_intdigest(transfer_id.encode())
+    return (key - (1 << 64) if key >= 1 << 63 else key) or 1
 
 
 def tag(gen: int, value: int) -> int:
@@ -112,6 +113,11 @@ class TableView:
 
     def set(self, entry: int, word: int, value: int) -> None:
         self._checked()[ENTRY_WORDS * (entry + 1) + word] = value
+
+    def entry(self, entry: int) -> list[int]:
+        """All words of ``entry``, read in word order (ID first) in one call."""
+        base = ENTRY_WORDS * (entry + 1)
+        return self._checked()[base:base + ENTRY_WORDS].tolist()
 
     def find(self, key: int) -> list[int]:
         """Entries (below the high water) whose ID is ``key``."""

@@ -50,7 +50,7 @@ class ShmPullHandle(RecvHandle):
             granted = expect_reply(recv_message(sock), PinGranted)
             if spec.pool_name and granted.pool.name != spec.pool_name:
                 raise ProtocolError(f"pinned pool {granted.pool.name!r}, the handle names {spec.pool_name!r}")
-            source = PoolRegion(attach(granted.pool).array, spec.source_slots)
+            source = PoolRegion.of_pool(attach(granted.pool), spec.source_slots)
         except BaseException:
             sock.close()  # the server unpins when the connection ends
             raise

@@ -57,61 +57,60 @@ class ShmRecvHandle(RecvHandle):
     def poll(self) -> int:
         return self._copied
 
-    def _find_entry(self) -> bool:
-        """Finds our entry in the pool's table; False while the producer has not published it."""
+    def _find_entry(self) -> list[int] | None:
+        """Finds our entry in the pool's table and returns its words; None while the producer
+        has not published it."""
         view = self._locate(False)
         found = [] if view is None else view.find(self._key)
         if not found:
             if view is not None and not view.is_current():
                 self._locate(True)  # the producer's table was replaced: map the new one next time
-            return False
+            return None
         if view is None:
             raise RuntimeError("unreachable: entries found without a table")
         for entry in found:
-            gen = view.get(entry, GEN)
-            if view.get(entry, ID) != self._key:
+            gen = view.get(entry, GEN)  # before ID: reclaiming clears ID first, then bumps GEN
+            words = view.entry(entry)
+            if words[ID] != self._key or words[GEN] != gen:
                 continue  # reclaimed while we looked
-            if (view.get(entry, NUM_LAYERS), view.get(entry, LAYER_NBYTES)) != (self.num_layers,
-                                                                                 self.spec.layer_nbytes):
+            if (words[NUM_LAYERS], words[LAYER_NBYTES]) != (self.num_layers, self.spec.layer_nbytes):
                 raise ValueError(
                     f"spec: transfer {self.spec.transfer_id!r} says {self.num_layers} x {self.spec.layer_nbytes} "
-                    f"bytes, the producer publishes {view.get(entry, NUM_LAYERS)} x {view.get(entry, LAYER_NBYTES)}"
+                    f"bytes, the producer publishes {words[NUM_LAYERS]} x {words[LAYER_NBYTES]}"
                 )
             self._view, self._entry, self._gen = view, entry, gen
-            return True
-        return False
+            return words
+        return None
 
-    def _check_current(self, view: TableView) -> None:
-        """RemoteError if our entry was reclaimed (and perhaps reused) by the producer."""
-        gen = view.get(self._entry, GEN)
-        if gen != self._gen:
+    def _current_words(self, view: TableView) -> list[int]:
+        """Our entry's words; RemoteError if it was reclaimed (and perhaps reused) by the producer
+        or the producer gave up."""
+        words = view.entry(self._entry)
+        if words[GEN] != self._gen:
             raise RemoteError("stale", f"shm transfer {self.spec.transfer_id}: control entry {self._entry} "
-                                       f"was reclaimed (generation {self._gen}, now {gen}); the producer ended it")
+                                       f"was reclaimed (generation {self._gen}, now {words[GEN]}); "
+                                       f"the producer ended it")
+        if words[PSTATE] == PRODUCER_ABORTED:
+            raise RemoteError("aborted", f"shm transfer {self.spec.transfer_id}: the producer gave up")
+        return words
 
     def _step(self) -> bool:
         """Copies the next published layers if there are any; True when it made progress."""
-        if self._view is None and not self._find_entry():
+        if self._view is None and self._find_entry() is None:
             return False
         view = self._view
         if view is None or self._buffers is None:
             raise RuntimeError(f"shm transfer {self.spec.transfer_id} is closed")
-        self._check_current(view)
-        published = view.get(self._entry, PUBLISHED)
-        if published > self._copied:
-            source, dest = self._buffers
-            copy_layers(source, dest, self._copied, published)  # every layer published so far, at once
-            # the producer marks an abort before it unpins: the copy counts only if it held throughout
-            self._check_current(view)
-            self._check_producer(view)
-            self._copied = published
-            view.set(self._entry, ACKED, tag(self._gen, published))
-            return True
-        self._check_producer(view)
-        return False
-
-    def _check_producer(self, view: TableView) -> None:
-        if view.get(self._entry, PSTATE) == PRODUCER_ABORTED:
-            raise RemoteError("aborted", f"shm transfer {self.spec.transfer_id}: the producer gave up")
+        published = self._current_words(view)[PUBLISHED]
+        if published <= self._copied:
+            return False
+        source, dest = self._buffers
+        copy_layers(source, dest, self._copied, published)  # every layer published so far, at once
+        # the producer marks an abort before it unpins: the copy counts only if it held throughout
+        self._current_words(view)
+        self._copied = published
+        view.set(self._entry, ACKED, tag(self._gen, published))
+        return True
 
     def wait_layer(self, layer: int, deadline: float) -> None:
         if not 0 <= layer < self.num_layers:
@@ -119,6 +118,8 @@ class ShmRecvHandle(RecvHandle):
         if self._closed:
             raise RuntimeError(f"shm transfer {self.spec.transfer_id} is closed")
         start = time.monotonic()
+        if self._copied <= layer:
+            self._step()  # usually enough: the handle travels after the producer published
         while self._copied <= layer:
             if not wait_until(self._step, deadline):
                 raise TransferTimeout(

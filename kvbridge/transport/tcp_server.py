@@ -251,7 +251,7 @@ class BlockServer:
             return _Source(transfer.source, transfer)
         pool, allocator = self._served_pool(request.pool_name)
         allocator.pin(request.slots)
-        return _Source(PoolRegion(pool.array, request.slots), None, allocator, request.slots)
+        return _Source(PoolRegion.of_pool(pool, request.slots), None, allocator, request.slots)
 
     def _stream(self, sock: socket.socket, request: PullRequest, source: _Source, deadline: float,
                 start: float) -> None:
