@@ -1,4 +1,5 @@
-"""Transfers past their deadline, pulls by KV handle, auth, registry and optional adapters."""
+"""Transfers past their deadline, pulls by KV handle, auth, registry and the nixl guard
+(the deepep adapter's tests are in test_transport_deepep.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from kvbridge.errors import RemoteError, TransferTimeout, TransportUnavailable
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.transport import nixl_agent
 from kvbridge.transport.base import PoolRegion, TransferSpec
-from kvbridge.transport.deepep import DeepEPTransport, deepep_available
 from kvbridge.transport.nixl import NixlTransport, nixl_available
 from kvbridge.transport.registry import get_transport
 from kvbridge.transport.shm import ShmTransport
@@ -141,10 +141,3 @@ def test_nixl_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TransportUnavailable, match=r"^transport 'nixl' needs the 'nixl' package "
                                                    r"\(pip install nixl-cu12\), not installed$"):
         NixlTransport()
-
-
-@pytest.mark.skipif(deepep_available(), reason="deep_ep is installed; the adapter's transfers need NVSHMEM")
-def test_deepep_missing_is_a_clear_error() -> None:
-    with pytest.raises(TransportUnavailable, match="transport 'deepep' needs the 'deep_ep' package"):
-        DeepEPTransport()
-
