@@ -6,10 +6,12 @@ NVSHMEM/RDMA (internode). Its public Python API, as used here (``deep_ep/buffer.
 * ``deep_ep.Buffer(group, num_nvl_bytes, num_rdma_bytes, ...)``: communication buffers over a
   ``torch.distributed`` group; constructing one all-gathers device ids and IPC handles over the
   group, so every rank of the group constructs it (here: constructs the transport) together.
-  Sizes come from ``Buffer.get_dispatch_config(num_ranks)`` and that Config's
-  ``get_nvl_buffer_size_hint`` / ``get_rdma_buffer_size_hint(hidden_bytes, num_ranks)``.
-  Newer releases take ``explicitly_destroy=True`` and then need ``destroy()``; we pass it when
-  the signature has it.
+  The NVLink size comes from ``Buffer.get_dispatch_config(num_ranks)`` and that Config's
+  ``get_nvl_buffer_size_hint(hidden_bytes, num_ranks)``. DeepEP counts ranks in nodes of 8
+  (``csrc/deep_ep.cpp``, ``Buffer::Buffer``: ``num_rdma_ranks = max(1, num_ranks / 8)``, and
+  RDMA bytes only with more than 8 ranks), so a two-rank group is one NVLink domain: this
+  transport moves KV between two GPUs of one node, with no RDMA buffer. Newer releases take
+  ``explicitly_destroy=True`` and then need ``destroy()``; we pass it when the signature has it.
 * ``Buffer.get_dispatch_layout(topk_idx, num_experts)`` -> per-rank / per-RDMA-rank /
   per-expert token counts and ``is_token_in_rank``, which ``Buffer.dispatch(x, ...)`` takes along
   with ``topk_idx`` / ``topk_weights``; dispatch returns ``(recv_x, recv_topk_idx,
@@ -96,7 +98,7 @@ class _Dispatcher:
         hidden_bytes = max_row_bytes + TAG_BYTES
         config = deep_ep.Buffer.get_dispatch_config(self.world_size)
         num_nvl_bytes = config.get_nvl_buffer_size_hint(hidden_bytes, self.world_size)
-        num_rdma_bytes = config.get_rdma_buffer_size_hint(hidden_bytes, self.world_size)
+        num_rdma_bytes = 0  # two ranks are one NVLink domain; DeepEP refuses RDMA bytes there
         explicit = "explicitly_destroy" in inspect.signature(deep_ep.Buffer).parameters
         extra = {"explicitly_destroy": True} if explicit else {}
         self._buffer: Any = deep_ep.Buffer(group, num_nvl_bytes, num_rdma_bytes, **extra)
@@ -224,7 +226,6 @@ class DeepEPTransport(Transport):
                 self._broken = f"transport 'deepep' is unusable after a failed dispatch: {type(exc).__name__}: {exc}"
                 job.fail(RemoteError("transfer", f"deepep transfer {job.spec.transfer_id}: {exc}"))
             finally:
-                job.finished.set()
                 with self._lock:
                     self._live.discard(job)
 

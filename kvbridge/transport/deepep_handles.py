@@ -70,7 +70,6 @@ class _Transfer:
         self._done = 0
         self._error: KVBridgeError | None = None
         self._closed = False
-        self.finished = threading.Event()  # the worker is done with this transfer
 
     def fail(self, error: KVBridgeError) -> None:
         with self._cond:
