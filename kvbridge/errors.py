@@ -35,6 +35,24 @@ class RemoteError(KVBridgeError):
         self.remote_message = message
 
 
+class StaleSlots(KVBridgeError):
+    """Pool slots a KV handle names were freed (and maybe handed to another sequence) since the
+    handle was built: their blocks are not the handle's KV any more. Nothing was pinned.
+
+    The message names the first stale slot, the generation the handle expected and the slot's
+    current one (and says when the slot is free). A block server answers it with
+    ErrorReply("stale", message), which its client raises as RemoteError("stale", ...).
+    """
+
+    def __init__(self, slot: int, expected: int, current: int, *, allocated: bool) -> None:
+        state = "" if allocated else " (free)"
+        super().__init__(f"stale slot {slot}: expected generation {expected}, current generation {current}{state}")
+        self.slot = slot
+        self.expected = expected
+        self.current = current
+        self.allocated = allocated
+
+
 class TransportUnavailable(KVBridgeError):
     """A transport's optional package is not installed (e.g. nixl, deep_ep)."""
 

@@ -8,6 +8,9 @@ Cross-field rules a consumer may rely on:
 - ``len(block_slots) == ceil(num_tokens / layout.block_size)`` (the source's pool slots, one per
   block, partial last block included), and ``len(block_hashes) == num_tokens // block_size``
   (only full blocks are hashed);
+- ``len(block_gens) == len(block_slots)``: each slot's generation in the source's SlotAllocator
+  when the handle was built; the source pins by (slot, generation), so a handle whose slots were
+  freed and handed out again fails its pull as stale instead of reading another request's KV;
 - ``layout.bytes_per_token_per_layer == layout.kv_width * itemsize(layout.dtype)``.
 Never imports torch.
 """
@@ -21,7 +24,7 @@ import msgpack
 
 from kvbridge.errors import LayoutMismatch
 
-HANDLE_VERSION = 1
+HANDLE_VERSION = 2  # 2: block_gens
 MAX_HANDLE_BYTES = 4 * 1024 * 1024
 DTYPE_ITEMSIZE: dict[str, int] = {
     "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
@@ -88,6 +91,7 @@ class KVHandle:
     transport: str
     pool_name: str         # the source's shared-memory pool ('' when not shareable)
     block_slots: tuple[int, ...]
+    block_gens: tuple[int, ...]  # generation of each block_slots entry (SlotAllocator.generations)
     version: int = HANDLE_VERSION
 
     def __post_init__(self) -> None:
@@ -114,6 +118,12 @@ class KVHandle:
             )
         for i, slot in enumerate(self.block_slots):
             _check_int(f"block_slots[{i}]", slot, 0)
+        if not isinstance(self.block_gens, tuple) or len(self.block_gens) != num_blocks:
+            raise ValueError(
+                f"block_gens: expected {num_blocks} generations (one per block slot), got {self.block_gens!r:.80}"
+            )
+        for i, gen in enumerate(self.block_gens):
+            _check_int(f"block_gens[{i}]", gen, 0)
         num_full = self.num_tokens // block_size
         if not isinstance(self.block_hashes, tuple) or len(self.block_hashes) != num_full:
             raise ValueError(
@@ -140,6 +150,7 @@ class KVHandle:
         wire: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         wire["block_hashes"] = list(self.block_hashes)
         wire["block_slots"] = list(self.block_slots)
+        wire["block_gens"] = list(self.block_gens)
         wire["layout"] = dataclasses.asdict(self.layout)
         return bytes(msgpack.packb(wire, use_bin_type=True))
 
@@ -164,12 +175,13 @@ class KVHandle:
         layout_names = {f.name for f in dataclasses.fields(KVLayoutSpec)}
         if not isinstance(layout, dict) or set(layout) != layout_names:
             raise ValueError(f"layout: expected a map with {sorted(layout_names)}, got {layout!r:.120}")
-        for key in ("block_hashes", "block_slots"):
+        for key in ("block_hashes", "block_slots", "block_gens"):
             if not isinstance(wire[key], list):
                 raise ValueError(f"{key}: expected a list, got {type(wire[key]).__name__}")
         wire["layout"] = KVLayoutSpec(**layout)
         wire["block_hashes"] = tuple(wire["block_hashes"])
         wire["block_slots"] = tuple(wire["block_slots"])
+        wire["block_gens"] = tuple(wire["block_gens"])
         return cls(**wire)
 
 

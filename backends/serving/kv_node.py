@@ -147,8 +147,10 @@ class KVNode:
         slots = tuple(full_slots + partial)
         self.leases.add(Lease(lease_id, export.request_id, slots, partial[0] if partial else None,
                               time.monotonic() + self.config.lease_s))
+        # the slots' generations: a pull after the lease ended and a slot was reused fails as stale
         handle = KVHandle(export.request_id, tuple(hashes), export.num_tokens, self.endpoint,
-                          self.config.node_id, "active", layout, "shm", self.pool.handle.name, slots)
+                          self.config.node_id, "active", layout, "shm", self.pool.handle.name, slots,
+                          self.allocator.generations(slots))
         num_bytes = export.num_tokens * layout.bytes_per_token_per_layer * layout.num_layers
         return Published(handle, num_bytes, time.perf_counter_ns() - start)
 

@@ -212,7 +212,10 @@ class TransferSpec:
     shared-memory pool (shm). ``source_slots`` are the producer's slots; with an empty
     ``transfer_id`` a tcp receiver pulls those (already written) slots from the pool the
     block server serves, instead of a published transfer; ``pool_name`` then names the
-    pool those slots belong to (the server refuses a pull or pin of another pool).
+    pool those slots belong to (the server refuses a pull or pin of another pool), and
+    ``source_gens`` (from a KV handle's ``block_gens``, one per source slot) their generations:
+    the server then pins only slots that still have them and answers a stale pull with
+    ErrorReply("stale"). Empty ``source_gens``: no generation check (published transfers).
     """
 
     transfer_id: str
@@ -222,12 +225,16 @@ class TransferSpec:
     pool: PoolHandle | None = None
     source_slots: tuple[int, ...] = ()
     pool_name: str = ""
+    source_gens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.transfer_id) > 200 or not all(c.isalnum() or c in "._-" for c in self.transfer_id):
             raise ValueError(f"transfer_id: expected [A-Za-z0-9._-]{{0,200}}, got {self.transfer_id!r}")
         if self.num_layers < 1 or self.layer_nbytes < 1:
             raise ValueError(f"num_layers/layer_nbytes: expected >= 1, got {self.num_layers}/{self.layer_nbytes}")
+        if self.source_gens and len(self.source_gens) != len(self.source_slots):
+            raise ValueError(f"source_gens: expected {len(self.source_slots)} generations (one per source slot), "
+                             f"got {len(self.source_gens)}")
 
     def check_buffers(self, buffers: LayerBuffers, side: str) -> None:
         if (buffers.num_layers, buffers.layer_nbytes) != (self.num_layers, self.layer_nbytes):

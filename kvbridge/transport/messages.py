@@ -12,6 +12,10 @@ requests, one at a time, so clients pool their connections:
   PinGranted (with the pool to map); the client copies from the shared pool and sends Unpin.
   The server unpins on Unpin, on the pin's deadline, or when the connection drops.
 
+Slots are pinned by (slot, generation) when the request carries ``gens`` (a KV handle's
+``block_gens``): a slot freed or handed out again since the handle was built is stale, and the
+server answers ErrorReply("stale", ...) having pinned nothing. Empty ``gens``: no such check.
+
 The server may answer ErrorReply instead of any ChunkHeader or PinGranted; it then closes.
 """
 
@@ -30,11 +34,19 @@ def _check_timeout(timeout_s: float) -> None:
         raise ValueError(f"timeout_s: expected in (0, {MAX_PULL_TIMEOUT_S}], got {timeout_s}")
 
 
+def _check_gens(gens: tuple[int, ...], slots: tuple[int, ...]) -> None:
+    if gens and len(gens) != len(slots):
+        raise ValueError(f"gens: expected {len(slots)} generations (one per slot) or none, got {len(gens)}")
+    if any(gen < 0 for gen in gens):
+        raise ValueError(f"gens: expected generations >= 0, got {list(gens)[:16]}")
+
+
 @message("pull")
 @dataclass(frozen=True, slots=True)
 class PullRequest:
     """Pull a published transfer (``transfer_id``) or, with an empty id, ``slots`` of the
-    served pool (named ``pool_name``; '' skips that check)."""
+    served pool (named ``pool_name``; '' skips that check) that still have generations
+    ``gens`` (one per slot; empty skips that check; a published transfer has none)."""
 
     transfer_id: str
     slots: tuple[int, ...]
@@ -43,6 +55,7 @@ class PullRequest:
     layer_nbytes: int
     timeout_s: float
     checksum: bool
+    gens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.layer_nbytes < 1:
@@ -50,6 +63,9 @@ class PullRequest:
         _check_timeout(self.timeout_s)
         if not self.transfer_id and not self.slots:
             raise ValueError("transfer_id/slots: one of them is required")
+        if self.transfer_id and self.gens:
+            raise ValueError("gens: a published transfer is pulled by id, not by slot generations")
+        _check_gens(self.gens, self.slots)
 
 
 @message("chunk")
@@ -70,16 +86,19 @@ class PullDone:
 @message("pin")
 @dataclass(frozen=True, slots=True)
 class PinRequest:
-    """Pin ``slots`` of the served pool (named ``pool_name``) for at most ``timeout_s``."""
+    """Pin ``slots`` of the served pool (named ``pool_name``) for at most ``timeout_s``, if
+    they still have generations ``gens`` (one per slot; empty skips that check)."""
 
     pool_name: str
     slots: tuple[int, ...]
     timeout_s: float
+    gens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.slots:
             raise ValueError("slots: expected at least one slot to pin")
         _check_timeout(self.timeout_s)
+        _check_gens(self.gens, self.slots)
 
 
 @message("pin_granted")

@@ -98,13 +98,14 @@ class ShmSendHandle(SendHandle):
 
 
 def shm_pull_spec(handle: KVHandle) -> TransferSpec:
-    """The spec that pulls a finished prefill's blocks by handle (pinned through its block server)."""
+    """The spec that pulls a finished prefill's blocks by handle (pinned by slot and generation
+    through its block server)."""
     if not handle.pool_name:
         raise ValueError(f"handle.pool_name: request {handle.request_id!r} has no shared-memory pool")
     layout = handle.layout
     return TransferSpec("", layout.num_layers, len(handle.block_slots) * layout.block_bytes,
                         endpoint=handle.source_endpoint, source_slots=handle.block_slots,
-                        pool_name=handle.pool_name)
+                        pool_name=handle.pool_name, source_gens=handle.block_gens)
 
 
 class ShmTransport(Transport):

@@ -5,7 +5,9 @@ handle's ``source_endpoint``. ``start_recv`` sends PinRequest over a pooled conn
 waits for PinGranted (which names the pool to map); ``wait_layer`` copies layers straight
 from the producer's blocks into the destination runs (one copy); the last layer's copy, or
 ``close()``, sends Unpin and returns the connection to the pool. A failed pull closes its
-connection, which unpins on the server side; an abandoned pin expires at its deadline.
+connection, which unpins on the server side; an abandoned pin expires at its deadline. The
+pin names the slots' generations (``spec.source_gens``): slots freed and reused since the
+handle was built fail ``start_recv`` with RemoteError("stale", ...), nothing pinned.
 
 Safety: the server unpins only after Unpin, after its deadline, or after shutting the
 connection down; so a layer counts as copied only if it was copied before this side's own
@@ -46,7 +48,7 @@ class ShmPullHandle(RecvHandle):
         sock = connections.acquire(spec.endpoint)
         try:
             sock.settimeout(timeout_s)
-            sock.sendall(encode_frame(PinRequest(spec.pool_name, spec.source_slots, timeout_s)))
+            sock.sendall(encode_frame(PinRequest(spec.pool_name, spec.source_slots, timeout_s, spec.source_gens)))
             granted = expect_reply(recv_message(sock), PinGranted)
             if spec.pool_name and granted.pool.name != spec.pool_name:
                 raise ProtocolError(f"pinned pool {granted.pool.name!r}, the handle names {spec.pool_name!r}")

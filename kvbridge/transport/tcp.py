@@ -27,11 +27,12 @@ DEFAULT_SOCK_BUF_BYTES = 4 * 1024 * 1024
 
 
 def pull_spec(handle: KVHandle) -> TransferSpec:
-    """The spec that pulls a finished prefill's blocks (by slot) from the handle's block server."""
+    """The spec that pulls a finished prefill's blocks (by slot and generation) from the
+    handle's block server."""
     layout = handle.layout
     return TransferSpec("", layout.num_layers, len(handle.block_slots) * layout.block_bytes,
                         endpoint=handle.source_endpoint, source_slots=handle.block_slots,
-                        pool_name=handle.pool_name)
+                        pool_name=handle.pool_name, source_gens=handle.block_gens)
 
 
 class TcpTransport(Transport):

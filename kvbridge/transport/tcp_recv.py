@@ -5,7 +5,9 @@ selector over the sockets of all open :class:`TcpRecvHandle`s; each readable soc
 its pull by at most one chunk (non-blocking ``recv_into`` straight into the destination runs,
 then the chunk's xxh3_64 is checked; a chunk may span layers the producer had published), so ``poll()`` reports layers as they land and a waiter
 on layer i wakes as soon as layer i is complete. A finished pull's connection goes back to
-the transport's :class:`ConnectionPool`; a failed or closed one is closed.
+the transport's :class:`ConnectionPool`; a failed or closed one is closed. A pull by slot
+carries the slots' generations (``spec.source_gens``); when they are stale the server answers
+ErrorReply("stale") and the pull fails with RemoteError("stale", ...).
 
 Ownership: from ``start_recv`` to ``close()`` the receiver thread may write the destination;
 ``close()`` waits for a chunk step in progress, and no byte is written after it returns.
@@ -65,7 +67,7 @@ class TcpRecvHandle(RecvHandle):
         try:
             self.sock.settimeout(timeout_s)
             self.sock.sendall(encode_frame(PullRequest(spec.transfer_id, spec.source_slots, spec.pool_name, spec.num_layers,
-                                                       spec.layer_nbytes, timeout_s, checksum_on)))
+                                                       spec.layer_nbytes, timeout_s, checksum_on, spec.source_gens)))
             self.sock.setblocking(False)
             receiver.add(self)
         except BaseException:

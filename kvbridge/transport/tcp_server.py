@@ -13,6 +13,11 @@ serves requests one after another (see kvbridge.transport.messages):
 - a *pin* (shm pull by handle): pinned until the client's Unpin, the pin's deadline, or the
   connection's end, whichever comes first; an abandoned pin expires, it never leaks.
 
+Pool pulls and pins carrying slot generations (a KV handle's ``block_gens``) pin only if every
+slot still has its generation (``SlotAllocator.pin(slots, gens)``, atomic): a slot freed and
+handed to another sequence since the handle was built is refused with ErrorReply("stale"),
+nothing is pinned, and the connection is closed, as after any failed request.
+
 Each request has the deadline it names; past it the server sends ErrorReply("timeout") and
 drops the connection (any failure drops it). Threads: one accept thread plus one persistent
 thread per open connection (at most ``max_connections``), never one per request; ``close()``
@@ -33,6 +38,7 @@ from kvbridge.errors import (
     KVBridgeError,
     ProtocolError,
     RemoteError,
+    StaleSlots,
     TransferTimeout,
 )
 from kvbridge.pool import HostBlockPool, SlotAllocator
@@ -170,7 +176,7 @@ class BlockServer:
 
     def _fail(self, sock: socket.socket, exc: Exception) -> None:
         code = {AuthError: "auth", ProtocolError: "protocol", TransferTimeout: "timeout",
-                RemoteError: "aborted"}.get(type(exc), "invalid" if isinstance(exc, ValueError) else "io")
+                RemoteError: "aborted", StaleSlots: "stale"}.get(type(exc), "invalid" if isinstance(exc, ValueError) else "io")
         log.info("kvbridge block server: request failed (%s): %s", code, exc)
         if code != "io":
             try:
@@ -209,7 +215,7 @@ class BlockServer:
         """
         start = time.monotonic()
         pool, allocator = self._served_pool(request.pool_name)
-        allocator.pin(request.slots)
+        allocator.pin(request.slots, request.gens or None)
         try:
             sock.sendall(encode_frame(PinGranted(pool.handle)))
             sock.settimeout(max(request.timeout_s - (time.monotonic() - start), 1e-3))
@@ -250,7 +256,7 @@ class BlockServer:
             transfer.claim()
             return _Source(transfer.source, transfer)
         pool, allocator = self._served_pool(request.pool_name)
-        allocator.pin(request.slots)
+        allocator.pin(request.slots, request.gens or None)
         return _Source(PoolRegion.of_pool(pool, request.slots), None, allocator, request.slots)
 
     def _stream(self, sock: socket.socket, request: PullRequest, source: _Source, deadline: float,

@@ -194,7 +194,7 @@ def _mismatched_handle() -> bytes:
     from kvbridge.handle import KVHandle, KVLayoutSpec
 
     layout = KVLayoutSpec("float32", 4, 64, 128, 512)
-    return KVHandle("r", (), 51, "127.0.0.1:9", "prefill", "active", layout, "shm", "", (0,)).to_bytes()
+    return KVHandle("r", (), 51, "127.0.0.1:9", "prefill", "active", layout, "shm", "", (0,), (1,)).to_bytes()
 
 
 @pytest.mark.parametrize(("handle", "field"), [

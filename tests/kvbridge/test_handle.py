@@ -18,6 +18,7 @@ def make_handle(**changes: object) -> KVHandle:
         request_id="req-1", block_hashes=(b"\x01" * 16, b"\x02" * 16), num_tokens=10,
         source_endpoint="10.0.0.2:7000", source_node="prefill-0", tier="active", layout=LAYOUT,
         transport="tcp", pool_name="kvb-pool-x", block_slots=(5, 6, 9),
+        block_gens=(3, 1, 7),
     )
     fields.update(changes)
     return KVHandle(**fields)  # type: ignore[arg-type]
@@ -27,6 +28,9 @@ def test_roundtrip() -> None:
     handle = make_handle()
     back = KVHandle.from_bytes(handle.to_bytes())
     assert back == handle
+    assert (back.version, back.block_slots, back.block_gens) == (2, (5, 6, 9), (3, 1, 7))
+    wire = msgpack.unpackb(handle.to_bytes(), raw=False)
+    assert (wire["block_slots"], wire["block_gens"]) == ([5, 6, 9], [3, 1, 7])
     assert back.source_host_port == ("10.0.0.2", 7000)
     assert LAYOUT.block_bytes == 64
 
@@ -61,6 +65,21 @@ def test_block_count_validation() -> None:
         make_handle(source_endpoint="nohost")
 
 
+def test_block_gens_validation() -> None:
+    with pytest.raises(ValueError, match=r"^block_gens: expected 3 generations \(one per block slot\), got \(1, 2\)$"):
+        make_handle(block_gens=(1, 2))
+    with pytest.raises(ValueError, match=r"^block_gens: expected 3 generations \(one per block slot\), got \[1, 2, 3\]$"):
+        make_handle(block_gens=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"^block_gens\[2\]: expected an int >= 0, got -1$"):
+        make_handle(block_gens=(1, 2, -1))
+    with pytest.raises(ValueError, match=r"^block_gens\[0\]: expected an int >= 0, got True$"):
+        make_handle(block_gens=(True, 2, 3))
+    with pytest.raises(ValueError, match=r"^block_gens: expected a list, got int$"):
+        KVHandle.from_bytes(_wire(block_gens=3))
+    with pytest.raises(ValueError, match=r"^block_gens\[1\]: expected an int >= 0, got 'x'$"):
+        KVHandle.from_bytes(_wire(block_gens=[1, "x", 3]))
+
+
 def _wire(**changes: object) -> bytes:
     wire = msgpack.unpackb(make_handle().to_bytes(), raw=False)
     wire.update(changes)
@@ -68,8 +87,13 @@ def _wire(**changes: object) -> bytes:
 
 
 def test_from_bytes_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match=r"version: unsupported KV handle version 2 \(expected 1\)"):
-        KVHandle.from_bytes(_wire(version=2))
+    with pytest.raises(ValueError, match=r"version: unsupported KV handle version 3 \(expected 2\)"):
+        KVHandle.from_bytes(_wire(version=3))
+    v1 = msgpack.unpackb(make_handle().to_bytes(), raw=False)
+    del v1["block_gens"]
+    v1["version"] = 1
+    with pytest.raises(ValueError, match=r"^version: unsupported KV handle version 1 \(expected 2\)$"):
+        KVHandle.from_bytes(msgpack.packb(v1, use_bin_type=True))
     with pytest.raises(ValueError, match=r"num_tokens: expected an int >= 1, got '10'"):
         KVHandle.from_bytes(_wire(num_tokens="10"))
     with pytest.raises(ValueError, match=r"fields: expected \["):

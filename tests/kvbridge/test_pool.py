@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from kvbridge.errors import KVBridgeError, StaleSlots
 from kvbridge.pool import (
     SHM_DIR,
     DeviceBlockPool,
@@ -93,12 +94,59 @@ def test_allocator_refcounts_and_errors() -> None:
     alloc.check_integrity()
 
 
+def test_generations_bump_on_reallocation() -> None:
+    alloc = SlotAllocator(3)
+    assert alloc.generations([0, 1, 2]) == (0, 0, 0)
+    assert alloc.allocate(2) == [0, 1]
+    assert alloc.generations([0, 1, 2]) == (1, 1, 0)
+    alloc.pin([1])
+    alloc.free([0, 1])  # slot 1 stays allocated (pinned): same generation
+    assert alloc.generations([1, 0]) == (1, 1)
+    alloc.unpin([1])
+    assert alloc.generations([0, 1]) == (1, 1)  # freeing does not bump; handing out again does
+    assert alloc.allocate(3) == [2, 0, 1]
+    assert alloc.generations([0, 1, 2]) == (2, 2, 1)
+    with pytest.raises(ValueError, match=r"ids: generations of slot 3 out of range \[0, 3\)"):
+        alloc.generations([0, 3])
+    alloc.check_integrity()
+
+
+def test_pin_with_stale_generation_raises_and_pins_nothing() -> None:
+    alloc = SlotAllocator(4)
+    slots = alloc.allocate(3)
+    assert slots == [0, 1, 2]
+    gens = alloc.generations(slots)
+    assert gens == (1, 1, 1)
+    alloc.pin(slots, gens)
+    assert [alloc.refcount(s) for s in range(4)] == [2, 2, 2, 0]
+    alloc.unpin(slots)
+    alloc.free([1])
+    assert alloc.allocate(2) == [3, 1]  # slot 1 now holds another sequence's blocks
+    with pytest.raises(StaleSlots, match=r"^stale slot 1: expected generation 1, current generation 2$") as info:
+        alloc.pin(slots, gens)
+    assert isinstance(info.value, KVBridgeError)
+    assert (info.value.slot, info.value.expected, info.value.current, info.value.allocated) == (1, 1, 2, True)
+    assert [alloc.refcount(s) for s in range(4)] == [1, 1, 1, 1]
+    alloc.free([2])
+    with pytest.raises(StaleSlots, match=r"^stale slot 2: expected generation 1, current generation 1 \(free\)$"):
+        alloc.pin([0, 2], (1, 1))  # freed, not yet handed out again: still stale
+    assert [alloc.refcount(s) for s in range(4)] == [1, 1, 0, 1]
+    with pytest.raises(ValueError, match=r"gens: expected 2 generations \(one per slot\), got 1"):
+        alloc.pin([0, 1], (1,))
+    with pytest.raises(ValueError, match=r"ids: pin of slot 7 out of range \[0, 4\)"):
+        alloc.pin([0, 7], (1, 1))
+    alloc.pin([0, 1], (1, 2))
+    assert [alloc.refcount(s) for s in range(4)] == [2, 2, 0, 1]
+    alloc.check_integrity()
+
+
 def test_allocator_against_oracle() -> None:
     rng = random.Random(0)
     alloc = SlotAllocator(16)
     refs: dict[int, int] = {}
+    gens = [0] * 16
     for _ in range(500):
-        op = rng.choice(["alloc", "pin", "free"])
+        op = rng.choice(["alloc", "pin", "free", "pin_gen"])
         if op == "alloc":
             n = rng.randint(0, 5)
             got = alloc.allocate(n)
@@ -107,6 +155,17 @@ def test_allocator_against_oracle() -> None:
             else:
                 assert got is not None and len(got) == n and not set(got) & set(refs)
                 refs.update(dict.fromkeys(got, 1))
+                for slot in got:
+                    gens[slot] += 1
+        elif op == "pin_gen":
+            slot = rng.randrange(16)
+            expected = gens[slot] - rng.randint(0, 1)
+            if slot in refs and expected == gens[slot]:
+                alloc.pin([slot], (expected,))
+                refs[slot] += 1
+            else:
+                with pytest.raises(StaleSlots, match=f"^stale slot {slot}: expected generation {expected}, "):
+                    alloc.pin([slot], (expected,))
         elif refs:
             slot = rng.choice(sorted(refs))
             if op == "pin":
@@ -120,6 +179,7 @@ def test_allocator_against_oracle() -> None:
         alloc.check_integrity()
         assert alloc.num_used == len(refs)
         assert all(alloc.refcount(s) == r for s, r in refs.items())
+        assert alloc.generations(range(16)) == tuple(gens)
 
 
 @pytest.mark.skipif(not cuda_available(), reason="CUDA is not available")

@@ -98,7 +98,8 @@ def test_pull_by_kv_handle_pins_until_done(sides: tuple[Side, Side]) -> None:
         layout = KVLayoutSpec("uint8", LAYOUT.num_layers, 16, 256, 256)
         handle = KVHandle(request_id="r1", block_hashes=(b"a", b"b"), num_tokens=40, source_endpoint=server.endpoint,
                           source_node="p0", tier="active", layout=layout, transport="tcp",
-                          pool_name=src.pool.handle.name, block_slots=src.slots)
+                          pool_name=src.pool.handle.name, block_slots=src.slots,
+                          block_gens=src.alloc.generations(src.slots))
         handle = KVHandle.from_bytes(handle.to_bytes())
         recv = client.start_recv(pull_spec(handle), dst.region())
         recv.wait(time.monotonic() + 10)

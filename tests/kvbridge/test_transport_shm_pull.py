@@ -1,5 +1,6 @@
 """shm pull by KV handle: slots pinned through the block server for the pull, released after
-unpin, on a deadline, on an abandoned pin; nothing leaks on either side."""
+unpin, on a deadline, on an abandoned pin; a stale handle (slots freed and reused) is refused;
+nothing leaks on either side."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def handle_for(server: TcpTransport, src: Side) -> KVHandle:
     layout = KVLayoutSpec("uint8", LAYOUT.num_layers, 16, 256, 256)
     handle = KVHandle(request_id="r1", block_hashes=(b"a", b"b"), num_tokens=40, source_endpoint=server.endpoint,
                       source_node="p0", tier="active", layout=layout, transport="shm",
-                      pool_name=src.pool.handle.name, block_slots=src.slots)
+                      pool_name=src.pool.handle.name, block_slots=src.slots,
+                      block_gens=src.alloc.generations(src.slots))
     return KVHandle.from_bytes(handle.to_bytes())
 
 
@@ -149,6 +151,36 @@ def test_pin_of_another_pool_or_free_slot_is_refused(sides: tuple[Side, Side], s
         with pytest.raises(RemoteError, match=r"\[invalid\]: ids: pin of slot 7 which is not allocated"):
             consumer.start_recv(free_slot, dst.region())
         assert refs(src) == [1, 1, 1]
+        src.release_and_check()
+        dst.release_and_check()
+    finally:
+        consumer.close()
+
+
+def test_pull_of_freed_and_reused_slot_is_stale(sides: tuple[Side, Side], server: TcpTransport) -> None:
+    src, dst = sides
+    consumer = ShmTransport()
+    try:
+        handle = handle_for(server, src)
+        assert handle.block_gens == (1, 1, 1)
+        src.alloc.free([2])  # the producer's lease ended ...
+        assert src.alloc.allocate(6) == [6, 7, 0, 3, 4, 2]  # ... and slot 2 went to another sequence
+        assert src.alloc.generations(src.slots) == (1, 2, 1)
+        with pytest.raises(RemoteError, match=r"^remote error \[stale\]: stale slot 2: expected generation 1, "
+                                              r"current generation 2$") as info:
+            consumer.start_recv(shm_pull_spec(handle), dst.region())
+        assert info.value.code == "stale"
+        assert [src.alloc.refcount(s) for s in range(LAYOUT.num_slots)] == [1] * LAYOUT.num_slots  # none pinned
+        assert not dst.pool.array.any()
+        assert consumer.connections.num_idle(server.endpoint) == 0  # the refused connection was closed
+        fresh = handle_for(server, src)  # the server keeps serving: a current handle pulls
+        assert fresh.block_gens == (1, 2, 1)
+        recv = consumer.start_recv(shm_pull_spec(fresh), dst.region())
+        recv.wait(time.monotonic() + 5)
+        recv.close()
+        assert_copied(dst)
+        assert eventually(lambda: [src.alloc.refcount(s) for s in range(LAYOUT.num_slots)] == [1] * LAYOUT.num_slots)
+        src.alloc.free([6, 7, 0, 3, 4])  # slot 2 is freed with src.slots below
         src.release_and_check()
         dst.release_and_check()
     finally:

@@ -1,5 +1,5 @@
 """tcp transport: checksums verified on receipt, pooled connections, background receive,
-ordered close."""
+ordered close, stale KV handles refused."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import xxhash
 from transport_procs import LAYOUT, Side, assert_pattern, eventually, pattern
 
 from kvbridge.errors import ChecksumMismatch, RemoteError
+from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.protocol import HelloAck, encode_frame
 from kvbridge.transport.base import PoolRegion, TransferSpec
-from kvbridge.transport.messages import ChunkHeader
-from kvbridge.transport.tcp import TcpTransport
+from kvbridge.transport.messages import ChunkHeader, PinRequest, PullRequest
+from kvbridge.transport.tcp import TcpTransport, pull_spec
 
 
 @pytest.fixture()
@@ -32,6 +33,16 @@ def sides() -> Iterator[tuple[Side, Side]]:
 def slot_pull_spec(endpoint: str, src: Side) -> TransferSpec:
     return TransferSpec("", LAYOUT.num_layers, 3 * LAYOUT.block_bytes, endpoint=endpoint,
                         source_slots=src.slots, pool_name=src.pool.handle.name)
+
+
+def handle_for(endpoint: str, src: Side) -> KVHandle:
+    """A KV handle for the source slots as they are now (their current generations)."""
+    layout = KVLayoutSpec("uint8", LAYOUT.num_layers, 16, 256, 256)
+    handle = KVHandle(request_id="r1", block_hashes=(b"a", b"b"), num_tokens=40, source_endpoint=endpoint,
+                      source_node="p0", tier="active", layout=layout, transport="tcp",
+                      pool_name=src.pool.handle.name, block_slots=src.slots,
+                      block_gens=src.alloc.generations(src.slots))
+    return KVHandle.from_bytes(handle.to_bytes())
 
 
 class CorruptingProxy:
@@ -208,3 +219,47 @@ def test_transport_close_fails_open_pulls(sides: tuple[Side, Side]) -> None:
     finally:
         producer.close()
         consumer.close()
+
+
+def test_pull_of_freed_and_reused_slot_is_stale(sides: tuple[Side, Side]) -> None:
+    src, dst = sides
+    server, client = TcpTransport(), TcpTransport()
+    server.serve_pool(src.pool, src.alloc)
+    try:
+        handle = handle_for(server.endpoint, src)
+        assert pull_spec(handle).source_gens == (1, 1, 1)
+        src.alloc.free([5])  # the producer's lease ended ...
+        assert src.alloc.allocate(6) == [6, 7, 0, 3, 4, 5]  # ... and slot 5 went to another sequence
+        recv = client.start_recv(pull_spec(handle), dst.region())
+        with pytest.raises(RemoteError, match=r"^remote error \[stale\]: stale slot 5: expected generation 1, "
+                                              r"current generation 2$") as info:
+            recv.wait(time.monotonic() + 5)
+        assert (info.value.code, recv.poll()) == ("stale", 0)
+        recv.close()
+        assert not dst.pool.array.any()
+        assert [src.alloc.refcount(s) for s in range(LAYOUT.num_slots)] == [1] * LAYOUT.num_slots  # none pinned
+        assert client.connections.num_idle(server.endpoint) == 0  # the refused pull's connection was closed
+        recv = client.start_recv(pull_spec(handle_for(server.endpoint, src)), dst.region())
+        recv.wait(time.monotonic() + 10)  # the server keeps serving: a current handle pulls
+        recv.close()
+        assert_pattern(dst.pool, dst.slots)
+        assert eventually(lambda: [src.alloc.refcount(s) for s in range(LAYOUT.num_slots)] == [1] * LAYOUT.num_slots)
+        assert server.server.connections_accepted == 2
+        src.alloc.free([6, 7, 0, 3, 4])  # slot 5 is freed with src.slots below
+        src.release_and_check()
+        dst.release_and_check()
+    finally:
+        server.close()
+        client.close()
+
+
+def test_slot_generations_must_match_the_slots() -> None:
+    with pytest.raises(ValueError, match=r"^source_gens: expected 3 generations \(one per source slot\), got 1$"):
+        TransferSpec("", 4, 3 * LAYOUT.block_bytes, endpoint="127.0.0.1:9", source_slots=(1, 2, 5), source_gens=(1,))
+    with pytest.raises(ValueError, match=r"^gens: expected 2 generations \(one per slot\) or none, got 3$"):
+        PullRequest("", (1, 2), "", 4, 8192, 5.0, True, (1, 1, 1))
+    with pytest.raises(ValueError, match=r"^gens: a published transfer is pulled by id, not by slot generations$"):
+        PullRequest("xfer-1", (1,), "", 4, 4096, 5.0, True, (1,))
+    with pytest.raises(ValueError, match=r"^gens: expected generations >= 0, got \[1, -1\]$"):
+        PinRequest("kvb-pool-x", (1, 2), 5.0, (1, -1))
+    assert PinRequest("kvb-pool-x", (1, 2), 5.0).gens == ()
