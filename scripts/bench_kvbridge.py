@@ -90,7 +90,8 @@ def _producer(conn: Connection, cpu: int | None) -> None:
             slots = tuple(alloc.allocate(pool.layout.num_slots) or ())
             tcp.serve_pool(pool, alloc)
             conn.send(TransferSpec("", NUM_LAYERS, len(slots) * pool.layout.block_bytes, endpoint=tcp.endpoint,
-                                   source_slots=slots, pool_name=pool.handle.name))
+                                   source_slots=slots, pool_name=pool.handle.name,
+                                   source_gens=alloc.generations(slots)))
             continue
         _, name, transfer_id = request
         if pool is None:

@@ -215,7 +215,7 @@ class TransferSpec:
     pool those slots belong to (the server refuses a pull or pin of another pool), and
     ``source_gens`` (from a KV handle's ``block_gens``, one per source slot) their generations:
     the server then pins only slots that still have them and answers a stale pull with
-    ErrorReply("stale"). Empty ``source_gens``: no generation check (published transfers).
+    ErrorReply("stale"). A pull by slots must carry them; a published transfer has none.
     """
 
     transfer_id: str
@@ -232,7 +232,8 @@ class TransferSpec:
             raise ValueError(f"transfer_id: expected [A-Za-z0-9._-]{{0,200}}, got {self.transfer_id!r}")
         if self.num_layers < 1 or self.layer_nbytes < 1:
             raise ValueError(f"num_layers/layer_nbytes: expected >= 1, got {self.num_layers}/{self.layer_nbytes}")
-        if self.source_gens and len(self.source_gens) != len(self.source_slots):
+        pull_by_slots = not self.transfer_id and bool(self.source_slots)
+        if (pull_by_slots or self.source_gens) and len(self.source_gens) != len(self.source_slots):
             raise ValueError(f"source_gens: expected {len(self.source_slots)} generations (one per source slot), "
                              f"got {len(self.source_gens)}")
 

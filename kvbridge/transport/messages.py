@@ -14,7 +14,8 @@ requests, one at a time, so clients pool their connections:
 
 Slots are pinned by (slot, generation) when the request carries ``gens`` (a KV handle's
 ``block_gens``): a slot freed or handed out again since the handle was built is stale, and the
-server answers ErrorReply("stale", ...) having pinned nothing. Empty ``gens``: no such check.
+server answers ErrorReply("stale", ...) having pinned nothing. A pull or pin by slot always
+carries them.
 
 The server may answer ErrorReply instead of any ChunkHeader or PinGranted; it then closes.
 """
@@ -35,8 +36,8 @@ def _check_timeout(timeout_s: float) -> None:
 
 
 def _check_gens(gens: tuple[int, ...], slots: tuple[int, ...]) -> None:
-    if gens and len(gens) != len(slots):
-        raise ValueError(f"gens: expected {len(slots)} generations (one per slot) or none, got {len(gens)}")
+    if len(gens) != len(slots):
+        raise ValueError(f"gens: expected {len(slots)} generations (one per slot), got {len(gens)}")
     if any(gen < 0 for gen in gens):
         raise ValueError(f"gens: expected generations >= 0, got {list(gens)[:16]}")
 
@@ -46,7 +47,7 @@ def _check_gens(gens: tuple[int, ...], slots: tuple[int, ...]) -> None:
 class PullRequest:
     """Pull a published transfer (``transfer_id``) or, with an empty id, ``slots`` of the
     served pool (named ``pool_name``; '' skips that check) that still have generations
-    ``gens`` (one per slot; empty skips that check; a published transfer has none)."""
+    ``gens`` (one per slot, required; a published transfer has none)."""
 
     transfer_id: str
     slots: tuple[int, ...]
@@ -63,9 +64,11 @@ class PullRequest:
         _check_timeout(self.timeout_s)
         if not self.transfer_id and not self.slots:
             raise ValueError("transfer_id/slots: one of them is required")
-        if self.transfer_id and self.gens:
-            raise ValueError("gens: a published transfer is pulled by id, not by slot generations")
-        _check_gens(self.gens, self.slots)
+        if self.transfer_id:
+            if self.gens:
+                raise ValueError("gens: a published transfer is pulled by id, not by slot generations")
+        else:
+            _check_gens(self.gens, self.slots)
 
 
 @message("chunk")
@@ -87,7 +90,7 @@ class PullDone:
 @dataclass(frozen=True, slots=True)
 class PinRequest:
     """Pin ``slots`` of the served pool (named ``pool_name``) for at most ``timeout_s``, if
-    they still have generations ``gens`` (one per slot; empty skips that check)."""
+    they still have generations ``gens`` (one per slot, required)."""
 
     pool_name: str
     slots: tuple[int, ...]

@@ -215,7 +215,7 @@ class BlockServer:
         """
         start = time.monotonic()
         pool, allocator = self._served_pool(request.pool_name)
-        allocator.pin(request.slots, request.gens or None)
+        allocator.pin(request.slots, request.gens)
         try:
             sock.sendall(encode_frame(PinGranted(pool.handle)))
             sock.settimeout(max(request.timeout_s - (time.monotonic() - start), 1e-3))
@@ -256,7 +256,7 @@ class BlockServer:
             transfer.claim()
             return _Source(transfer.source, transfer)
         pool, allocator = self._served_pool(request.pool_name)
-        allocator.pin(request.slots, request.gens or None)
+        allocator.pin(request.slots, request.gens)
         return _Source(PoolRegion.of_pool(pool, request.slots), None, allocator, request.slots)
 
     def _stream(self, sock: socket.socket, request: PullRequest, source: _Source, deadline: float,

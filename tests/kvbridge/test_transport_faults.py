@@ -108,9 +108,10 @@ def test_pull_by_kv_handle_pins_until_done(sides: tuple[Side, Side]) -> None:
         deadline = time.monotonic() + 5
         while src.alloc.refcount(src.slots[0]) != 1 and time.monotonic() < deadline:
             time.sleep(0.01)  # the server unpins right after the receiver's PullDone
-        bad = TransferSpec("", LAYOUT.num_layers, LAYOUT.block_bytes, endpoint=server.endpoint, source_slots=(7,))
+        bad = TransferSpec("", LAYOUT.num_layers, LAYOUT.block_bytes, endpoint=server.endpoint, source_slots=(7,),
+                           source_gens=(1,))
         one = PoolRegion(dst.pool.array, (3,))
-        with pytest.raises(RemoteError, match=r"\[invalid\]: ids: pin of slot 7 which is not allocated"):
+        with pytest.raises(RemoteError, match=r"\[stale\]: stale slot 7: expected generation 1, current generation 0 \(free\)$"):
             client.start_recv(bad, one).wait(time.monotonic() + 5)
         with pytest.raises(RemoteError, match=r"\[auth\]: bad token from peer 'tcp-recv'"):
             TcpTransport(token="nope").start_recv(bad, one)

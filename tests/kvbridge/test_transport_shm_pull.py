@@ -117,7 +117,7 @@ def test_abandoned_pin_expires_and_server_keeps_serving(sides: tuple[Side, Side]
     with socket.create_connection((host, int(port)), timeout=5) as raw:
         raw.sendall(encode_frame(Hello("", "abandoner")))
         assert recv_message(raw) == HelloAck("kvbridge-block-server")
-        raw.sendall(encode_frame(PinRequest(src.pool.handle.name, src.slots, 0.2)))
+        raw.sendall(encode_frame(PinRequest(src.pool.handle.name, src.slots, 0.2, src.alloc.generations(src.slots))))
         assert recv_message(raw) == PinGranted(src.pool.handle)
         assert refs(src) == [2, 2, 2]
         assert recv_message(raw) == ErrorReply("timeout", "shm pin of 3 slots timed out after 0.200s; "
@@ -142,13 +142,15 @@ def test_pin_of_another_pool_or_free_slot_is_refused(sides: tuple[Side, Side], s
     try:
         spec = shm_pull_spec(handle_for(server, src))
         other = type(spec)("", spec.num_layers, spec.layer_nbytes, endpoint=spec.endpoint,
-                           source_slots=spec.source_slots, pool_name="kvb-pool-other")
+                           source_slots=spec.source_slots, pool_name="kvb-pool-other",
+                           source_gens=spec.source_gens)
         with pytest.raises(RemoteError, match=rf"\[invalid\]: pool_name: this block server serves pool "
                                               rf"'{src.pool.handle.name}', not 'kvb-pool-other'"):
             consumer.start_recv(other, dst.region())
         free_slot = type(spec)("", spec.num_layers, spec.layer_nbytes, endpoint=spec.endpoint,
-                               source_slots=(1, 2, 7), pool_name=spec.pool_name)
-        with pytest.raises(RemoteError, match=r"\[invalid\]: ids: pin of slot 7 which is not allocated"):
+                               source_slots=(1, 2, 7), pool_name=spec.pool_name,
+                               source_gens=(*spec.source_gens[:2], 1))
+        with pytest.raises(RemoteError, match=r"\[stale\]: stale slot 7: expected generation 1, current generation 0 \(free\)$"):
             consumer.start_recv(free_slot, dst.region())
         assert refs(src) == [1, 1, 1]
         src.release_and_check()

@@ -32,7 +32,8 @@ def sides() -> Iterator[tuple[Side, Side]]:
 
 def slot_pull_spec(endpoint: str, src: Side) -> TransferSpec:
     return TransferSpec("", LAYOUT.num_layers, 3 * LAYOUT.block_bytes, endpoint=endpoint,
-                        source_slots=src.slots, pool_name=src.pool.handle.name)
+                        source_slots=src.slots, pool_name=src.pool.handle.name,
+                        source_gens=src.alloc.generations(src.slots))
 
 
 def handle_for(endpoint: str, src: Side) -> KVHandle:
@@ -256,10 +257,15 @@ def test_pull_of_freed_and_reused_slot_is_stale(sides: tuple[Side, Side]) -> Non
 def test_slot_generations_must_match_the_slots() -> None:
     with pytest.raises(ValueError, match=r"^source_gens: expected 3 generations \(one per source slot\), got 1$"):
         TransferSpec("", 4, 3 * LAYOUT.block_bytes, endpoint="127.0.0.1:9", source_slots=(1, 2, 5), source_gens=(1,))
-    with pytest.raises(ValueError, match=r"^gens: expected 2 generations \(one per slot\) or none, got 3$"):
+    with pytest.raises(ValueError, match=r"^source_gens: expected 2 generations \(one per source slot\), got 0$"):
+        TransferSpec("", 4, 2 * LAYOUT.block_bytes, endpoint="127.0.0.1:9", source_slots=(1, 2))
+    with pytest.raises(ValueError, match=r"^gens: expected 2 generations \(one per slot\), got 3$"):
         PullRequest("", (1, 2), "", 4, 8192, 5.0, True, (1, 1, 1))
     with pytest.raises(ValueError, match=r"^gens: a published transfer is pulled by id, not by slot generations$"):
         PullRequest("xfer-1", (1,), "", 4, 4096, 5.0, True, (1,))
     with pytest.raises(ValueError, match=r"^gens: expected generations >= 0, got \[1, -1\]$"):
         PinRequest("kvb-pool-x", (1, 2), 5.0, (1, -1))
-    assert PinRequest("kvb-pool-x", (1, 2), 5.0).gens == ()
+    with pytest.raises(ValueError, match=r"^gens: expected 2 generations \(one per slot\), got 0$"):
+        PinRequest("kvb-pool-x", (1, 2), 5.0)
+    with pytest.raises(ValueError, match=r"^gens: expected 1 generations \(one per slot\), got 0$"):
+        PullRequest("", (1,), "", 4, 4096, 5.0, True)
