@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import queue
 import socket
 from collections.abc import Iterator
@@ -161,6 +162,31 @@ def test_dead_or_silent_source_falls_back_to_recompute(
         assert [first] + [t for out in run(engine) for t in out.new_token_ids] == expected
         quick.check_integrity()
     prefill[1].discard("dead")
+    assert_no_leak(prefill, dec)
+
+
+@pytest.mark.parametrize("path", ["shm", "tcp"])
+def test_pull_after_the_lease_ended_and_its_slot_was_reused_recomputes(
+        workers: tuple[Worker, Worker], expected: list[int], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, path: str) -> None:
+    """A consumer slower than the lease: the partial block's slot went to another request,
+    which wrote its own KV there. The pull must fail as stale (then recompute), never import
+    that request's KV."""
+    prefill, dec = workers
+    if path == "tcp":
+        monkeypatch.setattr(kv_source, "shm_reachable", lambda handle: False)
+    rid = f"late-{path}"
+    first, handle, _, _ = prefill_publish(prefill, rid, PROMPT)
+    partial = KVHandle.from_bytes(handle).block_slots[-1]
+    node = prefill[1].node
+    assert node.discard(rid)  # the lease ended before the consumer pulled
+    grabbed = node.allocator.allocate(node.allocator.num_free)  # another request takes every free slot
+    assert grabbed is not None and partial in grabbed
+    node.pool.array[:, partial] = 0x7F  # ... and writes its own KV into ours
+    with caplog.at_level(logging.WARNING, logger=kv_source.__name__):
+        assert decode(dec, rid, PROMPT, first, handle) == expected
+    assert f"[stale]: stale slot {partial}: expected generation" in caplog.text
+    node.allocator.free(grabbed)
     assert_no_leak(prefill, dec)
 
 
