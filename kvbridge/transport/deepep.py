@@ -38,6 +38,12 @@ whose dispatch completed on the producer. Limits: a transfer is not faster than 
 and from the GPU; a peer that dies inside a dispatch leaves our worker there until DeepEP's own
 CPU timeout, and ``close()`` then gives up on the worker after CLOSE_WAIT_S.
 
+The collective sits behind :class:`~kvbridge.transport.deepep_exchange.Exchange`: ``DeepEPTransport()``
+always builds the DeepEP one (``_Dispatcher``); :meth:`DeepEPTransport.with_exchange` takes
+another, e.g. ``GlooExchange`` over a gloo group, so that everything but the dispatch (handles,
+worker, handshake, deadlines, close, pins) runs between CPU processes in tests. The DeepEP
+dispatch itself is only exercised on GPUs.
+
 Requirements, checked at construction, TransportUnavailable naming what is missing: the
 ``deep_ep`` package, CUDA, and a process group (``group=`` or an initialised default group).
 """
@@ -56,6 +62,7 @@ import torch
 from kvbridge.errors import KVBridgeError, RemoteError, TransportUnavailable
 from kvbridge.pool import SlotAllocator
 from kvbridge.transport.base import LayerBuffers, TransferSpec, Transport
+from kvbridge.transport.deepep_exchange import Exchange, GlooExchange
 from kvbridge.transport.deepep_handles import DeepEPRecvHandle, DeepEPSendHandle
 from kvbridge.transport.deepep_rows import (
     MAX_ROW_BYTES,
@@ -66,7 +73,8 @@ from kvbridge.transport.deepep_rows import (
     routing,
 )
 
-__all__ = ["DeepEPRecvHandle", "DeepEPSendHandle", "DeepEPTransport", "deepep_available", "missing_requirement"]
+__all__ = ["DeepEPRecvHandle", "DeepEPSendHandle", "DeepEPTransport", "Exchange", "GlooExchange",
+           "deepep_available", "missing_requirement"]
 
 CLOSE_WAIT_S = 5.0
 _Job = DeepEPSendHandle | DeepEPRecvHandle
@@ -90,7 +98,10 @@ def missing_requirement(*, deep_ep_found: bool, cuda_available: bool, group_give
 
 
 class _Dispatcher:
-    """The only code that calls deep_ep or CUDA: one ``deep_ep.Buffer`` and one dispatch per call."""
+    """The only code that calls deep_ep or CUDA: one ``deep_ep.Buffer`` and one dispatch per call.
+
+    The default :class:`Exchange` (see deepep_exchange.py for the contract).
+    """
 
     def __init__(self, deep_ep: Any, group: Any, max_row_bytes: int) -> None:
         self.device = torch.device("cuda", torch.cuda.current_device())
@@ -106,6 +117,7 @@ class _Dispatcher:
         self._idx_dtype = getattr(deep_ep, "topk_idx_t", torch.int64)
 
     def exchange(self, rows: torch.Tensor, dest_rank: int | None) -> torch.Tensor:
+        torch.cuda.set_device(self.device)  # the worker thread's current device (cheap when already set)
         topk_idx, topk_weights = routing(int(rows.shape[0]), dest_rank, self.world_size)
         x = rows.to(self.device)
         idx = topk_idx.to(self.device, self._idx_dtype)
@@ -122,6 +134,20 @@ class _Dispatcher:
         buffer, self._buffer = self._buffer, None
         if buffer is not None and self._explicit:
             buffer.destroy()
+
+
+def _two_rank_group(group: Any) -> Any:
+    """``group`` (None: the default group); ValueError unless it holds exactly two ranks."""
+    import torch.distributed as dist
+
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("group: deepep needs a torch.distributed process group: pass group=, "
+                             "or call torch.distributed.init_process_group() first")
+        group = dist.group.WORLD
+    if group.size() != 2:
+        raise ValueError(f"group: deepep transfers run between exactly two ranks, the group has {group.size()}")
+    return group
 
 
 def _import_deep_ep(group: Any) -> Any:
@@ -144,7 +170,8 @@ class DeepEPTransport(Transport):
 
     ``store``: a torch.distributed Store both ranks reach (default: the default group's store).
     ``max_row_bytes``: the largest row (a multiple of 16, at most MAX_ROW_BYTES); both ranks must
-    pass the same value. Owns one deep_ep.Buffer and one worker thread until ``close()``.
+    pass the same value. Owns one deep_ep.Buffer (its :class:`Exchange`) and one worker thread
+    until ``close()``. :meth:`with_exchange` builds one over another Exchange (a CPU test seam).
     """
 
     name = "deepep"
@@ -152,15 +179,34 @@ class DeepEPTransport(Transport):
     def __init__(self, group: Any = None, *, store: Any = None, max_row_bytes: int = MAX_ROW_BYTES) -> None:
         RowLayout.for_layer(1, max_row_bytes)
         deep_ep = _import_deep_ep(group)
+        group = _two_rank_group(group)
+        self._start(group, store, max_row_bytes, _Dispatcher(deep_ep, group, max_row_bytes))
+
+    @classmethod
+    def with_exchange(cls, exchange: Exchange, group: Any = None, *, store: Any = None,
+                      max_row_bytes: int = MAX_ROW_BYTES) -> DeepEPTransport:
+        """A transport whose layers move through ``exchange`` instead of a DeepEP dispatch.
+
+        A test seam of the protocol: with a :class:`~kvbridge.transport.deepep_exchange.GlooExchange`
+        on a gloo group, the handles, the worker thread, the store handshake, deadlines, close and
+        pins run between CPU processes without GPUs; the DeepEP dispatch itself (``_Dispatcher``,
+        what ``DeepEPTransport()`` builds) is only exercised on GPUs. ``group`` (None: the default
+        group) gives this rank and must hold exactly two ranks; ``exchange`` must run its
+        collectives over the same ranks. The transport owns ``exchange`` and closes it in
+        ``close()``. Needs neither deep_ep nor CUDA.
+        """
+        RowLayout.for_layer(1, max_row_bytes)
+        transport = cls.__new__(cls)
+        transport._start(_two_rank_group(group), store, max_row_bytes, exchange)
+        return transport
+
+    def _start(self, group: Any, store: Any, max_row_bytes: int, exchange: Exchange) -> None:
         import torch.distributed as dist
 
-        group = dist.group.WORLD if group is None else group
-        if group.size() != 2:
-            raise ValueError(f"group: deepep transfers run between exactly two ranks, the group has {group.size()}")
         self.rank = int(group.rank())
         self._store = store if store is not None else dist.distributed_c10d._get_default_store()
         self._max_row_bytes = max_row_bytes
-        self._dispatcher = _Dispatcher(deep_ep, group, max_row_bytes)
+        self._exchange = exchange
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._live: set[_Job] = set()
@@ -214,12 +260,11 @@ class DeepEPTransport(Transport):
         return handle
 
     def _run(self) -> None:
-        torch.cuda.set_device(self._dispatcher.device)
         while (job := self._queue.get()) is not None:
             try:
                 if self._broken is not None:
                     raise TransportUnavailable(self._broken)
-                job.run(self._dispatcher)
+                job.run(self._exchange)
             except KVBridgeError as exc:  # the peer gave up or sent bad rows: collectives still matched
                 job.fail(exc)
             except Exception as exc:  # deep_ep / CUDA failed mid-collective: nothing is matched any more
@@ -245,4 +290,4 @@ class DeepEPTransport(Transport):
         self._queue.put(None)
         self._worker.join(CLOSE_WAIT_S)
         if not self._worker.is_alive():
-            self._dispatcher.close()
+            self._exchange.close()

@@ -65,6 +65,11 @@ class LayerGate:
         got: bytes = self._store.get(self.key(layer))
         return got if got == OFFER else self._done(layer, got)
 
+    def refused_early(self, layer: int) -> bool:
+        """Whether the consumer refused ``layer`` before the producer offered it: before its offer,
+        only a refusal creates the key. Changes nothing (:meth:`withdraw` then reads and deletes it)."""
+        return bool(self._store.check([self.key(layer)]))
+
     def withdraw(self, layer: int) -> bytes:
         """Gives up on ``layer`` (offered or not): WITHDRAWN, or the consumer's final answer.
 

@@ -3,7 +3,7 @@
 A handle's ``run`` is executed by the transport's one worker thread, transfers in start order;
 the caller's thread only publishes, polls, waits (with deadlines) and closes. Per layer the
 worker agrees with the peer through a :class:`LayerGate` and then runs one DeepEP dispatch
-through an :class:`Exchange` (the GPU part, deepep.py). Ownership: the source is read (packed
+through an :class:`Exchange` (deepep_exchange.py; the DeepEP one in deepep.py). Ownership: the source is read (packed
 into private rows) only between ``publish_layer(i)`` and ``close()``, the destination written
 only before ``close()`` returns; a layer already agreed on still goes through the collective
 after ``close()`` (from the private rows, into a discarded result), so the group's collectives
@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Protocol
 
 import torch
 
@@ -36,6 +35,7 @@ from kvbridge.transport.base import (
     TransferSpec,
     check_next_layer,
 )
+from kvbridge.transport.deepep_exchange import Exchange
 from kvbridge.transport.deepep_gate import ACCEPT, OFFER, REFUSED, WITHDRAWN, LayerGate
 from kvbridge.transport.deepep_rows import (
     RowLayout,
@@ -46,13 +46,7 @@ from kvbridge.transport.deepep_rows import (
 )
 
 POLL_MIN_S, POLL_MAX_S = 2e-5, 1e-3
-
-
-class Exchange(Protocol):
-    def exchange(self, rows: torch.Tensor, dest_rank: int | None) -> torch.Tensor:
-        """One dispatch: sends ``rows`` (CPU bf16) to ``dest_rank`` (None: nowhere); returns the
-        rows this rank received (CPU bf16)."""
-        ...
+REFUSAL_POLL_S = 0.01  # how often a producer waiting for a layer to be published checks for a refusal
 
 
 class _Transfer:
@@ -144,10 +138,21 @@ class DeepEPSendHandle(_Transfer, SendHandle):
         self._close()
         self._pins.release()
 
+    def _ready(self, layer: int) -> bool:
+        """Blocks until ``layer`` is published (True), or the handle closes or the consumer refuses
+        the layer first (False): a producer whose consumer gave up fails without waiting for data."""
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: self._published > layer or self._closed, timeout=REFUSAL_POLL_S):
+                    return not self._closed
+            if self._gate.refused_early(layer):
+                return False
+
     def _pack(self, layer: int) -> torch.Tensor | None:
-        """Layer ``layer``'s rows once it is published; None when the handle closes first."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._published > layer or self._closed)
+        """Layer ``layer``'s rows once it is published; None when the handle closes or the consumer
+        refuses first."""
+        if not self._ready(layer):
+            return None
         with self._data_lock:
             if self._is_closed():
                 return None
@@ -158,20 +163,31 @@ class DeepEPSendHandle(_Transfer, SendHandle):
         return None if answer == OFFER else answer
 
     def run(self, exchange: Exchange) -> None:
+        layer = 0
+        while layer < self.num_layers and self._step(exchange, layer):
+            layer += 1
+
+    def _step(self, exchange: Exchange, layer: int) -> bool:
+        """Moves ``layer``: True once dispatched, False once we withdrew (the consumer stops there)."""
         tid = self.spec.transfer_id
-        for layer in range(self.num_layers):
-            rows = self._pack(layer)
-            answer = self._gate.withdraw(layer) if rows is None else self._gate.offer(layer)
-            if answer == OFFER:
-                answer = self._poll_gate(partial(self._answer, layer)) or self._gate.withdraw(layer)
-            if answer == REFUSED:
-                raise RemoteError("aborted", f"deepep transfer {tid}: the consumer gave up at layer {layer}")
-            if answer != ACCEPT or rows is None:
-                return  # we withdrew: the consumer stops at this layer
+        rows = self._pack(layer)
+        answer = self._gate.withdraw(layer) if rows is None else self._gate.offer(layer)
+        if answer == OFFER:
+            answer = self._poll_gate(partial(self._answer, layer)) or self._gate.withdraw(layer)
+        if answer == REFUSED:
+            raise RemoteError("aborted", f"deepep transfer {tid}: the consumer gave up at layer {layer}")
+        if answer != ACCEPT or rows is None:
+            return False
+        try:
             received = exchange.exchange(rows, self._dest_rank)
             if received.shape[0]:
                 raise ProtocolError(f"deepep transfer {tid}: the producer received {received.shape[0]} rows")
-            self._advance()
+        except KVBridgeError:
+            if layer + 1 < self.num_layers:
+                self._gate.withdraw(layer + 1)  # else the consumer waits for an offer that never comes
+            raise
+        self._advance()
+        return True
 
 
 class DeepEPRecvHandle(_Transfer, RecvHandle):
@@ -191,20 +207,32 @@ class DeepEPRecvHandle(_Transfer, RecvHandle):
         self._close()
 
     def run(self, exchange: Exchange) -> None:
-        tid = self.spec.transfer_id
         idle = torch.zeros((1, self._layout.hidden), dtype=torch.bfloat16)
-        for layer in range(self.num_layers):
-            answer = self._poll_gate(partial(self._gate.accept, layer))
-            if answer is None:
-                answer = self._gate.refuse(layer)
-            if answer == WITHDRAWN:
-                raise RemoteError("aborted", f"deepep transfer {tid}: the producer gave up at layer {layer}")
-            if answer != ACCEPT:
-                return  # we refused: the producer stops at this layer
+        layer = 0
+        while layer < self.num_layers and self._step(exchange, layer, idle):
+            layer += 1
+
+    def _step(self, exchange: Exchange, layer: int, idle: torch.Tensor) -> bool:
+        """Moves ``layer``: True once dispatched (written unless closed meanwhile), False once we
+        refused (the producer stops there)."""
+        tid = self.spec.transfer_id
+        answer = self._poll_gate(partial(self._gate.accept, layer))
+        if answer is None:
+            answer = self._gate.refuse(layer)
+        if answer == WITHDRAWN:
+            raise RemoteError("aborted", f"deepep transfer {tid}: the producer gave up at layer {layer}")
+        if answer != ACCEPT:
+            return False
+        try:
             rows = exchange.exchange(idle, None)
             index = read_tags(rows, self._layout, layer=layer, key=self._key)
-            with self._data_lock:
-                if self._is_closed():
-                    continue  # the next layer is refused
-                unpack_rows(rows, index, self._buffers.layer_runs(layer), self.spec.layer_nbytes)
-            self._advance()
+        except KVBridgeError:
+            if layer + 1 < self.num_layers:
+                self._gate.refuse(layer + 1)  # else the producer waits for an answer that never comes
+            raise
+        with self._data_lock:
+            if self._is_closed():
+                return True  # the next layer is refused
+            unpack_rows(rows, index, self._buffers.layer_runs(layer), self.spec.layer_nbytes)
+        self._advance()
+        return True
