@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -50,8 +51,8 @@ class Blocks:
     def region(self, slots: tuple[int, ...] | None = None) -> PoolRegion:
         return PoolRegion(self.array, self.slots if slots is None else slots)
 
-    def fill(self, layer: int, slots: tuple[int, ...] | None = None) -> None:
-        for k, slot in enumerate(self.slots if slots is None else slots):
+    def fill(self, layer: int) -> None:
+        for k, slot in enumerate(self.slots):
             self.array[layer, slot] = pattern(layer, k)
 
     def layers_ok(self, slots: tuple[int, ...] | None = None) -> list[str]:
@@ -75,9 +76,10 @@ def gloo_transport(store: Any, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[D
 
 
 def expect(peer: Connection, message: str) -> None:
-    if not peer.poll(WAIT_S) or (got := peer.recv()) != message:
-        raise RuntimeError(f"expected {message!r} from the peer")
-    del got
+    if not peer.poll(WAIT_S):
+        raise RuntimeError(f"no {message!r} from the peer in {WAIT_S} s")
+    if (got := peer.recv()) != message:
+        raise RuntimeError(f"expected {message!r} from the peer, got {got!r}")
 
 
 def deadline() -> float:
@@ -237,31 +239,11 @@ def consume_then_close_transport(store: Any, peer: Connection) -> Report:
         return recv.poll(), dst.layers_ok()
 
 
-def produce_three_rows(store: Any, peer: Connection) -> Report:
+def produce_all(transfer_id: str, max_row_bytes: int, store: Any, peer: Connection) -> Report:
+    """Publishes every layer at once; reports how the transfer ended."""
     src = Blocks(source=True)
-    with gloo_transport(store, max_row_bytes=4096) as transport:
-        spec = transport.spec_for("row-count", NUM_LAYERS, 3 * LAYOUT.block_bytes, src.slots)
-        send = transport.start_send(spec, src.region(), pins=src.alloc)
-        for layer in range(NUM_LAYERS):
-            src.fill(layer)
-            send.publish_layer(layer)
-        error = error_of(lambda: send.wait(deadline()))
-        polled = send.poll()
-        send.close()
-        return error, polled, src.refs()
-
-
-def consume_two_rows(store: Any, peer: Connection) -> Report:
-    dst = Blocks(source=False)
-    with gloo_transport(store, max_row_bytes=4096) as transport:
-        recv = transport.start_recv(consumer_spec("row-count", 2), dst.region(dst.slots[:2]))
-        return error_of(lambda: recv.wait(deadline())), recv.poll(), dst.layers_ok()
-
-
-def produce_narrow_rows(store: Any, peer: Connection) -> Report:
-    src = Blocks(source=True)
-    with gloo_transport(store, max_row_bytes=4096) as transport:
-        spec = transport.spec_for("row-width", NUM_LAYERS, 3 * LAYOUT.block_bytes, src.slots)
+    with gloo_transport(store, max_row_bytes) as transport:
+        spec = transport.spec_for(transfer_id, NUM_LAYERS, 3 * LAYOUT.block_bytes, src.slots)
         send = transport.start_send(spec, src.region(), pins=src.alloc)
         for layer in range(NUM_LAYERS):
             src.fill(layer)
@@ -271,10 +253,10 @@ def produce_narrow_rows(store: Any, peer: Connection) -> Report:
         return error, send.poll(), src.refs()
 
 
-def consume_wide_rows(store: Any, peer: Connection) -> Report:
+def consume_all(transfer_id: str, num_blocks: int, max_row_bytes: int, store: Any, peer: Connection) -> Report:
     dst = Blocks(source=False)
-    with gloo_transport(store) as transport:
-        recv = transport.start_recv(consumer_spec("row-width"), dst.region())
+    with gloo_transport(store, max_row_bytes) as transport:
+        recv = transport.start_recv(consumer_spec(transfer_id, num_blocks), dst.region(dst.slots[:num_blocks]))
         return error_of(lambda: recv.wait(deadline())), recv.poll(), dst.layers_ok()
 
 
@@ -285,8 +267,10 @@ SCENARIOS: dict[str, tuple[Scenario, Scenario]] = {
     "deadline": (produce_after_deadline, consume_with_short_deadline),
     "handle-close": (produce_then_close, consume_until_producer_closes),
     "transport-close": (produce_until_consumer_closes, consume_then_close_transport),
-    "row-count": (produce_three_rows, consume_two_rows),
-    "row-width": (produce_narrow_rows, consume_wide_rows),
+    # 12288-byte layers in rows of <= 4096 bytes: 3 rows, where the consumer's 8192 expect 2
+    "row-count": (partial(produce_all, "row-count", 4096), partial(consume_all, "row-count", 2, 4096)),
+    # the same layer in rows of <= 4096 and <= 8160 bytes: 3 rows of 4096 against 2 of 6144
+    "row-width": (partial(produce_all, "row-width", 4096), partial(consume_all, "row-width", 3, MAX_ROW_BYTES)),
 }
 
 
@@ -399,7 +383,6 @@ def test_consumer_closing_its_transport_mid_transfer_aborts_the_producer(ranks: 
 
 @pytest.mark.timeout(40)
 def test_rows_only_the_consumer_refuses_stop_the_producer_at_the_next_layer(ranks: Ranks) -> None:
-    # same row width (4096 + 16), but the producer's layer is 3 rows and the consumer expects 2
     producer, consumer = ranks.run("row-count")
     assert producer == ("RemoteError: remote error [aborted]: deepep transfer row-count: "
                         "the consumer gave up at layer 1", 1, [1, 1, 1])
@@ -414,3 +397,15 @@ def test_ranks_disagreeing_on_row_width_both_fail_in_step(ranks: Ranks) -> None:
              "every rank must pass the same width")
     assert producer == (error, 0, [1, 1, 1])
     assert consumer == (error, 0, NOTHING)
+
+
+def test_cpu_seam_needs_an_initialised_gloo_group() -> None:
+    if dist.is_initialized():
+        pytest.skip("this test process has a default process group (the ranks here run in their own)")
+    with pytest.raises(ValueError, match=r"^group: GlooExchange needs an initialised torch.distributed process group$"):
+        GlooExchange()
+    with pytest.raises(ValueError, match=r"^group: deepep needs a torch.distributed process group: pass group=, "
+                                         r"or call torch.distributed.init_process_group\(\) first$"):
+        DeepEPTransport.with_exchange(GlooExchange.__new__(GlooExchange))
+    with pytest.raises(ValueError, match=r"^max_row_bytes: expected a multiple of 16 in \[16, 8160\], got 8$"):
+        DeepEPTransport.with_exchange(GlooExchange.__new__(GlooExchange), max_row_bytes=8)
