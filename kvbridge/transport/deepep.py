@@ -267,7 +267,7 @@ class DeepEPTransport(Transport):
                 job.run(self._exchange)
             except KVBridgeError as exc:  # the peer gave up or sent bad rows: collectives still matched
                 job.fail(exc)
-            except Exception as exc:  # deep_ep / CUDA failed mid-collective: nothing is matched any more
+            except Exception as exc:  # the collective failed (deep_ep, CUDA, gloo): nothing is matched any more
                 self._broken = f"transport 'deepep' is unusable after a failed dispatch: {type(exc).__name__}: {exc}"
                 job.fail(RemoteError("transfer", f"deepep transfer {job.spec.transfer_id}: {exc}"))
             finally:

@@ -2,12 +2,18 @@
 
 A handle's ``run`` is executed by the transport's one worker thread, transfers in start order;
 the caller's thread only publishes, polls, waits (with deadlines) and closes. Per layer the
-worker agrees with the peer through a :class:`LayerGate` and then runs one DeepEP dispatch
-through an :class:`Exchange` (deepep_exchange.py; the DeepEP one in deepep.py). Ownership: the source is read (packed
-into private rows) only between ``publish_layer(i)`` and ``close()``, the destination written
-only before ``close()`` returns; a layer already agreed on still goes through the collective
-after ``close()`` (from the private rows, into a discarded result), so the group's collectives
-stay matched.
+worker agrees with the peer through a :class:`LayerGate` and then runs one collective through
+an :class:`Exchange` (deepep_exchange.py: a DeepEP dispatch, or gloo on CPU in tests).
+Ownership: the source is read (packed into private rows) only between ``publish_layer(i)`` and
+``close()``, the destination written only before ``close()`` returns; a layer already agreed on
+still goes through the collective after ``close()`` (from the private rows, into a discarded
+result), so the group's collectives stay matched.
+
+Giving up reaches the peer at once: a closed handle withdraws (producer) or refuses (consumer)
+the next layer; a producer still waiting for a layer to be published checks every
+REFUSAL_POLL_S whether the consumer refused it; a side whose layer fails after a matched
+exchange (ProtocolError) gives up on the next layer before raising. So neither side's worker
+waits on a transfer its peer ended (it would hold up every later transfer of the transport).
 """
 
 from __future__ import annotations
