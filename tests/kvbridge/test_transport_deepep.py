@@ -174,7 +174,8 @@ def test_gate_sequences(stores: tuple[Any, Any]) -> None:
             assert (cons.accept(0), prod.offer(0), prod.answer(0), cons.accept(0), prod.answer(0)) == \
                 (None, OFFER, OFFER, ACCEPT, ACCEPT)
         elif n == 1:
-            assert (cons.refuse(0), prod.offer(0)) == (REFUSED, REFUSED)
+            assert (prod.refused_early(0), cons.refuse(0), prod.refused_early(0), prod.offer(0)) == \
+                (False, REFUSED, True, REFUSED)
         elif n == 2:
             assert (prod.offer(0), cons.refuse(0), prod.answer(0)) == (OFFER, REFUSED, REFUSED)
         elif n == 3:
