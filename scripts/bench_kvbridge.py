@@ -28,8 +28,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvbridge.hashing import BlockHash  # noqa: E402
-from kvbridge.pool import HostBlockPool, PoolLayout, SlotAllocator  # noqa: E402
-from kvbridge.transport.base import PoolRegion, TransferSpec, Transport  # noqa: E402
+from kvbridge.pool import HostBlockPool, PoolLayout  # noqa: E402
+from kvbridge.slots import SlotAllocator  # noqa: E402
+from kvbridge.transport.base import TransferSpec, Transport  # noqa: E402
+from kvbridge.transport.regions import PoolRegion  # noqa: E402
 from kvbridge.transport.shm import ShmTransport  # noqa: E402
 from kvbridge.transport.tcp import TcpTransport  # noqa: E402
 

@@ -32,7 +32,8 @@ from backends.serving.kv_source import PulledKVSource, open_handle
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.hashing import BlockHash, hash_blocks
 from kvbridge.hooks import StoreKVHooks
-from kvbridge.pool import HostBlockPool, PoolLayout, SlotAllocator
+from kvbridge.pool import HostBlockPool, PoolLayout
+from kvbridge.slots import SlotAllocator
 from kvbridge.store import BlockStore
 from kvbridge.tiers import StoreConfig, TierEvent
 from kvbridge.transport.shm import ShmTransport

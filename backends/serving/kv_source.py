@@ -22,7 +22,8 @@ from backends.engine.hooks import KVImportError
 from kvbridge.errors import KVBridgeError
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.pool import SHM_DIR
-from kvbridge.transport.base import ArrayLayers, RecvHandle
+from kvbridge.transport.base import RecvHandle
+from kvbridge.transport.regions import ArrayLayers
 from kvbridge.transport.shm import ShmTransport, shm_pull_spec
 from kvbridge.transport.tcp import TcpTransport, pull_spec
 

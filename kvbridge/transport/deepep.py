@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 from kvbridge.errors import KVBridgeError, RemoteError, TransportUnavailable
-from kvbridge.pool import SlotAllocator
+from kvbridge.slots import SlotAllocator
 from kvbridge.transport.base import LayerBuffers, TransferSpec, Transport
 from kvbridge.transport.deepep_exchange import Exchange, GlooExchange
 from kvbridge.transport.deepep_handles import DeepEPRecvHandle, DeepEPSendHandle

@@ -32,7 +32,7 @@ from kvbridge.errors import (
     TransferTimeout,
     describe_pending,
 )
-from kvbridge.pool import SlotAllocator
+from kvbridge.slots import SlotAllocator
 from kvbridge.transport.base import (
     LayerBuffers,
     RecvHandle,

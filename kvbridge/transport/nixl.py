@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 
 from kvbridge.errors import RemoteError, TransferTimeout, describe_pending
-from kvbridge.pool import SlotAllocator
+from kvbridge.slots import SlotAllocator
 from kvbridge.transport.base import (
     LayerBuffers,
-    PoolRegion,
     RecvHandle,
     SendHandle,
     SlotPins,
@@ -44,6 +43,7 @@ from kvbridge.transport.base import (
     wait_until,
 )
 from kvbridge.transport.nixl_agent import NixlAgent, Region, nixl_available, pair_runs
+from kvbridge.transport.regions import PoolRegion
 
 __all__ = ["NixlRecvHandle", "NixlSendHandle", "NixlTransferSpec", "NixlTransport", "nixl_available"]
 

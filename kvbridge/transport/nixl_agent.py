@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from kvbridge.errors import TransportUnavailable
-from kvbridge.transport.base import overlaps, wait_until
+from kvbridge.transport.base import wait_until
+from kvbridge.transport.regions import overlaps
 
 CLOSE_WAIT_S = 5.0
 

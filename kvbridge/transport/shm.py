@@ -19,10 +19,10 @@ import time
 
 from kvbridge.errors import RemoteError, TransferTimeout, describe_pending
 from kvbridge.handle import KVHandle
-from kvbridge.pool import HostBlockPool, PoolHandle, SlotAllocator
+from kvbridge.pool import HostBlockPool, PoolHandle
+from kvbridge.slots import SlotAllocator
 from kvbridge.transport.base import (
     LayerBuffers,
-    PoolRegion,
     RecvHandle,
     SendHandle,
     SlotPins,
@@ -31,6 +31,7 @@ from kvbridge.transport.base import (
     check_next_layer,
     wait_until,
 )
+from kvbridge.transport.regions import PoolRegion
 from kvbridge.transport.shm_control import (
     ACKED,
     CONSUMER_ABORTED,

@@ -30,8 +30,9 @@ from kvbridge.errors import (
 )
 from kvbridge.pool import HostBlockPool, PoolHandle
 from kvbridge.protocol import encode_frame, recv_message
-from kvbridge.transport.base import LayerBuffers, PoolRegion, RecvHandle, TransferSpec, copy_layers
+from kvbridge.transport.base import LayerBuffers, RecvHandle, TransferSpec
 from kvbridge.transport.messages import PinGranted, PinRequest, Unpin
+from kvbridge.transport.regions import PoolRegion, copy_layers
 from kvbridge.transport.tcp_conn import ConnectionPool, expect_reply
 
 

@@ -14,14 +14,8 @@ import time
 from collections.abc import Callable
 
 from kvbridge.errors import RemoteError, TransferTimeout, describe_pending
-from kvbridge.transport.base import (
-    LayerBuffers,
-    PoolRegion,
-    RecvHandle,
-    TransferSpec,
-    copy_layers,
-    wait_until,
-)
+from kvbridge.transport.base import LayerBuffers, RecvHandle, TransferSpec, wait_until
+from kvbridge.transport.regions import PoolRegion, copy_layers
 from kvbridge.transport.shm_control import (
     ACKED,
     CONSUMER_ABORTED,

@@ -16,7 +16,8 @@ from __future__ import annotations
 import threading
 
 from kvbridge.handle import KVHandle
-from kvbridge.pool import HostBlockPool, SlotAllocator
+from kvbridge.pool import HostBlockPool
+from kvbridge.slots import SlotAllocator
 from kvbridge.transport.base import LayerBuffers, RecvHandle, SendHandle, TransferSpec, Transport
 from kvbridge.transport.tcp_conn import ConnectionPool
 from kvbridge.transport.tcp_recv import Receiver, TcpRecvHandle

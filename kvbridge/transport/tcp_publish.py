@@ -12,7 +12,7 @@ import time
 from typing import Protocol
 
 from kvbridge.errors import KVBridgeError, RemoteError, TransferTimeout, describe_pending
-from kvbridge.pool import SlotAllocator
+from kvbridge.slots import SlotAllocator
 from kvbridge.transport.base import (
     LayerBuffers,
     SendHandle,

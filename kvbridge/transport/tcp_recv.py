@@ -32,8 +32,9 @@ from kvbridge.errors import (
     describe_pending,
 )
 from kvbridge.protocol import encode_frame
-from kvbridge.transport.base import LayerBuffers, RecvHandle, TransferSpec, remaining, span_views
+from kvbridge.transport.base import LayerBuffers, RecvHandle, TransferSpec, remaining
 from kvbridge.transport.messages import ChunkHeader, PullDone, PullRequest
+from kvbridge.transport.regions import span_views
 from kvbridge.transport.tcp_conn import ConnectionPool, FrameReader, checksum, expect_reply
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from kvbridge.errors import (
     StaleSlots,
     TransferTimeout,
 )
-from kvbridge.pool import HostBlockPool, SlotAllocator
+from kvbridge.pool import HostBlockPool
 from kvbridge.protocol import (
     ErrorReply,
     HelloAck,
@@ -50,7 +50,8 @@ from kvbridge.protocol import (
     encode_frame,
     recv_message,
 )
-from kvbridge.transport.base import LayerBuffers, PoolRegion, remaining, span_views
+from kvbridge.slots import SlotAllocator
+from kvbridge.transport.base import LayerBuffers, remaining
 from kvbridge.transport.messages import (
     ChunkHeader,
     PinGranted,
@@ -59,6 +60,7 @@ from kvbridge.transport.messages import (
     PullRequest,
     Unpin,
 )
+from kvbridge.transport.regions import PoolRegion, span_views
 from kvbridge.transport.tcp_conn import checksum, recv_request, send_buffers, tune
 from kvbridge.transport.tcp_publish import PublishedTransfer
 

@@ -16,9 +16,9 @@ from kvbridge.pool import (
     HostBlockPool,
     PoolHandle,
     PoolLayout,
-    SlotAllocator,
     cuda_available,
 )
+from kvbridge.slots import SlotAllocator
 
 LAYOUT = PoolLayout(num_layers=3, num_slots=5, block_bytes=16)
 

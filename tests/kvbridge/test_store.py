@@ -251,7 +251,7 @@ def test_store_random_lifecycles_keep_integrity_and_data(seed: int) -> None:
 
 
 def test_store_runs_on_the_shared_memory_pool_allocator() -> None:
-    from kvbridge.pool import SlotAllocator
+    from kvbridge.slots import SlotAllocator
 
     hot, cold = SlotAllocator(4), SlotAllocator(4)
     store = BlockStore(StoreConfig(2, 4), hot, cold)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from kvbridge.errors import ProtocolError, TransportUnavailable
-from kvbridge.transport.base import ArrayLayers, PoolRegion, TransferSpec
+from kvbridge.transport.base import TransferSpec
 from kvbridge.transport.deepep import DeepEPTransport, deepep_available, missing_requirement
 from kvbridge.transport.deepep_gate import ACCEPT, OFFER, REFUSED, WITHDRAWN, LayerGate
 from kvbridge.transport.deepep_rows import (
@@ -33,6 +33,7 @@ from kvbridge.transport.deepep_rows import (
     transfer_key,
     unpack_rows,
 )
+from kvbridge.transport.regions import ArrayLayers, PoolRegion
 from kvbridge.transport.registry import get_transport
 
 

@@ -29,11 +29,12 @@ import torch.distributed as dist
 from transport_procs import LAYOUT, eventually, pattern, source_slots
 
 from kvbridge.errors import KVBridgeError
-from kvbridge.pool import SlotAllocator
-from kvbridge.transport.base import PoolRegion, TransferSpec
+from kvbridge.slots import SlotAllocator
+from kvbridge.transport.base import TransferSpec
 from kvbridge.transport.deepep import DeepEPTransport, GlooExchange
 from kvbridge.transport.deepep_gate import LayerGate
 from kvbridge.transport.deepep_rows import MAX_ROW_BYTES
+from kvbridge.transport.regions import PoolRegion
 
 WAIT_S = 10.0  # every wait in a scenario; a hang fails the test instead of blocking it
 NUM_LAYERS = LAYOUT.num_layers

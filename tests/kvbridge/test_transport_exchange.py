@@ -9,8 +9,9 @@ import time
 import pytest
 from transport_procs import LAYOUT, assert_pattern, pattern, producer
 
-from kvbridge.pool import HostBlockPool, SlotAllocator
-from kvbridge.transport.base import PoolRegion
+from kvbridge.pool import HostBlockPool
+from kvbridge.slots import SlotAllocator
+from kvbridge.transport.regions import PoolRegion
 from kvbridge.transport.registry import get_transport
 
 

@@ -14,8 +14,9 @@ from transport_procs import LAYOUT, Side, assert_pattern, pattern
 from kvbridge.errors import RemoteError, TransferTimeout, TransportUnavailable
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.transport import nixl_agent
-from kvbridge.transport.base import PoolRegion, TransferSpec
+from kvbridge.transport.base import TransferSpec
 from kvbridge.transport.nixl import NixlTransport, nixl_available
+from kvbridge.transport.regions import PoolRegion
 from kvbridge.transport.registry import get_transport
 from kvbridge.transport.shm import ShmTransport
 from kvbridge.transport.tcp import TcpTransport, pull_spec

@@ -16,9 +16,11 @@ import pytest
 from transport_procs import LAYOUT, Side, assert_pattern, fill_pattern, pattern, source_slots
 
 from kvbridge.errors import RemoteError, TransferTimeout, TransportUnavailable
-from kvbridge.pool import HostBlockPool, SlotAllocator
-from kvbridge.transport.base import PoolRegion, TransferSpec
+from kvbridge.pool import HostBlockPool
+from kvbridge.slots import SlotAllocator
+from kvbridge.transport.base import TransferSpec
 from kvbridge.transport.nixl import NixlTransferSpec, NixlTransport, nixl_available
+from kvbridge.transport.regions import PoolRegion
 from kvbridge.transport.registry import get_transport
 
 pytestmark = pytest.mark.skipif(not nixl_available(), reason="nixl is not installed (pip install nixl-cu12)")

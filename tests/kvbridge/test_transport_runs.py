@@ -7,17 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from kvbridge.pool import SlotAllocator
-from kvbridge.transport.base import (
-    Overlap,
-    PoolRegion,
-    SlotPins,
-    check_next_layer,
-    copy_layers,
-    copy_runs,
-    overlaps,
-)
+from kvbridge.slots import SlotAllocator
+from kvbridge.transport.base import SlotPins, check_next_layer
 from kvbridge.transport.nixl_agent import pair_runs
+from kvbridge.transport.regions import Overlap, PoolRegion, copy_layers, copy_runs, overlaps
 
 
 def test_overlaps_exact_pieces() -> None:

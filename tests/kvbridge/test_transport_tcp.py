@@ -17,8 +17,9 @@ from transport_procs import LAYOUT, Side, assert_pattern, eventually, pattern
 from kvbridge.errors import ChecksumMismatch, RemoteError
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.protocol import HelloAck, encode_frame
-from kvbridge.transport.base import PoolRegion, TransferSpec
+from kvbridge.transport.base import TransferSpec
 from kvbridge.transport.messages import ChunkHeader, PinRequest, PullRequest
+from kvbridge.transport.regions import PoolRegion
 from kvbridge.transport.tcp import TcpTransport, pull_spec
 
 

@@ -8,8 +8,10 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from kvbridge.pool import HostBlockPool, PoolLayout, SlotAllocator
-from kvbridge.transport.base import PoolRegion, TransferSpec, Transport
+from kvbridge.pool import HostBlockPool, PoolLayout
+from kvbridge.slots import SlotAllocator
+from kvbridge.transport.base import TransferSpec, Transport
+from kvbridge.transport.regions import PoolRegion
 from kvbridge.transport.registry import get_transport
 
 LAYOUT = PoolLayout(num_layers=4, num_slots=8, block_bytes=4096)
