@@ -77,9 +77,12 @@ class ShmRecvHandle(RecvHandle):
         return None
 
     def _current_words(self, view: TableView) -> list[int]:
-        """Our entry's words; RemoteError if it was reclaimed (and perhaps reused) by the producer
-        or the producer gave up."""
-        words = view.entry(self._entry)
+        """Our entry's words, read now; see :meth:`_checked`."""
+        return self._checked(view.entry(self._entry))
+
+    def _checked(self, words: list[int]) -> list[int]:
+        """``words``, or RemoteError if our entry was reclaimed (and perhaps reused) by the
+        producer or the producer gave up."""
         if words[GEN] != self._gen:
             raise RemoteError("stale", f"shm transfer {self.spec.transfer_id}: control entry {self._entry} "
                                        f"was reclaimed (generation {self._gen}, now {words[GEN]}); "
@@ -90,12 +93,15 @@ class ShmRecvHandle(RecvHandle):
 
     def _step(self) -> bool:
         """Copies the next published layers if there are any; True when it made progress."""
-        if self._view is None and self._find_entry() is None:
-            return False
+        found = None
+        if self._view is None:
+            found = self._find_entry()
+            if found is None:
+                return False
         view = self._view
         if view is None or self._buffers is None:
             raise RuntimeError(f"shm transfer {self.spec.transfer_id} is closed")
-        published = self._current_words(view)[PUBLISHED]
+        published = (self._checked(found) if found else self._current_words(view))[PUBLISHED]
         if published <= self._copied:
             return False
         source, dest = self._buffers
