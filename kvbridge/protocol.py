@@ -8,8 +8,7 @@ records (e.g. a load report) are encoded as a plain list of their fields, withou
 
 Reading rejects a wrong magic, a wrong version, a body over ``max_frame_bytes``, undecodable
 msgpack, unknown tags and ill-typed fields with :class:`ProtocolError` naming the offending
-value. Connections authenticate first: the client's first frame is :class:`Hello` with the
-token; :func:`check_bind` refuses to start a server beyond loopback without a token.
+value. Connections authenticate first (auth.py: Hello, check_hello, check_bind).
 This module never imports torch.
 """
 
@@ -17,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
-import ipaddress
 import socket
 import struct
 from collections.abc import Callable
@@ -26,7 +23,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from kvbridge.errors import AuthError, ProtocolError
+from kvbridge.errors import ProtocolError
 
 MAGIC = b"KVBR"
 PROTOCOL_VERSION = 1
@@ -275,23 +272,6 @@ async def write_message(writer: asyncio.StreamWriter, msg: object, timeout_s: fl
     await asyncio.wait_for(writer.drain(), timeout_s)
 
 
-# ----- authentication
-
-@message("hello")
-@dataclasses.dataclass(frozen=True, slots=True)
-class Hello:
-    """The first frame of every connection: the shared token ('' when none) and who speaks."""
-
-    token: str
-    peer: str
-
-
-@message("hello_ack")
-@dataclasses.dataclass(frozen=True, slots=True)
-class HelloAck:
-    server: str
-
-
 @message("ok")
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ok:
@@ -305,27 +285,3 @@ class ErrorReply:
 
     code: str
     message: str
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, token: str | None) -> None:
-    """Refuses (ValueError) to serve beyond loopback without an authentication token."""
-    if not is_loopback(host) and not token:
-        raise ValueError(f"host: binding {host!r} beyond loopback requires a token (--token)")
-
-
-def check_hello(msg: object, token: str | None) -> Hello:
-    """Validates the first frame: a Hello carrying ``token`` (any token when none is set)."""
-    if not isinstance(msg, Hello):
-        raise AuthError(f"expected Hello as the first frame, got {type(msg).__name__}")
-    if token and not hmac.compare_digest(msg.token.encode(), token.encode()):
-        raise AuthError(f"bad token from peer {msg.peer!r}")
-    return msg

@@ -48,8 +48,8 @@ def test_kvbridge_never_imports_triton_or_backends() -> None:
 
 
 INDEX_AND_PROTOCOL = ["hashing", "radix", "radix_nodes", "radix_mutation", "radix_types",
-                      "eviction", "tiers", "store", "store_tiers", "store_checks", "protocol",
-                      "handle", "master/index", "master/messages", "master/server"]
+                      "eviction", "tiers", "store", "store_tiers", "store_checks", "protocol", "auth",
+                      "handle", "master/index", "master/messages", "master/server", "slots"]
 
 
 @pytest.mark.parametrize("name", INDEX_AND_PROTOCOL)

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from kvbridge.auth import Hello, HelloAck
 from kvbridge.errors import KVBridgeError, ProtocolError, RemoteError, TransferTimeout
 from kvbridge.master.index import UNKNOWN_NODE
 from kvbridge.master.messages import (
@@ -29,15 +30,7 @@ from kvbridge.master.messages import (
     RegisterNode,
     RemoveBlocks,
 )
-from kvbridge.protocol import (
-    ErrorReply,
-    Hello,
-    HelloAck,
-    Ok,
-    expect_message,
-    recv_message,
-    send_message,
-)
+from kvbridge.protocol import ErrorReply, Ok, expect_message, recv_message, send_message
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")

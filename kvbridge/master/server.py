@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from kvbridge.auth import HelloAck, check_bind, check_hello
 from kvbridge.errors import AuthError, ProtocolError
 from kvbridge.master.index import UNKNOWN_NODE, ClusterIndex, UnknownNode
 from kvbridge.master.messages import (
@@ -29,16 +30,7 @@ from kvbridge.master.messages import (
     RegisterNode,
     RemoveBlocks,
 )
-from kvbridge.protocol import (
-    DEFAULT_MAX_FRAME_BYTES,
-    ErrorReply,
-    HelloAck,
-    Ok,
-    check_bind,
-    check_hello,
-    read_message,
-    write_message,
-)
+from kvbridge.protocol import DEFAULT_MAX_FRAME_BYTES, ErrorReply, Ok, read_message, write_message
 
 log = logging.getLogger(__name__)
 

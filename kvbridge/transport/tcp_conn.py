@@ -17,12 +17,11 @@ from typing import TypeVar
 
 import xxhash
 
+from kvbridge.auth import Hello, HelloAck
 from kvbridge.errors import ProtocolError, RemoteError
 from kvbridge.protocol import (
     HEADER,
     ErrorReply,
-    Hello,
-    HelloAck,
     decode_body,
     decode_header,
     encode_frame,

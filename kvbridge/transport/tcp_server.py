@@ -33,6 +33,7 @@ import socket
 import threading
 import time
 
+from kvbridge.auth import HelloAck, check_bind, check_hello
 from kvbridge.errors import (
     AuthError,
     KVBridgeError,
@@ -42,14 +43,7 @@ from kvbridge.errors import (
     TransferTimeout,
 )
 from kvbridge.pool import HostBlockPool
-from kvbridge.protocol import (
-    ErrorReply,
-    HelloAck,
-    check_bind,
-    check_hello,
-    encode_frame,
-    recv_message,
-)
+from kvbridge.protocol import ErrorReply, encode_frame, recv_message
 from kvbridge.slots import SlotAllocator
 from kvbridge.transport.base import LayerBuffers, remaining
 from kvbridge.transport.messages import (

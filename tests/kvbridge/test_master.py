@@ -12,12 +12,13 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 
+from kvbridge.auth import Hello, HelloAck
 from kvbridge.errors import RemoteError
 from kvbridge.master.client import MasterClient
 from kvbridge.master.index import ClusterIndex
 from kvbridge.master.messages import LoadReport, Lookup, NodeMatch
 from kvbridge.master.server import MasterConfig, MasterThread
-from kvbridge.protocol import HEADER, MAGIC, ErrorReply, Hello, HelloAck, encode_frame, recv_message
+from kvbridge.protocol import HEADER, MAGIC, ErrorReply, encode_frame, recv_message
 
 H = [bytes([i]) * 8 for i in range(6)]
 

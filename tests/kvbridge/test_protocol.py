@@ -8,16 +8,14 @@ import struct
 import msgpack
 import pytest
 
+from kvbridge.auth import Hello, check_bind, check_hello
 from kvbridge.errors import AuthError, ProtocolError
 from kvbridge.protocol import (
     HEADER,
     MAGIC,
     PROTOCOL_VERSION,
     ErrorReply,
-    Hello,
     Ok,
-    check_bind,
-    check_hello,
     decode_body,
     decode_header,
     encode_frame,

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 from transport_procs import LAYOUT, Side, assert_pattern, eventually
 
+from kvbridge.auth import Hello, HelloAck
 from kvbridge.errors import RemoteError, TransferTimeout
 from kvbridge.handle import KVHandle, KVLayoutSpec
-from kvbridge.protocol import ErrorReply, Hello, HelloAck, encode_frame, recv_message
+from kvbridge.protocol import ErrorReply, encode_frame, recv_message
 from kvbridge.transport.messages import PinGranted, PinRequest
 from kvbridge.transport.shm import ShmTransport, shm_pull_spec
 from kvbridge.transport.tcp import TcpTransport

@@ -14,9 +14,10 @@ import pytest
 import xxhash
 from transport_procs import LAYOUT, Side, assert_pattern, eventually, pattern
 
+from kvbridge.auth import HelloAck
 from kvbridge.errors import ChecksumMismatch, RemoteError
 from kvbridge.handle import KVHandle, KVLayoutSpec
-from kvbridge.protocol import HelloAck, encode_frame
+from kvbridge.protocol import encode_frame
 from kvbridge.transport.base import TransferSpec
 from kvbridge.transport.messages import ChunkHeader, PinRequest, PullRequest
 from kvbridge.transport.regions import PoolRegion
