@@ -78,9 +78,7 @@ class SlotAllocator:
         if gens is not None and len(gens) != len(slots):
             raise ValueError(f"gens: expected {len(slots)} generations (one per slot), got {len(gens)}")
         with self._lock:
-            if gens is not None:
-                self._check_generations(slots, gens)
-            self._validated(slots, "pin")
+            self._validated(slots, "pin", gens)
             for slot in slots:
                 self._refs[slot] += 1
 
@@ -102,14 +100,14 @@ class SlotAllocator:
                 raise ValueError(f"ids: {op} of slot {slot!r} out of range [0, {self.num_slots})")
         return slots
 
-    def _check_generations(self, slots: list[int], gens: Sequence[int]) -> None:
-        self._in_range(slots, "pin")
-        for slot, expected in zip(slots, gens, strict=True):
-            if self._refs[slot] == 0 or self._gens[slot] != expected:
-                raise StaleSlots(slot, expected, self._gens[slot], allocated=self._refs[slot] > 0)
-
-    def _validated(self, ids: Iterable[int], op: str) -> list[int]:
+    def _validated(self, ids: Iterable[int], op: str, gens: Sequence[int] | None = None) -> list[int]:
+        """The ids, in range and allocated (with ``gens``: still of those generations, else
+        StaleSlots, checked first); ValueError otherwise."""
         slots = self._in_range(ids, op)
+        if gens is not None:
+            for slot, expected in zip(slots, gens, strict=True):
+                if self._refs[slot] == 0 or self._gens[slot] != expected:
+                    raise StaleSlots(slot, expected, self._gens[slot], allocated=self._refs[slot] > 0)
         drops: dict[int, int] = {}
         for slot in slots:
             drops[slot] = drops.get(slot, 0) + 1

@@ -34,37 +34,30 @@ class PoolRegion:
         shape = array.shape
         if len(shape) != 3 or array.dtype != np.uint8 or not array.flags.c_contiguous:
             raise ValueError(f"array: expected a C-contiguous uint8 [L, S, B] array, got {array.dtype} {shape}")
-        if not slots or min(slots) < 0 or max(slots) >= shape[1]:
-            raise ValueError(f"slots: expected slots in [0, {shape[1]}), got {list(slots)[:16]}")
-        self.array = array
-        self.slots = tuple(slots)
-        self.num_layers = int(shape[0])
-        self.layer_nbytes = len(self.slots) * int(shape[2])
-        self._runs = slot_runs(self.slots)
+        self._fill(array, slots, int(shape[0]), int(shape[1]), int(shape[2]))
 
     @classmethod
     def of_pool(cls, pool: HostBlockPool, slots: Sequence[int]) -> PoolRegion:
         """The blocks at ``slots`` of ``pool``; checks only the slots (a pool's array is by
         construction a C-contiguous uint8 [L, S, B] array): the receive path's cheap form."""
         layout = pool.layout
-        if not slots or min(slots) < 0 or max(slots) >= layout.num_slots:
-            raise ValueError(f"slots: expected slots in [0, {layout.num_slots}), got {list(slots)[:16]}")
         region = cls.__new__(cls)
-        region.array = pool.array
-        region.slots = tuple(slots)
-        region.num_layers = layout.num_layers
-        region.layer_nbytes = len(region.slots) * layout.block_bytes
-        region._runs = slot_runs(region.slots)
+        region._fill(pool.array, slots, layout.num_layers, layout.num_slots, layout.block_bytes)
         return region
+
+    def _fill(self, array: np.ndarray, slots: Sequence[int], num_layers: int, num_slots: int,
+              block_bytes: int) -> None:
+        if not slots or min(slots) < 0 or max(slots) >= num_slots:
+            raise ValueError(f"slots: expected slots in [0, {num_slots}), got {list(slots)[:16]}")
+        self.array = array
+        self.slots = tuple(slots)
+        self.num_layers = num_layers
+        self.layer_nbytes = len(self.slots) * block_bytes
+        self.runs = slot_runs(self.slots)  # (first_slot, count) runs of consecutive slots, in order
 
     def layer_runs(self, layer: int) -> list[np.ndarray]:
         view = self.array[layer]
-        return [view[first:first + count].reshape(-1) for first, count in self._runs]
-
-    @property
-    def runs(self) -> list[tuple[int, int]]:
-        """(first_slot, count) runs of consecutive slots, in order."""
-        return list(self._runs)
+        return [view[first:first + count].reshape(-1) for first, count in self.runs]
 
 
 class ArrayLayers:
@@ -172,7 +165,7 @@ def copy_layers(src: LayerBuffers, dst: LayerBuffers, first: int, stop: int) -> 
         for layer in range(first, stop):
             copy_runs(src.layer_runs(layer), dst.layer_runs(layer))
         return
-    s_runs, d_runs = src._runs, dst._runs
+    s_runs, d_runs = src.runs, dst.runs
     if len(s_runs) == 1 and len(d_runs) == 1 and s_runs[0][1] == d_runs[0][1]:  # the common case: one run each
         (s0, count), (d0, _) = s_runs[0], d_runs[0]
         np.copyto(dst.array[first:stop, d0:d0 + count], src.array[first:stop, s0:s0 + count])

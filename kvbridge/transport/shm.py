@@ -191,17 +191,15 @@ class ShmTransport(Transport):
 
     def attach(self, handle: PoolHandle) -> HostBlockPool:
         """The producer pool ``handle`` names, mapped once and kept until ``close()``."""
-        pool = self._pools.get(handle.name)  # the common case, without the lock (dict reads are atomic)
-        if pool is not None and pool.layout == handle.layout:
-            return pool
-        with self._lock:
-            pool = self._pools.get(handle.name)
-            if pool is None or pool.layout != handle.layout:
-                if pool is not None:
-                    raise ValueError(f"handle.layout: pool {handle.name!r} is mapped with {pool.layout}, "
-                                     f"not {handle.layout}")
-                pool = self._pools[handle.name] = HostBlockPool.attach(handle)
-            return pool
+        pool = self._pools.get(handle.name)  # a pool mapped before needs no lock (dict reads are atomic)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(handle.name)
+                if pool is None:
+                    pool = self._pools[handle.name] = HostBlockPool.attach(handle)
+        if pool.layout != handle.layout:
+            raise ValueError(f"handle.layout: pool {handle.name!r} is mapped with {pool.layout}, not {handle.layout}")
+        return pool
 
     def close(self) -> None:
         self.connections.close()

@@ -118,8 +118,6 @@ class ShmRecvHandle(RecvHandle):
         if self._closed:
             raise RuntimeError(f"shm transfer {self.spec.transfer_id} is closed")
         start = time.monotonic()
-        if self._copied <= layer:
-            self._step()  # usually enough: the handle travels after the producer published
         while self._copied <= layer:
             if not wait_until(self._step, deadline):
                 raise TransferTimeout(
