@@ -64,6 +64,8 @@ class LLMEngine:
             device=torch.device(cfg.device),
             max_num_seqs=cfg.max_num_seqs if cfg.decode_workspace else None,
             max_model_len=self.max_model_len,
+            graph_mode=cfg.graph_mode(),
+            graph_max_batch=cfg.graph_max_batch or cfg.max_num_seqs,
         )
         self.cache_access = PagedCacheAccess(self.runner.kv_caches, self.kv_layout)
         self.scheduler = Scheduler(

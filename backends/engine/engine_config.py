@@ -9,6 +9,7 @@ import torch
 
 DEFAULT_BLOCK_SIZE = 16
 MLA_BLOCK_SIZE = 64  # FlashMLA reads 64-token pages
+DECODE_GRAPH_MODES = ("auto", "capture", "static", "off")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -26,6 +27,12 @@ class EngineConfig:
     decode_workspace: on CPU, decode over contiguous per-sequence KV copies beside the paged
     cache (appended each step, refilled from the paged cache when stale; at most the pool's
     size again, at least 64 MiB) instead of gathering every sequence's blocks every step.
+    decode_graphs: how decode-only steps run (see decode_graphs.py). "auto": captured CUDA
+    graphs on CUDA, the plain eager path elsewhere; "capture": CUDA graphs (CUDA only);
+    "static": the graphs' padded static-buffer forward run eagerly (any device; the exact
+    twin of a replay); "off": the plain eager path.
+    graph_max_batch: largest decode batch served by graphs (bigger batches run eagerly);
+    None takes max_num_seqs.
     """
 
     block_size: int | None = None
@@ -39,6 +46,8 @@ class EngineConfig:
     seed: int = 0
     kv_import_timeout_s: float = 30.0
     decode_workspace: bool = True
+    decode_graphs: str = "auto"
+    graph_max_batch: int | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -46,7 +55,7 @@ class EngineConfig:
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
         }
-        for name in ("block_size", "num_blocks", "max_model_len"):
+        for name in ("block_size", "num_blocks", "max_model_len", "graph_max_batch"):
             value = getattr(self, name)
             if value is not None:
                 positive[name] = value
@@ -55,6 +64,18 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.decode_graphs not in DECODE_GRAPH_MODES:
+            raise ValueError(f"decode_graphs must be one of {DECODE_GRAPH_MODES}, "
+                             f"got {self.decode_graphs!r}")
+        if self.decode_graphs == "capture" and not self.device.startswith("cuda"):
+            raise ValueError(f"decode_graphs 'capture' needs a CUDA device, "
+                             f"got device {self.device!r}")
+
+    def graph_mode(self) -> str | None:
+        """The DecodeGraphs mode for this config, or None for the plain eager path."""
+        if self.decode_graphs == "auto":
+            return "capture" if self.device.startswith("cuda") else None
+        return None if self.decode_graphs == "off" else self.decode_graphs
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backends.engine.decode_graphs import DecodeGraphs
 from backends.engine.decode_workspace import DecodeWorkspace, WorkspaceStep
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.models.layers import input_major_linear_weights
@@ -37,6 +38,10 @@ class ModelRunner:
     `WORKSPACE_MIN_BUDGET_BYTES` for tiny pools).
     On CPU the runner also re-lays the model's linear weights input-major (same values; see
     `models.layers.input_major_linear_weights`).
+    With `graph_mode` ("capture" or "static", see decode_graphs.py), decode-only steps of up to
+    `graph_max_batch` sequences run over static padded buffers (captured as CUDA graphs in
+    "capture"); each cache then has one extra scratch block (id `num_blocks`) for padding rows,
+    which `kv_caches` (the pool the rest of the engine sees) does not show.
     """
 
     def __init__(
@@ -49,6 +54,8 @@ class ModelRunner:
         device: torch.device,
         max_num_seqs: int | None = None,
         max_model_len: int | None = None,
+        graph_mode: str | None = None,
+        graph_max_batch: int | None = None,
     ) -> None:
         self.model = model
         if device.type == "cpu":
@@ -57,10 +64,13 @@ class ModelRunner:
         self.device = device
         num_layers: int = model.num_layers  # type: ignore[assignment]
         kv_width: int = model.kv_width  # type: ignore[assignment]
-        self.kv_caches = [
-            torch.zeros(num_blocks, block_size, kv_width, dtype=dtype, device=device)
+        extra = 1 if graph_mode is not None else 0  # the graphs' scratch block
+        # what the model reads and writes; `kv_caches` hides the scratch block
+        self.model_caches = [
+            torch.zeros(num_blocks + extra, block_size, kv_width, dtype=dtype, device=device)
             for _ in range(num_layers)
         ]
+        self.kv_caches = [c[:num_blocks] for c in self.model_caches] if extra else self.model_caches
         self.workspace: WorkspaceSlots | None = None
         layout_fn = getattr(model, "decode_workspace_layout", None)
         layout = layout_fn(self.kv_caches[0]) if layout_fn is not None else None
@@ -73,6 +83,22 @@ class ModelRunner:
             self.workspace = WorkspaceSlots(
                 buffers, block_size=block_size, max_len=max_model_len,
                 max_bytes=max(pool_bytes, WORKSPACE_MIN_BUDGET_BYTES))
+        self.graphs: DecodeGraphs | None = None
+        if graph_mode is not None:
+            if max_model_len is None or graph_max_batch is None:
+                raise ValueError("graph_mode needs max_model_len and graph_max_batch")
+            self.graphs = DecodeGraphs(
+                self._forward_logits, mode=graph_mode, max_batch=graph_max_batch,
+                block_size=block_size, max_model_len=max_model_len, scratch_block=num_blocks,
+                device=device)
+            self.graphs.capture()
+
+    def _forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                        meta: AttentionMetadata) -> torch.Tensor:
+        """Logits of every row of a decode step (what a decode graph computes)."""
+        hidden = self.model(input_ids, positions, meta, self.model_caches)
+        logits: torch.Tensor = self.model.compute_logits(hidden)  # type: ignore[operator]
+        return logits
 
     def prepare(self, batch: list[ScheduledSeq]) -> StepInputs:
         """Flatten the step's new tokens and describe where their KV lives."""
@@ -126,8 +152,8 @@ class ModelRunner:
                                    seq_indices=tuple(single))
 
     def _prepare_decode(self, batch: list[ScheduledSeq]) -> StepInputs:
-        """One new token per sequence (each samples): plain Python over B items, one tensor
-        conversion; block tables only when the step reads the paged cache."""
+        """One new token per sequence: plain Python over B items, one tensor conversion;
+        block tables only when the step reads the paged cache."""
         bs = self.block_size
         seqs = [item.seq for item in batch]
         positions = [seq.num_computed_tokens for seq in seqs]
@@ -153,8 +179,13 @@ class ModelRunner:
             decode_only=True,
             workspace=workspace,
         )
-        rows = torch.arange(len(batch), device=self.device)
-        return StepInputs(packed[0], packed[1], meta, rows, sample_all=True)
+        sample = _sample_rows(batch)
+        if sample is None:
+            rows = torch.arange(len(batch), device=self.device)
+            return StepInputs(packed[0], packed[1], meta, rows, sample_all=True)
+        # a one-token prefill chunk that does not end its prompt samples nothing
+        rows = torch.tensor(sample, dtype=torch.int64, device=self.device)
+        return StepInputs(packed[0], packed[1], meta, rows)
 
     def _inputs(
         self,
@@ -185,8 +216,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Run the step; logits `[N, vocab]` float32 for the sequences that sample, in order."""
+        graphs = self.graphs
+        if (graphs is not None and len(batch) <= graphs.max_batch
+                and all(item.num_new_tokens == 1 for item in batch)):
+            logits = graphs.run([item.seq for item in batch])
+            sample = _sample_rows(batch)
+            if sample is None:
+                return logits
+            return logits.index_select(
+                0, torch.tensor(sample, dtype=torch.int64, device=self.device))
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.model_caches)
         if inputs.meta.workspace is not None and self.workspace is not None:
             self.workspace.commit()
         if inputs.sample_indices.numel() == 0:
@@ -195,3 +235,10 @@ class ModelRunner:
             hidden = hidden.index_select(0, inputs.sample_indices)
         logits: torch.Tensor = self.model.compute_logits(hidden)  # type: ignore[operator]
         return logits
+
+
+def _sample_rows(batch: list[ScheduledSeq]) -> list[int] | None:
+    """Indices of the items that sample, or None when every item does."""
+    if all(item.samples for item in batch):
+        return None
+    return [i for i, item in enumerate(batch) if item.samples]
