@@ -219,11 +219,11 @@ class ModelRunner:
         graphs = self.graphs
         if (graphs is not None and len(batch) <= graphs.max_batch
                 and all(item.num_new_tokens == 1 for item in batch)):
-            logits = graphs.run([item.seq for item in batch])
+            every_row = graphs.run([item.seq for item in batch])
             sample = _sample_rows(batch)
             if sample is None:
-                return logits
-            return logits.index_select(
+                return every_row
+            return every_row.index_select(
                 0, torch.tensor(sample, dtype=torch.int64, device=self.device))
         inputs = self.prepare(batch)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.model_caches)
