@@ -64,7 +64,7 @@ class LLMEngine:
             device=torch.device(cfg.device),
             max_num_seqs=cfg.max_num_seqs if cfg.decode_workspace else None,
             max_model_len=self.max_model_len,
-            graph_mode=cfg.graph_mode(),
+            graph_mode=_graph_mode(cfg, loaded),
             graph_max_batch=cfg.graph_max_batch or cfg.max_num_seqs,
         )
         self.cache_access = PagedCacheAccess(self.runner.kv_caches, self.kv_layout)
@@ -278,6 +278,18 @@ class LLMEngine:
             )
             for rid, prompt in zip(ids, prompts, strict=True)
         ]
+
+
+def _graph_mode(config: EngineConfig, loaded: LoadedModel) -> str | None:
+    """The runner's decode-graph mode; "auto" skips capture for a model that cannot be
+    captured, an explicit "capture" is refused for it."""
+    mode = config.graph_mode()
+    if mode != "capture" or getattr(loaded.model, "graph_capturable", False):
+        return mode
+    if config.decode_graphs == "capture":
+        raise ValueError(f"decode_graphs 'capture': model {loaded.config.architecture} cannot "
+                         "be captured (its MoE layers synchronise with the host)")
+    return None
 
 
 def _resolved(value: int | None) -> int:

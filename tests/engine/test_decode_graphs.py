@@ -7,6 +7,8 @@ against the plain eager path and HF. The capture test needs CUDA and skips witho
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import PRESETS, HFGreedy, LoadedFn, make_prompt
@@ -146,3 +148,50 @@ def test_captured_graphs_equal_static_eager_on_cuda(name: str, dtype: str) -> No
     assert results["capture"] == results["static"]
     if dtype == "float32":
         assert results["capture"] == results["off"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA GPU")
+@pytest.mark.parametrize("name", PRESETS)
+def test_captured_graphs_fp32_equal_hf_on_cuda(name: str, tmp_path: Path) -> None:
+    """fp32 greedy with decode graphs equals transformers' generate on the same GPU."""
+    transformers = pytest.importorskip("transformers")
+    from backends.engine.loader import export_preset, load_model
+
+    directory = export_preset(name, tmp_path / name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(directory), dtype=torch.float32).to("cuda").eval()
+    prompts = [make_prompt(40 + i, 40) for i in range(6)] + [make_prompt(9, 300)]
+    engine = LLMEngine(load_model(name, device="cuda"),
+                       EngineConfig(device="cuda", graph_max_batch=8))
+    got = staggered(engine, prompts, [24] * len(prompts), [0, 0, 0, 1, 1, 2, 3])
+    graphs = engine.runner.graphs
+    assert graphs is not None and graphs.mode == "capture" and graphs.num_replays > 10
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                              min_new_tokens=24, do_sample=False, pad_token_id=0)
+        assert got[str(i)] == out[0, len(prompt):].tolist(), f"prompt {i}"
+
+
+def test_moe_models_are_not_captured() -> None:
+    """MoE layers read routing counts on the host: "auto" leaves them eager, an explicit
+    "capture" is refused with the reason; dense models are captured."""
+    from backends.engine.config import parse_model_config
+    from backends.engine.engine import _graph_mode
+    from backends.engine.loader import LoadedModel, build_model
+    from backends.engine.presets import PRESETS as SPECS
+    from backends.engine.tokenizer import byte_level_tokenizer
+
+    def loaded_from(raw: dict[str, object]) -> LoadedModel:
+        config = parse_model_config(raw)
+        return LoadedModel(build_model(config), byte_level_tokenizer(), config)
+
+    moe = loaded_from({**SPECS["tiny-mla"].hf_config, "first_k_dense_replace": 1})
+    dense = loaded_from(dict(SPECS["tiny-mla"].hf_config))
+    assert _graph_mode(EngineConfig(device="cuda"), moe) is None
+    assert _graph_mode(EngineConfig(device="cuda"), dense) == "capture"
+    assert _graph_mode(EngineConfig(decode_graphs="static"), moe) == "static"
+    with pytest.raises(ValueError, match="decode_graphs 'capture': model DeepseekV3ForCausalLM "
+                                         "cannot be captured"):
+        _graph_mode(EngineConfig(device="cuda", decode_graphs="capture"), moe)

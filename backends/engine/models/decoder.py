@@ -56,6 +56,8 @@ class DecoderForCausalLM(nn.Module):
         self.num_layers = config.num_layers
         self.kv_width = config.kv_width
         self.model = DecoderModel(config, make_layer)
+        # a decode step without host synchronisation, so CUDA graphs can capture it
+        self.graph_capturable = True
         self.rotary = RotaryEmbedding(config.rope, rotary_dim)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -34,6 +34,9 @@ class DeepseekForCausalLM(DecoderForCausalLM):
             raise ValueError(f"architecture {config.architecture!r} has no MLA config")
         super().__init__(config, lambda i: _deepseek_layer(config, i),
                          config.mla.qk_rope_head_dim)
+        # the expert loop reads per-expert token counts on the host
+        self.graph_capturable = not any(
+            isinstance(layer.mlp, DeepseekMoE) for layer in self.model.layers)
 
     def decode_workspace_layout(self, cache: torch.Tensor) -> tuple[WorkspaceTensor, ...] | None:
         """One latent buffer `[rows, len, kv_width]`; None where FlashMLA reads the paged
