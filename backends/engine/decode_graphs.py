@@ -77,6 +77,8 @@ class DecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self.num_replays = 0  # steps run through this object (metrics, tests)
+        # the staging copies of the last step (the host rows are rewritten only once it is done)
+        self._copied = torch.cuda.Event() if pin else None
 
     def _fill_padding(self, start: int, end: int) -> None:
         host, scratch = self._host_np, self.scratch_block
@@ -141,9 +143,11 @@ class DecodeGraphs:
         if bucket is None or batch == 0:
             raise ValueError(f"batch of {batch} sequences outside [1, {self.max_batch}]")
         self._stage(seqs, bucket)
-        rows = slice(0, bucket)
-        self._inputs[:, rows].copy_(self._host[:, rows], non_blocking=True)
-        self._tables[rows].copy_(self._host_tables[rows], non_blocking=True)
+        # whole (contiguous) staging rows: [4, max_batch] is a few KB; tables by row prefix
+        self._inputs.copy_(self._host, non_blocking=True)
+        self._tables[:bucket].copy_(self._host_tables[:bucket], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         self.num_replays += 1
         graph = self._graphs.get(bucket)
         if graph is None:
@@ -152,8 +156,10 @@ class DecodeGraphs:
         return self._outputs[bucket][:batch]
 
     def _stage(self, seqs: Sequence[Seq], bucket: int) -> None:
-        """Write the step's rows into the pinned host staging (the previous step's copies
-        are complete: its sampled tokens were fetched, which synchronized the stream)."""
+        """Write the step's rows into the pinned host staging once the previous step's
+        copies out of it are done (usually long since: fetching its tokens synchronized)."""
+        if self._copied is not None:
+            self._copied.synchronize()
         bs = self.block_size
         host, tables = self._host_np, self._host_tables_np
         for i, seq in enumerate(seqs):

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One-shot GPU check for issue 11 (run from the repo root on the lent GPU machine, $OUT set):
+# CUDA tests, the engine bench at real sizes beside HF, then optional stages when their
+# scripts exist. Each stage has its own timeout and file under $OUT, so a hang in one keeps
+# the others' results. STAGES (space separated) picks stages: tests bench1b bench8b import serve.
+# BENCH_ARGS adds flags to both bench stages.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"tests bench1b bench8b import serve"}
+BENCH_ARGS=${BENCH_ARGS:-}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+stage() {  # stage NAME SECONDS CMD...: run CMD with a deadline, output to $OUT/NAME.txt
+    local name=$1 secs=$2; shift 2
+    local start=$SECONDS
+    echo "== $name (limit ${secs}s)"
+    timeout -k 5 "$secs" "$@" >"$OUT/$name.txt" 2>&1
+    local rc=$?
+    echo "== $name rc=$rc in $((SECONDS - start))s"
+    tail -n 40 "$OUT/$name.txt"
+}
+
+{ nvidia-smi -L; python3 -c 'import torch, transformers, triton; print(torch.__version__,
+  transformers.__version__, triton.__version__)'; } >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if has tests; then
+    stage tests 170 python3 -m pytest -q -p no:cacheprovider \
+        tests/engine/test_decode_graphs.py tests/engine/test_triton_decode.py
+fi
+if has bench1b; then
+    stage bench1b 200 python3 scripts/bench_engine.py --device cuda --dtype bfloat16 \
+        --models llama-1b --batches 1 32 128 --prompt-len 512 --decode-tokens 128 \
+        --repeat 2 --profile --trace-steps 4 --json "$OUT/bench1b.json" $BENCH_ARGS
+fi
+if has bench8b; then
+    stage bench8b 150 python3 scripts/bench_engine.py --device cuda --dtype bfloat16 \
+        --models llama-8b --batches 1 32 --prompt-len 512 --decode-tokens 128 \
+        --repeat 2 --profile --json "$OUT/bench8b.json" $BENCH_ARGS
+fi
+if has import && [ -f scripts/bench_kv_import.py ]; then
+    stage import 90 python3 scripts/bench_kv_import.py --device cuda --dtype bfloat16 \
+        --json "$OUT/import.json"
+fi
+if has serve && [ -f scripts/gpu_serve_check.sh ]; then
+    stage serve 170 bash scripts/gpu_serve_check.sh
+fi
+echo "== done in ${SECONDS}s"
