@@ -1,7 +1,10 @@
 """LLMEngine: the request API over scheduler, runner and sampler (see docs/contracts.md).
 
-One thread drives an engine: `add_request`, `abort`, `step`, `export_kv` and `release_kv` are
-not thread-safe. `step` reads as schedule -> run -> postprocess.
+One thread drives an engine: `add_request`, `abort`, `step`, `export_kv`, `release_kv` and
+`close` are not thread-safe. `step` reads as schedule -> run -> postprocess. The one exception
+is KV import (`kv_source`): the engine's `KVImporter` threads call `KVSource.read_layer` and write
+the cache rows of the blocks reserved for that import, and nothing else; the step thread never
+waits on a source, and a request joins the batch at the first step after its import ended.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from backends.engine.block_manager import BlockManager
 from backends.engine.engine_config import EngineConfig
 from backends.engine.hooks import KVHooks, KVSource
+from backends.engine.kv_import import KVImporter
 from backends.engine.kv_transfer import KVAdmission, PagedCacheAccess, export_kv
 from backends.engine.loader import LoadedModel, load_model
 from backends.engine.outputs import GenerationResult, KVExport, KVLayout, RequestOutput
@@ -22,6 +26,10 @@ from backends.engine.sampler import Sampler, SampleRow
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.scheduler import ScheduledSeq, Scheduler
 from backends.engine.sequence import Sequence
+
+# A step with nothing to run but imports in flight waits this long at most for one to end, so a
+# caller looping on `step` does not spin (a new request waits at most this long for its step).
+IMPORT_IDLE_WAIT_S = 0.01
 
 
 class LLMEngine:
@@ -68,11 +76,13 @@ class LLMEngine:
             graph_max_batch=cfg.graph_max_batch or cfg.max_num_seqs,
         )
         self.cache_access = PagedCacheAccess(self.runner.kv_caches, self.kv_layout)
+        self.importer = KVImporter(self.runner.kv_caches, cfg.kv_import_timeout_s)
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
-            admission=KVAdmission(self.cache_access, hooks, cfg.kv_import_timeout_s),
+            admission=KVAdmission(self.cache_access, hooks),
+            importer=self.importer,
         )
         eos = tuple(dict.fromkeys((self.tokenizer.eos_token_id, *mc.eos_token_ids)))
         self.sampler = Sampler(eos, cfg.seed)
@@ -131,12 +141,17 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self._seqs) or bool(self._pending)
+        """Requests in flight, outputs to emit, or an aborted import's blocks still to free."""
+        return bool(self._seqs or self._pending or self.scheduler.num_orphaned_imports)
+
+    def close(self) -> None:
+        """Stop the import threads (imports in flight are cancelled); idempotent."""
+        self.importer.close()
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; one output per request that sampled or ended."""
         outputs, self._pending = self._pending, []
-        scheduled = self.scheduler.schedule().scheduled
+        scheduled = self._schedule(may_wait=not outputs)
         if not scheduled:
             return outputs
         logits = self.runner.execute(scheduled)
@@ -148,16 +163,31 @@ class LLMEngine:
         sampled = self.sampler.sample(logits, rows) if rows else None
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-            if self.hooks is not None:
-                self._publish(item)
+            self._publish(item.seq)
         if sampled is not None:
             for i, item in enumerate(sampling):
                 lp = sampled.logprobs[i] if sampled.logprobs is not None else None
                 outputs.append(self._postprocess(item.seq, sampled.token_ids[i], lp))
         return outputs
 
-    def _publish(self, item: ScheduledSeq) -> None:
-        seq = item.seq
+    def _schedule(self, may_wait: bool) -> list[ScheduledSeq]:
+        """This step's batch. With none (and `may_wait`) while imports are in flight, wait up to
+        IMPORT_IDLE_WAIT_S for one to end and schedule again."""
+        scheduled = self._schedule_once()
+        if scheduled or not may_wait or not self.scheduler.wait_for_imports(IMPORT_IDLE_WAIT_S):
+            return scheduled
+        return self._schedule_once()
+
+    def _schedule_once(self) -> list[ScheduledSeq]:
+        """The scheduler's pick; the imported full blocks of sequences that joined after an
+        import are reported to the hooks now, before any step computes after them."""
+        out = self.scheduler.schedule()
+        for seq in out.imported:
+            self._publish(seq)
+        return out.scheduled
+
+    def _publish(self, seq: Sequence) -> None:
+        """Report the full blocks of `seq` not yet reported (their KV is written)."""
         full = seq.num_computed_tokens // self.kv_layout.block_size
         if self.hooks is None or full <= seq.num_published_blocks:
             return

@@ -3,8 +3,8 @@
 The engine calls a `KVHooks` implementation at these points, always on its own step thread:
 - admission of a request with nothing computed: `lookup_prefix`, then (after allocating
   blocks for that many tokens) `load_prefix` with those blocks;
-- after each step, for each sequence whose KV filled new blocks, and at admission for the
-  full blocks a `kv_source` import wrote: `blocks_computed`;
+- after each step, for each sequence whose KV filled new blocks, and when a request joins the
+  batch after its `kv_source` import, for the full blocks the import wrote: `blocks_computed`;
 - when a request finishes, is aborted or its exported KV is released: `request_finished`.
 Hooks see the paged cache only through `KVCacheAccess`.
 """
@@ -73,8 +73,8 @@ class KVHooks(Protocol):
         (len == k * block_size, so a store can hash the whole chain); `block_ids` are the new
         blocks only: they hold the last `len(block_ids) * block_size` of `token_ids`. Called at
         most once per block; blocks loaded through `load_prefix` are never reported. The full
-        blocks of a successful `kv_source` import are reported once, at admission, right after
-        the import wrote them (so a store holds the chain the generated blocks extend).
+        blocks of a successful `kv_source` import are reported once, when the request joins the
+        batch after the import wrote them (so a store holds the chain the generated blocks extend).
         """
         ...
 
@@ -84,13 +84,20 @@ class KVHooks(Protocol):
 
 
 class KVSource(Protocol):
-    """KV for the first `num_tokens` prompt tokens of a request imported into this engine."""
+    """KV for the first `num_tokens` prompt tokens of a request imported into this engine.
+
+    The engine reads it on one of its import threads (`kv_import.KVImporter`), layer 0 first,
+    never on the step thread and never concurrently. After the request was aborted the engine
+    may still be inside `read_layer` until it returns; a source closed by its owner meanwhile
+    must make that call raise (KVImportError), not crash.
+    """
 
     num_tokens: int
 
     def read_layer(self, layer: int, dst: torch.Tensor, deadline: float) -> None:
         """Block until layer `layer` is written into `dst` `[num_blocks, block_size, kv_width]`.
 
-        `deadline` is a `time.monotonic()` instant; raises KVImportError on failure or timeout.
+        `deadline` is a `time.monotonic()` instant; raises KVImportError on failure or timeout
+        (any other exception is treated the same way: the engine recomputes).
         """
         ...

@@ -1,9 +1,8 @@
-"""Moving KV in and out of the paged cache: block access for hooks, prefix/KV import at
-admission, and exports of prefill-only requests."""
+"""Moving KV in and out of the paged cache: block access for hooks, prefix loads at admission,
+in-memory KV sources, and exports of prefill-only requests (imports: `kv_import.py`)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence as Seq
 
 import torch
@@ -63,18 +62,14 @@ def export_kv(seq: Sequence, access: PagedCacheAccess) -> KVExport:
 
 
 class KVAdmission:
-    """`scheduler.Admission`: imports a request's `kv_source`, else asks the hooks' store."""
+    """`scheduler.Admission`: loads a prefix from the hooks' store, synchronously (a local
+    store is fast). A request's `kv_source` is imported by `kv_import.KVImporter` instead."""
 
-    def __init__(
-        self, access: PagedCacheAccess, hooks: KVHooks | None, import_timeout_s: float
-    ) -> None:
+    def __init__(self, access: PagedCacheAccess, hooks: KVHooks | None) -> None:
         self.access = access
         self.hooks = hooks
-        self.import_timeout_s = import_timeout_s
 
     def cached_tokens(self, seq: Sequence) -> int:
-        if seq.kv_source is not None:
-            return min(seq.kv_source.num_tokens, len(seq) - 1)
         if self.hooks is None:
             return 0
         found = self.hooks.lookup_prefix(seq.request_id, seq.token_ids)
@@ -82,55 +77,18 @@ class KVAdmission:
         return max(0, min(found, len(seq) - 1) // block_size * block_size)  # full blocks, < len
 
     def load(self, seq: Sequence, num_tokens: int) -> int:
-        """Fill the sequence's first blocks; on KVImportError report 0 so it recomputes."""
-        try:
-            if seq.kv_source is not None:
-                loaded = self._import(seq, num_tokens)
-            elif self.hooks is not None:
+        """Fill the sequence's first blocks; on KVImportError report 0 so it recomputes.
+        Blocks loaded from the store are not reported back to it (`num_published_blocks`)."""
+        loaded = 0
+        if self.hooks is not None:
+            try:
                 loaded = self.hooks.load_prefix(
                     seq.request_id,
                     seq.token_ids[:num_tokens],
                     list(seq.block_table[: num_tokens // self.access.layout.block_size]),
                     self.access,
                 )
-            else:
+            except KVImportError:
                 loaded = 0
-        except KVImportError:
-            loaded = 0
-        imported = seq.kv_source is not None
-        seq.kv_source = None
         seq.num_published_blocks = loaded // self.access.layout.block_size
-        if imported:
-            self._report_imported(seq)
         return min(loaded, num_tokens)
-
-    def _report_imported(self, seq: Sequence) -> None:
-        """Reports the imported full blocks (their KV is written) so the store indexes the
-        whole chain and the blocks computed after them extend it; prefix-loaded blocks came
-        from the store and are not reported."""
-        full = seq.num_published_blocks
-        if self.hooks is None or full == 0:
-            return
-        self.hooks.blocks_computed(
-            seq.request_id,
-            seq.token_ids[: full * self.access.layout.block_size],
-            list(seq.block_table[:full]),
-            self.access,
-        )
-
-    def _import(self, seq: Sequence, num_tokens: int) -> int:
-        source = seq.kv_source
-        if source is None:
-            return 0
-        layout = self.access.layout
-        num_blocks = -(-source.num_tokens // layout.block_size)
-        block_ids = list(seq.block_table[:num_blocks])
-        deadline = time.monotonic() + self.import_timeout_s
-        cache0 = self.access.kv_caches[0]
-        staging = torch.empty(
-            num_blocks, layout.block_size, layout.kv_width, dtype=cache0.dtype, device=cache0.device
-        )
-        for layer in range(layout.num_layers):
-            source.read_layer(layer, staging, deadline)
-            self.access.write_blocks(layer, block_ids, staging)
-        return num_tokens

@@ -13,6 +13,7 @@ from backends.engine.sampling_params import SamplingParams
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # blocks allocated, an import worker writing its KV
     RUNNING = "running"
     FINISHED = "finished"
 

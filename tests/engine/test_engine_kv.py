@@ -191,7 +191,7 @@ def test_imported_blocks_are_reported_so_a_second_turn_reuses_the_reply(loaded: 
     decode = LLMEngine(loaded("tiny-llama"), EngineConfig(num_blocks=32), hooks=store)
     decode.add_request("d", prompt, GREEDY, kv_source=source, prior_output_ids=[first])
     assert [first] + drain(decode)["d"] == list(whole)
-    # 40 imported tokens (2 full blocks) at admission; 49 computed of 50 -> block 2 after it.
+    # 40 imported tokens (2 full blocks) when it joins the batch; 49 computed of 50 -> block 2.
     assert store.calls == [
         ("computed", "d", 32, [0, 1]),
         ("computed", "d", 48, [2]),

@@ -1,0 +1,131 @@
+"""KV import through the engine: running sequences keep decoding while another request's KV is
+still arriving (its source blocked on a gate the test holds), and every output equals the one
+the same request gets computed alone."""
+
+from __future__ import annotations
+
+import torch
+from conftest import LoadedFn, make_prompt
+from kv_import_sources import GatedSource, wait_until
+
+from backends.engine.engine import LLMEngine
+from backends.engine.engine_config import EngineConfig
+from backends.engine.outputs import RequestOutput
+from backends.engine.sampling_params import SamplingParams
+from backends.engine.sequence import SeqStatus
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+NEIGHBOURS = {f"n{i}": make_prompt(30 + i, 9 + 4 * i) for i in range(3)}
+
+
+def exported_layers(loaded: LoadedFn, prompt: list[int]) -> tuple[int, list[torch.Tensor]]:
+    """(first token, the prompt's KV layers) from a prefill-only request on another engine."""
+    prefill = LLMEngine(loaded("tiny-llama"))
+    prefill.add_request("p", prompt, GREEDY, prefill_only=True)
+    (out,) = prefill.step()
+    export = prefill.export_kv("p")
+    layers = [export.layer(i) for i in range(export.layout.num_layers)]
+    prefill.release_kv("p")
+    return out.new_token_ids[0], layers
+
+
+def alone(loaded: LoadedFn, prompt: list[int]) -> list[int]:
+    return list(LLMEngine(loaded("tiny-llama")).generate([prompt], GREEDY)[0].output_token_ids)
+
+
+def collect(outs: list[RequestOutput], tokens: dict[str, list[int]]) -> None:
+    for out in outs:
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+
+def assert_all_free(engine: LLMEngine) -> None:
+    engine.block_manager.check_integrity()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+
+
+def test_running_streams_decode_while_an_import_is_blocked(loaded: LoadedFn) -> None:
+    prompt = make_prompt(7, 40)
+    first, layers = exported_layers(loaded, prompt)
+    source = GatedSource(len(prompt), layers)
+    engine = LLMEngine(loaded("tiny-llama"), EngineConfig(kv_import_timeout_s=20.0))
+    tokens: dict[str, list[int]] = {}
+    try:
+        for rid, p in NEIGHBOURS.items():
+            engine.add_request(rid, p, GREEDY)
+        collect(engine.step(), tokens)  # the neighbours' prefill and first tokens
+        engine.add_request("d", prompt, GREEDY, kv_source=source, prior_output_ids=[first])
+        source.open(0)
+        blocked_steps = 5
+        for _ in range(blocked_steps):  # today's engine would sit in read_layer(1) here
+            collect(engine.step(), tokens)
+        assert source.reads == [0, 1] and source.delivered == [0]
+        assert engine.scheduler.importing and next(iter(engine.scheduler.importing)).status is (
+            SeqStatus.WAITING_FOR_KV)
+        assert {rid: len(t) for rid, t in tokens.items()} == {
+            rid: 1 + blocked_steps for rid in NEIGHBOURS}
+        source.open()
+        finals = {}
+        while engine.has_unfinished():
+            outs = engine.step()
+            collect(outs, tokens)
+            finals.update({o.request_id: o for o in outs if o.finished})
+    finally:
+        engine.close()
+    assert [first, *tokens["d"]] == alone(loaded, prompt)
+    for rid, p in NEIGHBOURS.items():
+        assert tokens[rid] == alone(loaded, p)
+    assert finals["d"].num_cached_tokens == 40
+    assert_all_free(engine)
+
+
+def test_abort_while_importing_frees_the_blocks_after_the_reader_stops(loaded: LoadedFn) -> None:
+    prompt = make_prompt(8, 40)
+    first, layers = exported_layers(loaded, prompt)
+    source = GatedSource(len(prompt), layers)
+    engine = LLMEngine(loaded("tiny-llama"), EngineConfig(num_blocks=32))
+    tokens: dict[str, list[int]] = {}
+    try:
+        engine.add_request("n0", NEIGHBOURS["n0"], GREEDY)  # 9 tokens: 1 block, then 2
+        engine.add_request("d", prompt, GREEDY, kv_source=source, prior_output_ids=[first])
+        collect(engine.step(), tokens)
+        wait_until(lambda: source.reads == [0])
+        assert engine.block_manager.num_free_blocks == 32 - 1 - 3
+        engine.abort("d")
+        outs = engine.step()
+        collect(outs, tokens)
+        assert [(o.request_id, o.finish_reason) for o in outs if o.finished] == [("d", "abort")]
+        assert engine.block_manager.num_free_blocks == 32 - 1 - 3  # reserved: the reader is in
+        assert engine.scheduler.num_orphaned_imports == 1
+        source.open()
+        while engine.has_unfinished():
+            collect(engine.step(), tokens)
+        assert source.delivered == [0] and engine.scheduler.num_orphaned_imports == 0
+        assert engine.block_manager.num_free_blocks == 32  # n0 finished, the orphan freed once
+    finally:
+        engine.close()
+    assert tokens == {"n0": alone(loaded, NEIGHBOURS["n0"]), "d": []}
+    assert_all_free(engine)
+
+
+def test_late_import_recomputes_the_same_tokens(loaded: LoadedFn) -> None:
+    prompt = make_prompt(9, 40)
+    first, layers = exported_layers(loaded, prompt)
+    source = GatedSource(len(prompt), layers, honour_deadline=False)
+    engine = LLMEngine(loaded("tiny-llama"), EngineConfig(kv_import_timeout_s=0.2))
+    tokens: dict[str, list[int]] = {}
+    try:
+        engine.add_request("d", prompt, GREEDY, kv_source=source, prior_output_ids=[first])
+        finals = {}
+        while "d" not in finals:  # the reader never returns on its own: the deadline ends it
+            outs = engine.step()
+            collect(outs, tokens)
+            finals.update({o.request_id: o for o in outs if o.finished})
+        assert engine.scheduler.num_orphaned_imports == 1  # its blocks are still reserved
+        source.open()
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        engine.close()
+    assert [first, *tokens["d"]] == alone(loaded, prompt)
+    assert finals["d"].num_cached_tokens == 0
+    assert_all_free(engine)
