@@ -36,6 +36,7 @@ class GatedSource:
         self.gates = [threading.Event() for _ in layers]
         self.reads: list[int] = []  # layers whose read started, in order
         self.delivered: list[int] = []  # layers written into the destination
+        self.failures: list[str] = []  # the KVImportErrors it raised
 
     def open(self, *layers: int) -> None:
         for layer in layers or range(len(self.gates)):
@@ -45,8 +46,10 @@ class GatedSource:
         self.reads.append(layer)
         wait_s = deadline - time.monotonic() if self.honour_deadline else SAFETY_TIMEOUT_S
         if not self.gates[layer].wait(max(0.0, wait_s)):
+            self.failures.append(f"layer {layer} late")
             raise KVImportError(f"layer {layer} did not arrive before the deadline")
         if layer == self.fail_at:
+            self.failures.append(f"layer {layer} failed")
             raise KVImportError(f"peer went away at layer {layer}")
         dst.copy_(self.layers[layer])
         self.delivered.append(layer)
