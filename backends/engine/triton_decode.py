@@ -82,13 +82,15 @@ def _pad(n: int) -> int:
     return max(_MIN_DOT, 1 << (n - 1).bit_length())
 
 
-def _gqa_decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
+def _gqa_decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_ptr, stats_ptr,
                        stride_qb, stride_qh, stride_cb, stride_ct, stride_tb, stride_ob,
-                       stride_oh, scale_log2, kv_dim,
+                       stride_oh, scale_log2, kv_dim, split_len,
                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+                       DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                       NUM_SPLITS: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, DIM_PAD)
     toks = tl.arange(0, TILE)
@@ -97,13 +99,15 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                 mask=q_mask, other=0.0)
     ctx_len = tl.load(lens_ptr + seq).to(tl.int32)
+    lo = split * split_len
+    hi = tl.minimum(ctx_len, lo + split_len)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
     head_cols = kv_head * HEAD_DIM + dims
-    for start in range(0, ctx_len, TILE):
+    for start in range(lo, hi, TILE):
         block = tl.load(tables_ptr + seq * stride_tb + start // BLOCK_SIZE).to(tl.int64)
-        tok_ok = start + toks < ctx_len
+        tok_ok = start + toks < hi
         rows_ptr = (cache_ptr + block * stride_cb
                     + ((start % BLOCK_SIZE) + toks)[:, None] * stride_ct + head_cols[None, :])
         kv_mask = tok_ok[:, None] & (dims < HEAD_DIM)[None, :]
@@ -117,9 +121,40 @@ def _gqa_decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        # partials [B, H, NUM_SPLITS, DIM_PAD] and (max, sum) stats [B, H, NUM_SPLITS, 2]
+        slot = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+        tl.store(part_ptr + slot[:, None] * DIM_PAD + dims[None, :], acc,
+                 mask=(rows < GROUP)[:, None])
+        tl.store(stats_ptr + slot * 2, m_i, mask=rows < GROUP)
+        tl.store(stats_ptr + slot * 2 + 1, l_i, mask=rows < GROUP)
+
+
+def _combine_splits_kernel(part_ptr, stats_ptr, out_ptr, stride_ob, stride_oh,
+                           HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+                           NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """out[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (empty splits: m = -inf)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, DIM_PAD)
+    slot = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits
+    ok = splits < NUM_SPLITS
+    m = tl.load(stats_ptr + slot * 2, mask=ok, other=float("-inf"))
+    l_s = tl.load(stats_ptr + slot * 2 + 1, mask=ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+    acc = tl.load(part_ptr + slot[:, None] * DIM_PAD + dims[None, :], mask=ok[:, None],
+                  other=0.0)
+    total = tl.sum(l_s * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 def _mla_decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr,
@@ -204,9 +239,30 @@ def _check_inputs(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tens
         raise ValueError(f"tile_tokens {tile_tokens} must divide block_size {block_size}")
 
 
+def gqa_num_splits(batch: int, num_kv_heads: int, max_context: int, tile: int,
+                   num_sms: int) -> tuple[int, int]:
+    """(splits, tokens per split) for the split-context GQA decode: enough programs to fill
+    the GPU (~4 per SM) and at most ~4 tiles per program, at most MAX_SPLITS splits, every
+    split a whole number of tiles. Depends only on host-known bounds (graph-safe)."""
+    tiles = max(1, -(-max_context // tile))
+    wanted = max(-(-4 * num_sms // max(batch * num_kv_heads, 1)), -(-tiles // 4))
+    splits = max(1, min(tiles, wanted, MAX_SPLITS))
+    split_len = -(-tiles // splits) * tile
+    return -(-max_context // split_len) if max_context > 0 else 1, split_len
+
+
+MAX_SPLITS = 64
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
 def paged_gqa_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, num_kv_heads: int, scale: float, *,
-                     tile_tokens: int | None = None) -> torch.Tensor:
+                     tile_tokens: int | None = None, num_splits: int | None = None
+                     ) -> torch.Tensor:
     """Decode GQA over a Llama cache (per token K (kv_heads x dim) then V) in place.
 
     q [B, H, D] (the new token's queries; H a multiple of `num_kv_heads`), cache
@@ -214,7 +270,9 @@ def paged_gqa_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
     entries past a sequence's blocks are never read), context_lens [B] (tokens to attend,
     the new one included; each <= max_blocks * block_size, unchecked as it lives on the GPU).
     Returns softmax(scale * q K^T) V as [B, H, D] in q's dtype; a zero context gives zeros.
-    `tile_tokens` (default min(block_size, 64)) must divide block_size.
+    `tile_tokens` (default min(block_size, 64)) must divide block_size. The context is cut
+    into `num_splits` ranges attended in parallel and combined (flash-decoding); None picks
+    them from the batch, the table width and the GPU's SM count (`gqa_num_splits`).
     """
     tile = tile_tokens or min(cache.shape[1], 64)
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -225,14 +283,32 @@ def paged_gqa_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
     if cache.shape[2] != 2 * num_kv_heads * head_dim:
         raise ValueError(f"cache kv_width {cache.shape[2]} != 2 * num_kv_heads "
                          f"{num_kv_heads} * head_dim {head_dim}")
+    max_context = block_tables.shape[1] * cache.shape[1]
+    if num_splits is None:
+        sms = _num_sms(cache.device.index or 0) if cache.is_cuda else 4
+        num_splits, split_len = gqa_num_splits(batch, num_kv_heads, max_context, tile, sms)
+    else:
+        if num_splits <= 0:
+            raise ValueError(f"num_splits must be > 0, got {num_splits}")
+        split_len = -(-max(1, -(-max_context // tile)) // num_splits) * tile
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
-    _jit(_gqa_decode_kernel, triton_interpreting())[(batch, num_kv_heads)](
-        q, cache, block_tables, context_lens, out,
+    dim_pad = _pad(head_dim)
+    part = stats = out  # unused when there is one split
+    if num_splits > 1:
+        part = q.new_empty(batch, num_heads, num_splits, dim_pad, dtype=torch.float32)
+        stats = q.new_empty(batch, num_heads, num_splits, 2, dtype=torch.float32)
+    interpret = triton_interpreting()
+    _jit(_gqa_decode_kernel, interpret)[(batch, num_kv_heads, num_splits)](
+        q, cache, block_tables, context_lens, out, part, stats,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), block_tables.stride(0),
-        out.stride(0), out.stride(1), scale * _LOG2E, num_kv_heads * head_dim,
-        GROUP=group, GROUP_PAD=_pad(group), HEAD_DIM=head_dim, DIM_PAD=_pad(head_dim),
-        BLOCK_SIZE=cache.shape[1], TILE=tile)
+        out.stride(0), out.stride(1), scale * _LOG2E, num_kv_heads * head_dim, split_len,
+        GROUP=group, GROUP_PAD=_pad(group), HEAD_DIM=head_dim, DIM_PAD=dim_pad,
+        BLOCK_SIZE=cache.shape[1], TILE=tile, NUM_SPLITS=num_splits)
+    if num_splits > 1:
+        _jit(_combine_splits_kernel, interpret)[(batch, num_heads)](
+            part, stats, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
+            DIM_PAD=dim_pad, NUM_SPLITS=num_splits, SPLITS_PAD=max(2, _pad(num_splits)))
     return out
 
 

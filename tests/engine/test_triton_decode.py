@@ -144,6 +144,36 @@ def test_gqa_matches_reference(device: torch.device, num_heads: int, num_kv_head
     assert_close(out, reference_gqa(q, case, num_kv_heads, head_dim**-0.5), torch.float32)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
+def test_gqa_split_context_matches_reference(device: torch.device, num_splits: int) -> None:
+    """Flash-decoding splits (some empty for the short sequences, one split ending mid-block)
+    combine to the same attention; a zero-length context still gives zeros."""
+    num_heads, num_kv_heads, head_dim, block_size = 4, 2, 16, 16
+    context_lens = [1, 16, 17, 100, 0]
+    case = make_case([max(n, 1) for n in context_lens], block_size,
+                     2 * num_kv_heads * head_dim, torch.float32, device, seed=11)
+    lens = torch.tensor(context_lens, dtype=torch.int64, device=device)
+    case = PagedCase(case.cache, case.block_tables, lens)
+    q = torch.randn(len(context_lens), num_heads, head_dim,
+                    generator=torch.Generator().manual_seed(12)).to(device)
+    out = triton_decode.paged_gqa_decode(q, case.cache, case.block_tables, lens, num_kv_heads,
+                                         head_dim**-0.5, tile_tokens=16, num_splits=num_splits)
+    expected = reference_gqa(q[:4], PagedCase(case.cache, case.block_tables[:4], lens[:4]),
+                             num_kv_heads, head_dim**-0.5)
+    assert_close(out[:4], expected, torch.float32)
+    assert torch.equal(out[4].cpu(), torch.zeros(num_heads, head_dim))
+
+
+def test_gqa_num_splits() -> None:
+    split = triton_decode.gqa_num_splits
+    assert split(1, 8, 640, 64, 132) == (10, 64)  # one sequence: one tile per program
+    assert split(32, 8, 640, 64, 132) == (3, 256)  # 768 programs
+    assert split(128, 8, 640, 64, 132) == (3, 256)  # still at most ~4 tiles per program
+    assert split(128, 8, 64, 64, 132) == (1, 64)
+    assert split(1, 8, 1 << 20, 64, 132) == (64, 16384)  # capped at MAX_SPLITS
+    assert split(2, 2, 0, 16, 4) == (1, 16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gqa_half_dtypes(device: torch.device, dtype: torch.dtype) -> None:
     skip_interpreted_bf16(device, dtype)
@@ -244,9 +274,12 @@ ptrs = dict(q_ptr="*bf16", cache_ptr="*bf16", tables_ptr="*i32", lens_ptr="*i64"
             out_ptr="*bf16", stride_qb="i32", stride_qh="i32", stride_cb="i32",
             stride_ct="i32", stride_tb="i32", stride_ob="i32", stride_oh="i32",
             scale_log2="fp32")
+gqa = dict(part_ptr="*fp32", stats_ptr="*fp32", kv_dim="i32", split_len="i32")
 cases = [
-    (td._gqa_decode_kernel, dict(kv_dim="i32"), dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128,
-     DIM_PAD=128, BLOCK_SIZE=16, TILE=16)),
+    (td._gqa_decode_kernel, gqa, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128,
+     DIM_PAD=128, BLOCK_SIZE=16, TILE=16, NUM_SPLITS=1)),
+    (td._gqa_decode_kernel, gqa, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128,
+     DIM_PAD=128, BLOCK_SIZE=16, TILE=16, NUM_SPLITS=8)),
     (td._mla_decode_kernel, dict(num_heads="i32"), dict(RANK=512, RANK_PAD=512, ROPE=64,
      ROPE_PAD=64, HEADS_PER_PROG=16, BLOCK_SIZE=64, TILE=32)),
 ]
@@ -255,6 +288,13 @@ for fn, scalars, consts in cases:
     kernel = triton.compile(ASTSource(triton.jit(fn), signature, constexprs=consts),
                             target=GPUTarget("cuda", 90, 32))
     print(fn.__name__, "mma" in kernel.asm["ptx"], len(kernel.asm["cubin"]) > 0)
+combine = dict(part_ptr="*fp32", stats_ptr="*fp32", out_ptr="*bf16", stride_ob="i32",
+               stride_oh="i32", HEAD_DIM="constexpr", DIM_PAD="constexpr",
+               NUM_SPLITS="constexpr", SPLITS_PAD="constexpr")
+consts = dict(HEAD_DIM=128, DIM_PAD=128, NUM_SPLITS=8, SPLITS_PAD=16)
+kernel = triton.compile(ASTSource(triton.jit(td._combine_splits_kernel), combine,
+                                  constexprs=consts), target=GPUTarget("cuda", 90, 32))
+print("_combine_splits_kernel", len(kernel.asm["cubin"]) > 0)
 """
 
 
@@ -268,4 +308,6 @@ def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
                           text=True, timeout=300, check=False, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == ["_gqa_decode_kernel True True",
-                                        "_mla_decode_kernel True True"]
+                                        "_gqa_decode_kernel True True",
+                                        "_mla_decode_kernel True True",
+                                        "_combine_splits_kernel True"]
