@@ -195,25 +195,26 @@ def run_hf(hf: Any, batch: int, prompt_len: int, new_tokens: int,
 
 
 def trace(engine: LLMEngine, batch: int, args: argparse.Namespace, label: str) -> None:
-    """Print the device kernels of --trace-steps decode steps (torch.profiler)."""
+    """Print the device kernels of the prefill step and of --trace-steps decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
     params = SamplingParams(max_tokens=args.trace_steps + 2, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts(batch, args.prompt_len)):
         engine.add_request(f"trace-{label}-{i}", prompt, params)
-    engine.step()  # prefill, untraced
     activities = [ProfilerActivity.CPU]
     if args.device.startswith("cuda"):
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        for _ in range(args.trace_steps):
-            engine.step()
-        sync(args.device)
+    sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+    for phase, steps in (("prefill", 1), ("decode", args.trace_steps)):
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                engine.step()
+            sync(args.device)
+        print(f"trace {label}, {phase}, {steps} step(s):")
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.trace_rows,
+                                        max_name_column_width=60))
     while engine.has_unfinished():
         engine.step()
-    sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
-    print(f"trace {label}, {args.trace_steps} decode steps:")
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.trace_rows, max_name_column_width=60))
 
 
 def decode_limit(loaded: LoadedModel, batch: int, prompt_len: int, new_tokens: int,

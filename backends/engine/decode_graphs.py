@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from backends.engine.block_manager import BlockId
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.sequence import Sequence as Seq
 
@@ -71,6 +72,9 @@ class DecodeGraphs:
         self._host_tables = torch.zeros(max_batch, self.width, dtype=torch.int32, pin_memory=pin)
         self._host_np = self._host.numpy()
         self._host_tables_np = self._host_tables.numpy()
+        # per staging row: the block-table list it mirrors and how many entries it holds
+        self._row_tables: list[list[BlockId] | None] = [None] * max_batch
+        self._row_blocks = [0] * max_batch
         self._fill_padding(0, max_batch)
         self._inputs = self._host.to(device)
         self._tables = self._host_tables.to(device)
@@ -81,6 +85,8 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event() if pin else None
 
     def _fill_padding(self, start: int, end: int) -> None:
+        for i in range(start, end):
+            self._row_tables[i] = None  # the row no longer mirrors a sequence's table
         host, scratch = self._host_np, self.scratch_block
         host[0, start:end] = 0
         host[1, start:end] = 0
@@ -161,15 +167,27 @@ class DecodeGraphs:
         if self._copied is not None:
             self._copied.synchronize()
         bs = self.block_size
-        host, tables = self._host_np, self._host_tables_np
+        tables, row_tables, row_blocks = self._host_tables_np, self._row_tables, self._row_blocks
+        tokens, positions, slots = [], [], []
         for i, seq in enumerate(seqs):
             pos = seq.num_computed_tokens
             table = seq.block_table
             num_blocks = pos // bs + 1
-            host[0, i] = seq.token_ids[pos]
-            host[1, i] = pos
-            host[2, i] = table[pos // bs] * bs + pos % bs
-            host[3, i] = pos + 1
-            tables[i, :num_blocks] = table[:num_blocks]
-        self._fill_padding(len(seqs), bucket)
+            tokens.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            # A table only grows in place (a reset replaces the list), so a row that still
+            # mirrors this list needs only its new entries.
+            done = row_blocks[i] if row_tables[i] is table else 0
+            if done < num_blocks:
+                tables[i, done:num_blocks] = table[done:num_blocks]
+                row_tables[i], row_blocks[i] = table, num_blocks
+        n = len(seqs)
+        host = self._host_np
+        host[0, :n] = tokens
+        host[1, :n] = positions
+        host[2, :n] = slots
+        host[3, :n] = positions
+        host[3, :n] += 1
+        self._fill_padding(n, bucket)
 

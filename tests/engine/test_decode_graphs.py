@@ -195,3 +195,19 @@ def test_moe_models_are_not_captured() -> None:
     with pytest.raises(ValueError, match="decode_graphs 'capture': model DeepseekV3ForCausalLM "
                                          "cannot be captured"):
         _graph_mode(EngineConfig(device="cuda", decode_graphs="capture"), moe)
+
+
+def test_static_decode_under_preemption(loaded: LoadedFn) -> None:
+    """A pool too small for every sequence: preempted sequences recompute with new block
+    tables (new lists) and come back in other staging rows; tokens equal the plain path."""
+    prompts = [make_prompt(950 + i, n) for i, n in enumerate((20, 30, 12, 25, 18))]
+    results, preemptions = {}, {}
+    for mode in ("off", "static"):
+        config = EngineConfig(decode_graphs=mode, graph_max_batch=8, num_blocks=14,
+                              max_model_len=128)
+        engine = LLMEngine(loaded("tiny-llama"), config)
+        results[mode] = staggered(engine, prompts, [40, 30, 45, 20, 35], [0, 0, 1, 2, 2])
+        preemptions[mode] = engine.scheduler.num_preemptions
+        assert engine.block_manager.num_free_blocks == 14
+    assert preemptions["static"] > 0
+    assert results["static"] == results["off"]
