@@ -9,6 +9,7 @@ waits on a source, and a request joins the batch at the first step after its imp
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence as Seq
 
 import torch
@@ -91,6 +92,11 @@ class LLMEngine:
         self._texts: dict[str, TextState] = {}
         self._held: dict[str, Sequence] = {}  # finished prefill-only requests holding KV
         self._pending: list[RequestOutput] = []
+        # async_output: (sequence, its text state, its output without text) of the last step,
+        # detokenized during the next step's device work
+        self.async_output = (cfg.async_output if cfg.async_output is not None
+                             else cfg.device.startswith("cuda"))
+        self._deferred: list[tuple[Sequence, TextState, RequestOutput]] = []
         self._arrivals = 0
 
     def add_request(
@@ -142,7 +148,8 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         """Requests in flight, outputs to emit, or an aborted import's blocks still to free."""
-        return bool(self._seqs or self._pending or self.scheduler.num_orphaned_imports)
+        return bool(self._seqs or self._pending or self._deferred
+                    or self.scheduler.num_orphaned_imports)
 
     def close(self) -> None:
         """Stop the import threads (imports in flight are cancelled); idempotent."""
@@ -151,10 +158,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; one output per request that sampled or ended."""
         outputs, self._pending = self._pending, []
-        scheduled = self._schedule(may_wait=not outputs)
+        scheduled = self._schedule(may_wait=not outputs and not self._deferred)
         if not scheduled:
-            return outputs
+            return outputs + self._flush_text()
         logits = self.runner.execute(scheduled)
+        outputs += self._flush_text()  # the last step's text, while the device runs this one
         sampling = [item for item in scheduled if item.samples]
         rows = [
             SampleRow(s.params, s.num_output_tokens, s.token_ids, s.num_prompt_tokens)
@@ -167,8 +175,16 @@ class LLMEngine:
         if sampled is not None:
             for i, item in enumerate(sampling):
                 lp = sampled.logprobs[i] if sampled.logprobs is not None else None
-                outputs.append(self._postprocess(item.seq, sampled.token_ids[i], lp))
+                out = self._postprocess(item.seq, sampled.token_ids[i], lp)
+                if out is not None:
+                    outputs.append(out)
         return outputs
+
+    def _flush_text(self) -> list[RequestOutput]:
+        """The deferred outputs of the last step, with their text."""
+        done, self._deferred = self._deferred, []
+        return [dataclasses.replace(out, text=self.stop_checker.visible_text(
+            seq, state, out.finished)) for seq, state, out in done]
 
     def _schedule(self, may_wait: bool) -> list[ScheduledSeq]:
         """This step's batch. With none (and `may_wait`) while imports are in flight, wait up to
@@ -199,7 +215,11 @@ class LLMEngine:
         )
         seq.num_published_blocks = full
 
-    def _postprocess(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+    def _postprocess(self, seq: Sequence, token: int,
+                     logprob: float | None) -> RequestOutput | None:
+        """Append the token and decide whether the sequence ends; its output, or None when
+        its text is deferred to the next step (async_output, no stop strings: ending never
+        depends on the text then)."""
         seq.token_ids.append(token)
         if seq.params.logprobs and logprob is not None:
             seq.logprobs.append(logprob)
@@ -207,10 +227,16 @@ class LLMEngine:
         reason = self.stop_checker.check(seq, state)
         finished = reason is not None or seq.prefill_only
         seq.finish_reason = reason
+        new_logprobs = (logprob,) if seq.params.logprobs and logprob is not None else ()
+        if self.async_output and not seq.params.stop:
+            self._deferred.append((seq, state, self._output(seq, (token,), new_logprobs, "",
+                                                            finished)))
+            if finished:
+                self._finish(seq)
+            return None
         text = self.stop_checker.visible_text(seq, state, finished)
         if finished:
             self._finish(seq)
-        new_logprobs = (logprob,) if seq.params.logprobs and logprob is not None else ()
         return self._output(seq, (token,), new_logprobs, text, finished)
 
     def _output(
@@ -254,6 +280,7 @@ class LLMEngine:
         seq = self._seqs.get(request_id)
         if seq is None:
             return
+        self._pending += self._flush_text()  # its earlier outputs go first, with their text
         seq.finish_reason = "abort"
         text = self._texts[request_id].text
         self._finish(seq)

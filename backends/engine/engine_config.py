@@ -33,6 +33,9 @@ class EngineConfig:
     twin of a replay); "off": the plain eager path.
     graph_max_batch: largest decode batch served by graphs (bigger batches run eagerly);
     None takes max_num_seqs.
+    async_output: detokenize a step's tokens during the next step's device work (vLLM's async
+    output processing): a request's output arrives one `step` call later, ending is decided on
+    time (requests with stop strings are never deferred). None: on for CUDA, off elsewhere.
     """
 
     block_size: int | None = None
@@ -48,6 +51,7 @@ class EngineConfig:
     decode_workspace: bool = True
     decode_graphs: str = "auto"
     graph_max_batch: int | None = None
+    async_output: bool | None = None
 
     def __post_init__(self) -> None:
         positive = {
