@@ -128,6 +128,7 @@ class StepProfile:
         self._wrap(engine.runner, "execute", "model")
         self._wrap(engine.sampler, "sample", "sample+sync")
         self._wrap(engine, "_postprocess", "postprocess")
+        self._wrap(engine, "_flush_text", "deferred text")
         self.device = device
 
     def _wrap(self, owner: Any, attr: str, phase: str) -> None:
@@ -155,10 +156,10 @@ def run_engine(engine: LLMEngine, batch: int, prompt_len: int, new_tokens: int, 
         engine.add_request(f"b{batch}-{time.monotonic_ns()}-{i}", prompt, params)
     sync(device)
     start = time.perf_counter()
-    first = engine.step()  # the whole batch prefills in one step
+    first = engine.step()  # the whole batch prefills and samples in one step
     sync(device)
     prefill_s = time.perf_counter() - start
-    if len(first) != batch:
+    if len(first) not in (0, batch) or (not first and not engine.async_output):
         raise RuntimeError(f"prefill produced {len(first)} first tokens for batch {batch}")
     if profile is not None:
         profile.active = True
