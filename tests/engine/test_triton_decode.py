@@ -144,10 +144,13 @@ def test_gqa_matches_reference(device: torch.device, num_heads: int, num_kv_head
     assert_close(out, reference_gqa(q, case, num_kv_heads, head_dim**-0.5), torch.float32)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
-def test_gqa_split_context_matches_reference(device: torch.device, num_splits: int) -> None:
+@pytest.mark.parametrize(("num_splits", "tile"), [(1, 16), (2, 16), (3, 16), (7, 16), (1, 64),
+                                                  (3, 32)])
+def test_gqa_split_context_matches_reference(device: torch.device, num_splits: int,
+                                             tile: int) -> None:
     """Flash-decoding splits (some empty for the short sequences, one split ending mid-block)
-    combine to the same attention; a zero-length context still gives zeros."""
+    combine to the same attention; tiles longer than a block gather several blocks; a
+    zero-length context still gives zeros."""
     num_heads, num_kv_heads, head_dim, block_size = 4, 2, 16, 16
     context_lens = [1, 16, 17, 100, 0]
     case = make_case([max(n, 1) for n in context_lens], block_size,
@@ -157,7 +160,7 @@ def test_gqa_split_context_matches_reference(device: torch.device, num_splits: i
     q = torch.randn(len(context_lens), num_heads, head_dim,
                     generator=torch.Generator().manual_seed(12)).to(device)
     out = triton_decode.paged_gqa_decode(q, case.cache, case.block_tables, lens, num_kv_heads,
-                                         head_dim**-0.5, tile_tokens=16, num_splits=num_splits)
+                                         head_dim**-0.5, tile_tokens=tile, num_splits=num_splits)
     expected = reference_gqa(q[:4], PagedCase(case.cache, case.block_tables[:4], lens[:4]),
                              num_kv_heads, head_dim**-0.5)
     assert_close(out[:4], expected, torch.float32)
@@ -168,7 +171,7 @@ def test_gqa_num_splits() -> None:
     split = triton_decode.gqa_num_splits
     assert split(1, 8, 640, 64, 132) == (10, 64)  # one sequence: one tile per program
     assert split(32, 8, 640, 64, 132) == (3, 256)  # 768 programs
-    assert split(128, 8, 640, 64, 132) == (3, 256)  # still at most ~4 tiles per program
+    assert split(128, 8, 640, 64, 132) == (1, 640)  # 1024 programs fill the GPU alone
     assert split(128, 8, 64, 64, 132) == (1, 64)
     assert split(1, 8, 1 << 20, 64, 132) == (64, 16384)  # capped at MAX_SPLITS
     assert split(2, 2, 0, 16, 4) == (1, 16)
@@ -277,9 +280,9 @@ ptrs = dict(q_ptr="*bf16", cache_ptr="*bf16", tables_ptr="*i32", lens_ptr="*i64"
 gqa = dict(part_ptr="*fp32", stats_ptr="*fp32", kv_dim="i32", split_len="i32")
 cases = [
     (td._gqa_decode_kernel, gqa, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128,
-     DIM_PAD=128, BLOCK_SIZE=16, TILE=16, NUM_SPLITS=1)),
+     DIM_PAD=128, BLOCK_SIZE=16, TILE=64, NUM_SPLITS=1)),
     (td._gqa_decode_kernel, gqa, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128,
-     DIM_PAD=128, BLOCK_SIZE=16, TILE=16, NUM_SPLITS=8)),
+     DIM_PAD=128, BLOCK_SIZE=16, TILE=64, NUM_SPLITS=8)),
     (td._mla_decode_kernel, dict(num_heads="i32"), dict(RANK=512, RANK_PAD=512, ROPE=64,
      ROPE_PAD=64, HEADS_PER_PROG=16, BLOCK_SIZE=64, TILE=32)),
 ]
