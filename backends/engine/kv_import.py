@@ -168,12 +168,14 @@ class KVImporter:
                 job.num_loaded = job.num_tokens
             except _Stopped as exc:
                 job.error = str(exc)
-            except KVImportError as exc:
-                job.error = str(exc)
-                LOG.warning("KV import of %s failed: %s", job.request_id, exc)
             except Exception as exc:  # a broken source must not take the worker down
                 job.error = f"{type(exc).__name__}: {exc}"
-                LOG.exception("KV import of %s failed", job.request_id)
+                if job.cancelled:  # e.g. its owner closed the source after an abort
+                    job.error = f"cancelled ({job.error})"
+                elif isinstance(exc, KVImportError):
+                    LOG.warning("KV import of %s failed: %s", job.request_id, exc)
+                else:
+                    LOG.exception("KV import of %s failed", job.request_id)
             with self._cond:
                 self._finished.append(job)
                 self._cond.notify_all()

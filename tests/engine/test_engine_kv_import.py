@@ -1,15 +1,20 @@
 """KV import through the engine: running sequences keep decoding while another request's KV is
 still arriving (its source blocked on a gate the test holds), and every output equals the one
-the same request gets computed alone."""
+the same request gets computed alone. The first test also runs on CUDA when there is a GPU (the
+import worker then writes on its own stream)."""
 
 from __future__ import annotations
 
+import functools
+
+import pytest
 import torch
 from conftest import LoadedFn, make_prompt
 from kv_import_sources import GatedSource, wait_until
 
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
+from backends.engine.loader import LoadedModel, load_model
 from backends.engine.outputs import RequestOutput
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.sequence import SeqStatus
@@ -18,9 +23,19 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 NEIGHBOURS = {f"n{i}": make_prompt(30 + i, 9 + 4 * i) for i in range(3)}
 
 
-def exported_layers(loaded: LoadedFn, prompt: list[int]) -> tuple[int, list[torch.Tensor]]:
+@functools.cache
+def cuda_model() -> LoadedModel:
+    return load_model("tiny-llama", device="cuda")
+
+
+def model_on(device: str, loaded: LoadedFn) -> LoadedModel:
+    return cuda_model() if device == "cuda" else loaded("tiny-llama")
+
+
+def exported_layers(model: LoadedModel, prompt: list[int], device: str = "cpu",
+                    ) -> tuple[int, list[torch.Tensor]]:
     """(first token, the prompt's KV layers) from a prefill-only request on another engine."""
-    prefill = LLMEngine(loaded("tiny-llama"))
+    prefill = LLMEngine(model, EngineConfig(device=device))
     prefill.add_request("p", prompt, GREEDY, prefill_only=True)
     (out,) = prefill.step()
     export = prefill.export_kv("p")
@@ -29,8 +44,9 @@ def exported_layers(loaded: LoadedFn, prompt: list[int]) -> tuple[int, list[torc
     return out.new_token_ids[0], layers
 
 
-def alone(loaded: LoadedFn, prompt: list[int]) -> list[int]:
-    return list(LLMEngine(loaded("tiny-llama")).generate([prompt], GREEDY)[0].output_token_ids)
+def alone(model: LoadedModel, prompt: list[int], device: str = "cpu") -> list[int]:
+    engine = LLMEngine(model, EngineConfig(device=device))
+    return list(engine.generate([prompt], GREEDY)[0].output_token_ids)
 
 
 def collect(outs: list[RequestOutput], tokens: dict[str, list[int]]) -> None:
@@ -43,11 +59,17 @@ def assert_all_free(engine: LLMEngine) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
 
 
-def test_running_streams_decode_while_an_import_is_blocked(loaded: LoadedFn) -> None:
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA GPU")),
+])
+def test_running_streams_decode_while_an_import_is_blocked(loaded: LoadedFn, device: str) -> None:
+    model = model_on(device, loaded)
     prompt = make_prompt(7, 40)
-    first, layers = exported_layers(loaded, prompt)
+    first, layers = exported_layers(model, prompt, device)
     source = GatedSource(len(prompt), layers)
-    engine = LLMEngine(loaded("tiny-llama"), EngineConfig(kv_import_timeout_s=10.0))
+    engine = LLMEngine(model, EngineConfig(kv_import_timeout_s=10.0, device=device))
     tokens: dict[str, list[int]] = {}
     try:
         for rid, p in NEIGHBOURS.items():
@@ -71,16 +93,16 @@ def test_running_streams_decode_while_an_import_is_blocked(loaded: LoadedFn) -> 
             finals.update({o.request_id: o for o in outs if o.finished})
     finally:
         engine.close()
-    assert [first, *tokens["d"]] == alone(loaded, prompt)
+    assert [first, *tokens["d"]] == alone(model, prompt, device)
     for rid, p in NEIGHBOURS.items():
-        assert tokens[rid] == alone(loaded, p)
+        assert tokens[rid] == alone(model, p, device)
     assert finals["d"].num_cached_tokens == 40
     assert_all_free(engine)
 
 
 def test_abort_while_importing_frees_the_blocks_after_the_reader_stops(loaded: LoadedFn) -> None:
     prompt = make_prompt(8, 40)
-    first, layers = exported_layers(loaded, prompt)
+    first, layers = exported_layers(loaded("tiny-llama"), prompt)
     source = GatedSource(len(prompt), layers)
     engine = LLMEngine(loaded("tiny-llama"), EngineConfig(num_blocks=32))
     tokens: dict[str, list[int]] = {}
@@ -103,13 +125,13 @@ def test_abort_while_importing_frees_the_blocks_after_the_reader_stops(loaded: L
         assert engine.block_manager.num_free_blocks == 32  # n0 finished, the orphan freed once
     finally:
         engine.close()
-    assert tokens == {"n0": alone(loaded, NEIGHBOURS["n0"]), "d": []}
+    assert tokens == {"n0": alone(loaded("tiny-llama"), NEIGHBOURS["n0"]), "d": []}
     assert_all_free(engine)
 
 
 def test_late_import_recomputes_the_same_tokens(loaded: LoadedFn) -> None:
     prompt = make_prompt(9, 40)
-    first, layers = exported_layers(loaded, prompt)
+    first, layers = exported_layers(loaded("tiny-llama"), prompt)
     source = GatedSource(len(prompt), layers, honour_deadline=False)
     engine = LLMEngine(loaded("tiny-llama"), EngineConfig(kv_import_timeout_s=0.2))
     tokens: dict[str, list[int]] = {}
@@ -126,6 +148,6 @@ def test_late_import_recomputes_the_same_tokens(loaded: LoadedFn) -> None:
             engine.step()
     finally:
         engine.close()
-    assert [first, *tokens["d"]] == alone(loaded, prompt)
+    assert [first, *tokens["d"]] == alone(loaded("tiny-llama"), prompt)
     assert finals["d"].num_cached_tokens == 0
     assert_all_free(engine)
