@@ -298,6 +298,20 @@ consts = dict(HEAD_DIM=128, DIM_PAD=128, NUM_SPLITS=8, SPLITS_PAD=16)
 kernel = triton.compile(ASTSource(triton.jit(td._combine_splits_kernel), combine,
                                   constexprs=consts), target=GPUTarget("cuda", 90, 32))
 print("_combine_splits_kernel", len(kernel.asm["cubin"]) > 0)
+from backends.engine import triton_fused as tf
+assert tf._bind()
+fused = [
+    (tf._rope_neox_kernel, dict(x_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16",
+     stride_xt="i32", stride_xh="i32", stride_ct="i32", num_heads="i32"),
+     dict(HEAD_DIM=64, HEADS_PAD=64)),
+    (tf._silu_mul_kernel, dict(gate_up_ptr="*bf16", out_ptr="*bf16", stride_in="i32",
+     stride_out="i32", width="i32"), dict(BLOCK=1024)),
+]
+for fn, scalars, consts in fused:
+    signature = dict(scalars, **{name: "constexpr" for name in consts})
+    kernel = triton.compile(ASTSource(triton.jit(fn), signature, constexprs=consts),
+                            target=GPUTarget("cuda", 90, 32))
+    print(fn.__name__, len(kernel.asm["cubin"]) > 0)
 """
 
 
@@ -313,4 +327,45 @@ def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
     assert done.stdout.splitlines() == ["_gqa_decode_kernel True True",
                                         "_gqa_decode_kernel True True",
                                         "_mla_decode_kernel True True",
-                                        "_combine_splits_kernel True"]
+                                        "_combine_splits_kernel True",
+                                        "_rope_neox_kernel True",
+                                        "_silu_mul_kernel True"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_rope_equals_torch_rope(device: torch.device, dtype: torch.dtype) -> None:
+    """One-kernel neox rotary on a strided q/k view of a fused projection equals
+    apply_rope_neox_ (to rounding), and leaves the V columns alone."""
+    from backends.engine.models.rope import apply_rope_neox_, neox_tables
+    from backends.engine.triton_fused import rope_neox_
+
+    gen = torch.Generator().manual_seed(21)
+    tokens, heads, kv_heads, dim = 5, 3, 1, 32
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(device, dtype)
+    angles = torch.rand(tokens, dim // 2, generator=gen) * 6
+    cos, sin = neox_tables(angles.cos().to(device, dtype), angles.sin().to(device, dtype))
+    expected = qkv.clone()
+    view = (heads + kv_heads) * dim
+    apply_rope_neox_(expected[:, :view].view(tokens, heads + kv_heads, dim), cos, sin)
+    rope_neox_(qkv[:, :view].view(tokens, heads + kv_heads, dim), cos, sin)
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(qkv, expected, atol=tol, rtol=tol)
+    assert torch.equal(qkv[:, view:], expected[:, view:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_silu_mul_equals_torch(device: torch.device, dtype: torch.dtype) -> None:
+    import torch.nn.functional as F
+
+    from backends.engine.triton_fused import silu_mul
+
+    width = 1500  # two column blocks, the second partial
+    gate_up = torch.randn(3, 2 * width, generator=torch.Generator().manual_seed(22))
+    gate_up = gate_up.to(device, dtype)
+    expected = F.silu(gate_up[:, :width].float()) * gate_up[:, width:].float()
+    out = silu_mul(gate_up)
+    assert out.shape == (3, width) and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match=r"silu_mul: gate_up must be \[T, 2 \* width\]"):
+        silu_mul(gate_up[:, :3])

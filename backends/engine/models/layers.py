@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.engine.models.fused import FusedLinear, merge_fused_on_load
+from backends.engine.triton_fused import fused_usable, silu_mul
 
 _FUSED_NORM_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -60,5 +61,7 @@ class SwiGLU(nn.Module):
         merge_fused_on_load(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_usable(x):  # one kernel for the activation (CUDA bf16/fp16)
+            return self.down_proj(silu_mul(self.gate_up_proj.fused(x)))
         gate, up = self.gate_up_proj(x)
         return self.down_proj(F.silu(gate) * up)

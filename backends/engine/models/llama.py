@@ -23,6 +23,7 @@ from backends.engine.models.decoder import DecoderForCausalLM, DecoderLayer
 from backends.engine.models.fused import FusedLinear, merge_fused_on_load
 from backends.engine.models.layers import SwiGLU
 from backends.engine.models.rope import apply_rope_neox_
+from backends.engine.triton_fused import fused_usable, rope_neox_
 
 
 class LlamaAttention(nn.Module):
@@ -45,8 +46,8 @@ class LlamaAttention(nn.Module):
         num_tokens, q_size = x.shape[0], self.num_heads * self.head_dim
         qkv = self.qkv_proj.fused(x)  # [T, (H + 2 * Hk) * D]: q, k, v
         qk_heads = self.num_heads + self.num_kv_heads
-        apply_rope_neox_(qkv[:, : qk_heads * self.head_dim].view(num_tokens, qk_heads, -1),
-                         cos, sin)
+        rotate = rope_neox_ if fused_usable(qkv) else apply_rope_neox_
+        rotate(qkv[:, : qk_heads * self.head_dim].view(num_tokens, qk_heads, -1), cos, sin)
         q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
         fresh = qkv[:, q_size:].to(cache.dtype)  # this step's cache rows: K (rotated) then V
         write_cache(cache, slot_mapping, fresh)
