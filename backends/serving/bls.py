@@ -2,13 +2,16 @@
 
 ``async_exec(decoupled=True)`` hands back a response iterator whose ``next`` blocks until the
 worker's next response; each ``next`` runs on a pool of daemon threads so the event loop (and
-every other request) keeps going. Every iterator is read to its final response. A worker error response becomes WorkerError with its code.
+every other request) keeps going. Every iterator is read to its final response, then held by
+the model's Keeper until python_backend has let go of it (backends/serving/pb_lifetimes.py).
+A worker error response becomes WorkerError with its code. A public request's channel is used
+from the event loop thread only: its responses, its cancellation checks (CancelCheck: over IPC
+at most every 0.5 s) and, after its final response, handing the request to the Keeper.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +20,7 @@ import numpy as np
 from backends.serving import specs
 from backends.serving.daemon_executor import DaemonExecutor
 from backends.serving.errors import WorkerError, code_name, triton_error
+from backends.serving.pb_lifetimes import CancelCheck, Keeper, requested_outputs
 from backends.serving.public_io import Chunk, ensemble_tensors, llm_tensors
 from backends.serving.requests import GenerateRequest
 from backends.serving.triton_io import make_response
@@ -34,10 +38,11 @@ _DONE = object()
 
 class BlsWorkers:
     """WorkerClient over pb_utils BLS. ``close()`` stops its threads (daemons: a ``next`` that
-    never returns cannot hold up the stub's exit)."""
+    never returns cannot hold up the stub's exit). Finished iterators go to ``keeper``."""
 
-    def __init__(self, pb_utils: Any, max_threads: int = 256) -> None:
+    def __init__(self, pb_utils: Any, keeper: Keeper, max_threads: int = 256) -> None:
         self._pb = pb_utils
+        self._keeper = keeper
         self._pool = DaemonExecutor(max_threads, "pd-bls")
 
     def _request(self, model: str, job: WorkerJob) -> Any:
@@ -48,9 +53,10 @@ class BlsWorkers:
 
     async def stream(self, model: str, job: WorkerJob) -> AsyncIterator[WorkerUpdate]:
         """The worker's updates for ``job``. However the caller stops (a final update, an error,
-        or abandoning the stream), the response iterator is read to its end: python_backend
+        or abandoning the stream), the response iterator is read to its end (python_backend
         forgets a BLS iterator dropped before its final response and then blocks in the stub's
-        finalize draining it forever (the model never unloads)."""
+        finalize draining it forever) and then handed to the Keeper (dropped before the stub
+        erased it from its map, it would be destroyed without the GIL: pb_lifetimes.py)."""
         responses = await self._request(model, job).async_exec(decoupled=True)
         iterator = iter(responses)
         loop = asyncio.get_running_loop()
@@ -72,9 +78,20 @@ class BlsWorkers:
                 if update.final:
                     return
         finally:
-            if not ended:
-                with contextlib.suppress(RuntimeError):  # closed: the stub's finalize drains it
-                    self._pool.submit(_drain, iterator)
+            if ended:
+                self._keeper.hold(iterator)
+            else:
+                try:
+                    self._pool.submit(self._drain_and_hold, iterator)
+                except RuntimeError:  # closed: the stub's finalize drains it
+                    self._keeper.hold(iterator)
+
+    def _drain_and_hold(self, iterator: Any) -> None:
+        """Reads a BLS response iterator to its end (the worker always sends a final response),
+        then hands it to the Keeper. ``next`` on a finished iterator ends at once."""
+        while next(iterator, _DONE) is not _DONE:
+            pass
+        self._keeper.hold(iterator)
 
     async def cancel(self, model: str, request_id: str) -> None:
         job = WorkerJob(request_id, "cancel")
@@ -85,51 +102,61 @@ class BlsWorkers:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _drain(iterator: Any) -> None:
-    """Reads a BLS response iterator to its final response (the worker always sends one)."""
-    for _ in iterator:
-        pass
-
-
 def public_tensors(req: GenerateRequest, chunk: Chunk, block_size: int) -> dict[str, np.ndarray]:
     """The public model's output tensors for ``chunk`` (``llm`` 1-D, ``ensemble`` batched)."""
     return llm_tensors(req, chunk) if req.api == "llm" else ensemble_tensors(chunk, block_size)
 
 
 class TritonChannel:
-    """ClientChannel over a public request's response sender (a decoupled public model)."""
+    """ClientChannel over a public request's response sender (a decoupled public model).
 
-    def __init__(self, pb_utils: Any, request: Any, req: GenerateRequest | None, block_size: int) -> None:
+    Event loop thread only. ``send(final=True)`` and ``fail`` end it: the request goes to the
+    Keeper (its last is_cancelled message may still be in the parent's hands)."""
+
+    def __init__(self, pb_utils: Any, request: Any, req: GenerateRequest | None, block_size: int,
+                 keeper: Keeper) -> None:
         self._pb = pb_utils
         self._request = request
         self._sender = request.get_response_sender()
+        self._outputs = tuple(request.requested_output_names())
+        self._keeper = keeper
+        self.is_cancelled = CancelCheck(request.is_cancelled, keeper)
         self.req = req
         self._block_size = block_size
 
     def send(self, chunk: Chunk, final: bool) -> None:
         if self.req is None:
             raise RuntimeError("TritonChannel.send before the request was parsed")
+        tensors = requested_outputs(public_tensors(self.req, chunk, self._block_size), self._outputs)
         flags = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        self._sender.send(make_response(self._pb, public_tensors(self.req, chunk, self._block_size)), flags=flags)
+        try:
+            self._sender.send(make_response(self._pb, tensors), flags=flags)
+        finally:
+            if final:
+                self._keeper.hold(self._request, self._sender)
 
     def fail(self, exc: BaseException) -> None:
         response = self._pb.InferenceResponse(output_tensors=[], error=triton_error(self._pb, exc))
-        self._sender.send(response, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    def is_cancelled(self) -> bool:
-        return bool(self._request.is_cancelled())
+        try:
+            self._sender.send(response, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            self._keeper.hold(self._request, self._sender)
 
 
 class TritonReply:
     """ClientChannel of a non-decoupled public model: keeps the request's one response.
 
     ``execute`` returns ``response`` (set by the final ``send`` or by ``fail``); a non-final
-    chunk is a broken invariant (the request must have been refused with stream=true).
+    chunk is a broken invariant (the request must have been refused with stream=true). The stub
+    owns the request until it has sent the response; the request then goes to the Keeper.
     """
 
-    def __init__(self, pb_utils: Any, request: Any, req: GenerateRequest | None, block_size: int) -> None:
+    def __init__(self, pb_utils: Any, request: Any, req: GenerateRequest | None, block_size: int,
+                 keeper: Keeper) -> None:
         self._pb = pb_utils
         self._request = request
+        self._outputs = tuple(request.requested_output_names())
+        self.is_cancelled = CancelCheck(request.is_cancelled, keeper)
         self.req = req
         self._block_size = block_size
         self.response: Any = None
@@ -138,10 +165,8 @@ class TritonReply:
         if self.req is None or not final:
             raise RuntimeError(f"TritonReply.send: a non-decoupled model sends one final response "
                                f"(parsed={self.req is not None}, final={final})")
-        self.response = make_response(self._pb, public_tensors(self.req, chunk, self._block_size))
+        tensors = requested_outputs(public_tensors(self.req, chunk, self._block_size), self._outputs)
+        self.response = make_response(self._pb, tensors)
 
     def fail(self, exc: BaseException) -> None:
         self.response = self._pb.InferenceResponse(output_tensors=[], error=triton_error(self._pb, exc))
-
-    def is_cancelled(self) -> bool:
-        return bool(self._request.is_cancelled())

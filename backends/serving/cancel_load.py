@@ -1,9 +1,10 @@
 """Concurrent gRPC streams against ``llm`` with client cancels: the load behind
 ``scripts/stress_cancels.py`` and the e2e cancel-under-load test (runs outside tritonserver).
 
-``num_streams`` threads each run a closed loop until ``duration_s`` has passed: open a gRPC
-stream, send one greedy streamed request (``ignore_eos``, ``max_tokens``), read it to its final
-response, close the stream. A seeded plan decides, per request, whether the client cancels it
+``num_streams`` threads each run a closed loop until ``duration_s`` has passed (or, when
+``requests_per_stream`` is set, until they have sent that many): open a gRPC stream, send one
+greedy streamed request (``ignore_eos``, ``max_tokens``), read it to its final response, close
+the stream. A seeded plan decides, per request, whether the client cancels it
 (``stop_stream(cancel_requests=True)``, what a chat UI's "stop" or a closed tab does) and after
 how many chunks (1..``max_cancel_chunks``); the same seed gives the same plan. A request planned
 for a cancel that ends before its chunk count is a completed one. Every request ends as exactly
@@ -39,6 +40,7 @@ class LoadConfig:
     request_timeout_s: float = 60.0
     seed: int = 0
     model: str = "llm"
+    requests_per_stream: int | None = None
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -51,6 +53,8 @@ class LoadConfig:
             raise ValueError(f"max_cancel_chunks must be at least 1, got {self.max_cancel_chunks}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.requests_per_stream is not None and self.requests_per_stream < 1:
+            raise ValueError(f"requests_per_stream must be at least 1, got {self.requests_per_stream}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +169,8 @@ def _client_loop(url: str, config: LoadConfig, stream: int, stop_at: float, out:
     client = _Stream(url, config, stream)
     try:
         index = 0
-        while time.monotonic() < stop_at:
+        limit = config.requests_per_stream
+        while time.monotonic() < stop_at and (limit is None or index < limit):
             outcome = client.run_one(index, plan_request(config, stream, index))
             with lock:
                 out.append(outcome)

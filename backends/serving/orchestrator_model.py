@@ -23,6 +23,7 @@ from backends.serving.bls import BlsWorkers, TritonChannel, TritonReply
 from backends.serving.kv_cluster import ClusterView
 from backends.serving.metrics import RequestMetrics
 from backends.serving.orchestrator import Orchestrator
+from backends.serving.pb_lifetimes import Keeper
 from backends.serving.requests import Limits, parse_ensemble, parse_llm
 from backends.serving.supervisor import Supervisor
 from backends.serving.tokenizers import load_tokenizer
@@ -50,7 +51,8 @@ class TritonPythonModel:
         self.block_size = int(p.get("block_size", "16"))
         self.name = args["model_name"]
         self.decoupled = triton_io.is_decoupled(pb_utils, args)
-        self.workers = BlsWorkers(pb_utils)
+        self.keeper = Keeper()  # finished BLS iterators and requests, until python_backend lets go
+        self.workers = BlsWorkers(pb_utils, self.keeper)
         # disagg hook (owner of kv*.py): plan with the kvbridge master's prefix hits and loads when one is set
         self.cluster = ClusterView.from_env(p.get("source", "tiny-llama"), self.block_size)
         self.orchestrator = Orchestrator(tokenizer, supervisor, self.workers, int(p.get("max_model_len", "1024")),
@@ -60,11 +62,12 @@ class TritonPythonModel:
 
     async def execute(self, requests: list) -> list | None:
         if self.decoupled:
-            await asyncio.gather(*(self._serve(r, TritonChannel(pb_utils, r, None, self.block_size))
+            await asyncio.gather(*(self._serve(r, TritonChannel(pb_utils, r, None, self.block_size, self.keeper))
                                    for r in requests))
             return None
-        replies = [TritonReply(pb_utils, r, None, self.block_size) for r in requests]
+        replies = [TritonReply(pb_utils, r, None, self.block_size, self.keeper) for r in requests]
         await asyncio.gather(*(self._serve(r, c) for r, c in zip(requests, replies, strict=True)))
+        self.keeper.hold(*requests)  # the stub drops them once it has sent these responses
         return [self._response(c) for c in replies]
 
     def _response(self, reply: TritonReply) -> object:
@@ -92,5 +95,6 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.workers.close()
+        self.keeper.close()
         if self.cluster is not None:
             self.cluster.close()

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from backends.serving.errors import triton_error
+from backends.serving.pb_lifetimes import CancelCheck, Keeper, requested_outputs
 from backends.serving.worker_io import WorkerUpdate, update_tensors
 
 
@@ -51,20 +52,30 @@ def make_response(pb_utils: Any, tensors: Mapping[str, np.ndarray]) -> Any:
 
 
 class TritonSink:
-    """A worker request's response sender, as WorkerService's ResponseSink."""
+    """A worker request's response sender, as WorkerService's ResponseSink (its response thread
+    alone calls it once the request is submitted). The final ``send`` or ``fail`` hands the
+    request to ``keeper``; ``is_cancelled`` asks python_backend at most every 0.5 s."""
 
-    def __init__(self, pb_utils: Any, request: Any) -> None:
+    def __init__(self, pb_utils: Any, request: Any, keeper: Keeper) -> None:
         self._pb = pb_utils
         self._request = request
         self._sender = request.get_response_sender()
+        self._outputs = tuple(request.requested_output_names())
+        self._keeper = keeper
+        self.is_cancelled = CancelCheck(self._sender.is_cancelled, keeper)
 
     def send(self, update: WorkerUpdate) -> None:
         flags = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if update.final else 0
-        self._sender.send(make_response(self._pb, update_tensors(update)), flags=flags)
+        tensors = requested_outputs(update_tensors(update), self._outputs)
+        try:
+            self._sender.send(make_response(self._pb, tensors), flags=flags)
+        finally:
+            if update.final:
+                self._keeper.hold(self._request, self._sender)
 
     def fail(self, exc: BaseException) -> None:
         response = self._pb.InferenceResponse(output_tensors=[], error=triton_error(self._pb, exc))
-        self._sender.send(response, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    def is_cancelled(self) -> bool:
-        return bool(self._sender.is_cancelled())
+        try:
+            self._sender.send(response, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            self._keeper.hold(self._request, self._sender)

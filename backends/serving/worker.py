@@ -1,8 +1,9 @@
 """The pd_worker service: one LLMEngine, its engine thread and a response thread.
 
 Threads and ownership: only the engine thread touches the engine. ``submit`` and ``close`` put
-commands on a queue; the engine thread adds requests, steps the engine, polls cancellation and
-hands each result to the response thread, which alone calls the sinks (Triton response senders).
+commands on a queue; the engine thread adds requests, steps the engine and hands each result to
+the response thread (worker_responses.Responder), which alone calls the sinks (Triton response
+senders) and polls them for client cancels, which come back to the engine thread as aborts.
 Every request ends with exactly one final response: its last tokens, a hand-off (prefill), or
 an error (CANCELLED after abort, INVALID_ARG for a bad request, INTERNAL/UNAVAILABLE otherwise).
 The role (prefill | decode | both) is a label for the Supervisor, which may relabel a worker:
@@ -18,26 +19,17 @@ import contextlib
 import logging
 import queue
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backends.engine.outputs import KVExport, RequestOutput
 from backends.serving.errors import RequestCancelled, WorkerUnavailable
 from backends.serving.worker_io import WorkerJob, WorkerUpdate
+from backends.serving.worker_responses import Responder, ResponseSink
 
 LOG = logging.getLogger(__name__)
-CANCEL_POLL_S = 0.02
 IDLE_WAIT_S = 0.05
-
-
-class ResponseSink(Protocol):
-    """Where one request's responses go. Called from the response thread only."""
-
-    def send(self, update: WorkerUpdate) -> None: ...
-    def fail(self, exc: BaseException) -> None: ...
-    def is_cancelled(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,48 +75,30 @@ class WorkerService:
         self.role = role
         self._kv = kv
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._responses: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._active: dict[str, _Active] = {}
         self._closed = False
-        self._last_cancel_poll = 0.0
         self._aborted: set[str] = set()
         self.stats = self._read_stats()
+        self._responder = Responder(lambda rid: self._commands.put(("abort", rid)))
         self._engine_thread = threading.Thread(target=self._engine_loop, name="pd-engine", daemon=True)
-        self._response_thread = threading.Thread(target=self._response_loop, name="pd-respond", daemon=True)
         self._engine_thread.start()
-        self._response_thread.start()
 
     def submit(self, job: WorkerJob, sink: ResponseSink) -> None:
         """Queue ``job``; its responses go to ``sink``. Cancel jobs answer at once."""
         if job.request_type == "cancel":
             self._commands.put(("abort", job.request_id))
-            self._respond(sink.send, WorkerUpdate((), (), True, "", 0, 0, 0))
+            self._responder.send(job.request_id, sink, WorkerUpdate((), (), True, "", 0, 0, 0))
             return
         self._commands.put(("add", _Active(job, sink)))
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._commands.put(("close", None))
         self._engine_thread.join(timeout_s)
-        self._responses.put(None)
-        self._response_thread.join(timeout_s)
-
-    def _respond(self, fn: Callable[[Any], None], arg: Any) -> None:
-        self._responses.put(lambda: fn(arg))
-
-    def _response_loop(self) -> None:
-        while True:
-            item = self._responses.get()
-            if item is None:
-                return
-            try:
-                item()
-            except Exception:  # a broken client connection must not stop the others
-                LOG.exception("sending a response failed")
+        self._responder.close(timeout_s)
 
     def _engine_loop(self) -> None:
         while not self._closed:
             self._drain_commands(block=not self._engine.has_unfinished())
-            self._poll_cancelled()
             if self._engine.has_unfinished() or self._aborted:
                 self._step()
             if self._kv is not None:
@@ -160,7 +134,8 @@ class WorkerService:
     def _add(self, active: _Active) -> None:
         job = active.job
         if job.request_id in self._active:
-            self._respond(active.sink.fail, ValueError(f"request id {job.request_id!r} is already running"))
+            self._responder.fail(job.request_id, active.sink,
+                                 ValueError(f"request id {job.request_id!r} is already running"))
             return
         kv_source = None
         try:
@@ -174,23 +149,11 @@ class WorkerService:
                 prior_output_ids=list(job.prior_output_ids))
         except Exception as exc:  # ValueError → INVALID_ARG for this request only
             _close_source(kv_source)
-            self._respond(active.sink.fail, exc)
+            self._responder.fail(job.request_id, active.sink, exc)
             return
         active.kv_source = kv_source
         self._active[job.request_id] = active
-
-    def _poll_cancelled(self) -> None:
-        now = time.monotonic()
-        if now - self._last_cancel_poll < CANCEL_POLL_S:
-            return
-        self._last_cancel_poll = now
-        for rid, active in list(self._active.items()):
-            try:
-                cancelled = active.sink.is_cancelled()
-            except Exception:
-                cancelled = True
-            if cancelled:
-                self._abort(rid)
+        self._responder.watch(job.request_id, active.sink)
 
     def _abort(self, rid: str) -> None:
         if rid not in self._aborted:
@@ -240,7 +203,7 @@ class WorkerService:
         if out.finished:
             del self._active[out.request_id]
             _close_source(active.kv_source)
-        self._respond(active.sink.send, update)
+        self._responder.send(out.request_id, active.sink, update)
 
     @staticmethod
     def _pull_ns(active: _Active) -> int:
@@ -268,7 +231,7 @@ class WorkerService:
         active = self._active.pop(rid, None)
         if active is not None:
             _close_source(active.kv_source)
-            self._respond(active.sink.fail, exc)
+            self._responder.fail(rid, active.sink, exc)
 
     def _read_stats(self) -> WorkerStats:
         bm = self._engine.block_manager

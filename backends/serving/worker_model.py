@@ -17,6 +17,7 @@ from backends.serving import triton_io
 from backends.serving.engine_factory import engine_spec_for
 from backends.serving.kv import WorkerLoad, build_worker
 from backends.serving.metrics import WorkerMetrics
+from backends.serving.pb_lifetimes import Keeper
 from backends.serving.worker import WorkerService
 from backends.serving.worker_io import parse_job
 
@@ -34,6 +35,7 @@ class TritonPythonModel:
         except (ValueError, OSError) as exc:
             raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from exc
         self.name = args["model_name"]
+        self.keeper = Keeper()  # finished requests, until python_backend lets go (pb_lifetimes.py)
         self.service = WorkerService(engine, role, self.kv)
         self.kv.start_heartbeats(self._load)
         self.metrics = WorkerMetrics(pb_utils, self.name, lambda: self.service.stats)
@@ -44,7 +46,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            sink = triton_io.TritonSink(pb_utils, request)
+            sink = triton_io.TritonSink(pb_utils, request, self.keeper)
             try:
                 job = parse_job(triton_io.request_inputs(request),
                                 triton_io.request_parameters(request), request.request_id())
@@ -58,3 +60,4 @@ class TritonPythonModel:
         self.metrics.close()
         self.service.close()
         self.kv.close()
+        self.keeper.close()

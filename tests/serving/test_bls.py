@@ -1,20 +1,25 @@
-"""BlsWorkers.stream reads every BLS response iterator to its end, however its caller stops.
+"""BlsWorkers.stream reads every BLS response iterator to its end, however its caller stops,
+and then hands it to the Keeper.
 
 python_backend (2.51) forgets a decoupled BLS response iterator dropped before its final
-response, then blocks forever draining it when the stub finalizes (the model never unloads).
-The pb_utils stand-in below is the BLS transport only; the code under test is BlsWorkers.
+response, then blocks forever draining it when the stub finalizes (the model never unloads);
+one dropped before the stub erased it from its map is destroyed without the GIL
+(backends/serving/pb_lifetimes.py). The pb_utils stand-in below is the BLS transport only;
+the code under test is BlsWorkers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from backends.serving.bls import BlsWorkers
+from backends.serving.pb_lifetimes import Keeper
 from backends.serving.worker_io import WorkerJob, WorkerUpdate, update_tensors
 
 
@@ -47,6 +52,11 @@ class _Transport:
         self.tokens = tokens
         self.read: list[int] = []
         self.ended = threading.Event()
+        self.iterators: list[Iterator[_Response]] = []
+
+    def open(self) -> Iterator[_Response]:
+        self.iterators.append(self.responses())
+        return self.iterators[-1]
 
     def responses(self) -> Iterator[_Response]:
         for i, token in enumerate(self.tokens):
@@ -67,7 +77,7 @@ class _PbUtils:
         class _Request:
             async def async_exec(self, decoupled: bool) -> Iterator[_Response]:
                 assert decoupled
-                return transport.responses()
+                return transport.open()
 
         return _Request()
 
@@ -82,16 +92,28 @@ def _first_update(workers: BlsWorkers) -> WorkerUpdate:
     return asyncio.run(run())
 
 
-def test_abandoned_stream_is_read_to_its_final_response() -> None:
+def _wait_held(keeper: Keeper, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(keeper) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_abandoned_stream_is_read_to_its_final_response_then_kept() -> None:
     transport = _Transport([7, 8, 9, 10])
-    workers = BlsWorkers(_PbUtils(transport))
+    keeper = Keeper()
+    workers = BlsWorkers(_PbUtils(transport), keeper)
     try:
         first = _first_update(workers)
         assert transport.ended.wait(5)
+        _wait_held(keeper, 1)
     finally:
         workers.close()
     assert (first.new_token_ids, first.final) == ((7,), False)
     assert transport.read == [7, 8, 9, 10]
+    # Held until an is_cancelled exchange started after it returns.
+    assert len(keeper) == 1
+    keeper.exchange(lambda: False)
+    assert len(keeper) == 0
 
 
 def test_stream_read_to_the_end_yields_every_update() -> None:
@@ -101,11 +123,14 @@ def test_stream_read_to_the_end_yields_every_update() -> None:
         job = WorkerJob("r2", "context_and_generation", (1,))
         return [(u.new_token_ids, u.final, u.finish_reason) async for u in workers.stream("worker", job)]
 
-    workers = BlsWorkers(_PbUtils(transport))
+    keeper = Keeper()
+    workers = BlsWorkers(_PbUtils(transport), keeper)
     try:
         updates = asyncio.run(run(workers))
         assert transport.ended.wait(5)
+        _wait_held(keeper, 1)
     finally:
         workers.close()
     assert updates == [((4,), False, ""), ((5,), True, "length")]
     assert transport.read == [4, 5]
+    assert len(keeper) == 1

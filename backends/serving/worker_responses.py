@@ -1,0 +1,109 @@
+"""The worker's response thread: the only thread that calls its requests' sinks once submitted.
+
+It delivers each request's updates and errors in the order the engine thread queued them, and
+watches every request it has not finished yet for a client cancel: every ``POLL_S`` it asks the
+sink's ``is_cancelled`` (TritonSink asks python_backend at most every 0.5 s, see
+pb_lifetimes.py) and reports each cancel once through ``on_cancel`` (the engine thread aborts).
+Sends and cancellation checks of one request therefore never run on two threads, and no check
+follows the request's final response.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from backends.serving.worker_io import WorkerUpdate
+
+LOG = logging.getLogger(__name__)
+POLL_S = 0.1
+
+
+class ResponseSink(Protocol):
+    """Where one request's responses go. Called from the response thread only."""
+
+    def send(self, update: WorkerUpdate) -> None: ...
+    def fail(self, exc: BaseException) -> None: ...
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """Watch ``sink`` (neither update nor error), send ``update``, or fail with ``error``."""
+
+    request_id: str
+    sink: ResponseSink
+    update: WorkerUpdate | None = None
+    error: BaseException | None = None
+
+
+class Responder:
+    """Owns the response thread. ``watch``/``send``/``fail`` queue work from any thread;
+    ``close()`` delivers what is queued, then joins the thread (bounded by ``timeout_s``)."""
+
+    def __init__(self, on_cancel: Callable[[str], None]) -> None:
+        self._on_cancel = on_cancel
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._watched: dict[str, ResponseSink] = {}  # response thread only
+        self._next_poll_s = 0.0
+        self._thread = threading.Thread(target=self._run, name="pd-respond", daemon=True)
+        self._thread.start()
+
+    def watch(self, request_id: str, sink: ResponseSink) -> None:
+        """Polls ``sink`` for a cancel until its final response (queue it before any update)."""
+        self._queue.put(_Item(request_id, sink))
+
+    def send(self, request_id: str, sink: ResponseSink, update: WorkerUpdate) -> None:
+        self._queue.put(_Item(request_id, sink, update=update))
+
+    def fail(self, request_id: str, sink: ResponseSink, exc: BaseException) -> None:
+        self._queue.put(_Item(request_id, sink, error=exc))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                pass
+            else:
+                if item is None:
+                    return
+                self._deliver(item)
+            if time.monotonic() >= self._next_poll_s:
+                self._poll()
+                self._next_poll_s = time.monotonic() + POLL_S
+
+    def _deliver(self, item: _Item) -> None:
+        if item.update is None and item.error is None:
+            self._watched[item.request_id] = item.sink
+            return
+        final = item.error is not None or (item.update is not None and item.update.final)
+        if final and self._watched.get(item.request_id) is item.sink:
+            del self._watched[item.request_id]
+        try:
+            if item.error is not None:
+                item.sink.fail(item.error)
+            elif item.update is not None:
+                item.sink.send(item.update)
+        except Exception:  # a broken client connection must not stop the others
+            LOG.exception("sending a response failed")
+
+    def _poll(self) -> None:
+        for request_id, sink in list(self._watched.items()):
+            try:
+                cancelled = sink.is_cancelled()
+            except Exception:
+                LOG.exception("checking request %s for a cancel failed", request_id)
+                cancelled = True
+            if cancelled:
+                del self._watched[request_id]  # reported once; its final response still goes out
+                self._on_cancel(request_id)

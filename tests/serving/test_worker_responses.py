@@ -1,0 +1,104 @@
+"""Responder (backends/serving/worker_responses.py): the worker's response thread delivers in
+order, checks only unfinished requests for a cancel, reports each cancel once, and never calls
+a sink from a second thread."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from backends.serving.worker_io import WorkerUpdate
+from backends.serving.worker_responses import POLL_S, Responder
+
+
+class Sink:
+    """Records every call and the thread that made it; cancelled from ``cancel_at`` on."""
+
+    def __init__(self, cancel_at: float = float("inf")) -> None:
+        self.calls: list[str] = []
+        self.threads: set[str] = set()
+        self.cancel_at = cancel_at
+
+    def _record(self, call: str) -> None:
+        self.calls.append(call)
+        self.threads.add(threading.current_thread().name)
+
+    def send(self, update: WorkerUpdate) -> None:
+        self._record(f"send {update.new_token_ids} final={update.final}")
+
+    def fail(self, exc: BaseException) -> None:
+        self._record(f"fail {exc}")
+
+    def is_cancelled(self) -> bool:
+        self._record("is_cancelled")
+        return time.monotonic() >= self.cancel_at
+
+
+def update(token: int, final: bool = False) -> WorkerUpdate:
+    return WorkerUpdate((token,), (), final, "length" if final else "", 3, 1, 0)
+
+
+def without_checks(calls: list[str]) -> list[str]:
+    return [c for c in calls if c != "is_cancelled"]
+
+
+def test_updates_go_out_in_order_and_no_check_follows_the_final() -> None:
+    cancels: queue.Queue[str] = queue.Queue()
+    responder = Responder(cancels.put)
+    sink = Sink()
+    try:
+        responder.watch("r1", sink)
+        responder.send("r1", sink, update(1))
+        time.sleep(3 * POLL_S)  # watched: checked while unfinished
+        responder.send("r1", sink, update(2, final=True))
+        responder.send("r1", sink, update(3))  # a stray update after the final still goes out
+        time.sleep(3 * POLL_S)
+    finally:
+        responder.close()
+    assert without_checks(sink.calls) == ["send (1,) final=False", "send (2,) final=True", "send (3,) final=False"]
+    final_at = sink.calls.index("send (2,) final=True")
+    assert "is_cancelled" in sink.calls[:final_at]
+    assert "is_cancelled" not in sink.calls[final_at:]
+    assert sink.threads == {"pd-respond"}
+    assert cancels.empty()
+
+
+def test_a_cancel_is_reported_once_and_the_final_error_still_goes_out() -> None:
+    cancels: queue.Queue[str] = queue.Queue()
+    responder = Responder(cancels.put)
+    sink, other = Sink(cancel_at=time.monotonic()), Sink()
+    try:
+        responder.watch("gone", sink)
+        responder.watch("stays", other)
+        assert cancels.get(timeout=5) == "gone"
+        time.sleep(3 * POLL_S)
+        responder.fail("gone", sink, RuntimeError("request gone cancelled"))
+        responder.send("stays", other, update(9, final=True))
+    finally:
+        responder.close()
+    assert cancels.empty()
+    assert sink.calls.count("is_cancelled") == 1
+    assert without_checks(sink.calls) == ["fail request gone cancelled"]
+    assert without_checks(other.calls) == ["send (9,) final=True"]
+
+
+def test_a_failing_sink_does_not_stop_the_others() -> None:
+    class Broken(Sink):
+        def send(self, update: WorkerUpdate) -> None:
+            raise ConnectionError("client gone")
+
+        def is_cancelled(self) -> bool:
+            raise ConnectionError("client gone")
+
+    cancels: queue.Queue[str] = queue.Queue()
+    responder = Responder(cancels.put)
+    broken, fine = Broken(), Sink()
+    try:
+        responder.watch("b", broken)
+        assert cancels.get(timeout=5) == "b"  # a check that fails counts as a cancel
+        responder.send("b", broken, update(1, final=True))
+        responder.send("f", fine, update(2, final=True))
+    finally:
+        responder.close()
+    assert fine.calls == ["send (2,) final=True"]
