@@ -27,7 +27,8 @@ cat "$OUT/env.txt"
 
 if has tests; then
     stage tests 170 python3 -m pytest -q -p no:cacheprovider \
-        tests/engine/test_decode_graphs.py tests/engine/test_triton_decode.py
+        tests/engine/test_decode_graphs.py tests/engine/test_triton_decode.py \
+        tests/engine/test_async_output.py tests/engine/test_engine_kv_import.py
 fi
 if has bench1b; then
     stage bench1b 200 python3 scripts/bench_engine.py --device cuda --dtype bfloat16 \
@@ -41,7 +42,7 @@ if has bench8b; then
 fi
 if has import && [ -f scripts/bench_kv_import.py ]; then
     stage import 90 python3 scripts/bench_kv_import.py --device cuda --dtype bfloat16 \
-        --json "$OUT/import.json"
+        --model llama-1b --streams 16 --import-len 4096 --json "$OUT/import.json"
 fi
 if has serve && [ -f scripts/gpu_serve_check.sh ]; then
     stage serve 170 bash scripts/gpu_serve_check.sh
