@@ -4,8 +4,9 @@ import worker threads, off the engine's step thread (vLLM's WAITING_FOR_REMOTE_K
 Threads and ownership:
 - The engine thread (the scheduler) submits, cancels and polls jobs; it never waits on a source
   (except `wait`, which the engine calls only when it has nothing else to step).
-- `num_workers` daemon threads, started at the first `submit` and joined by `close()`, run one
-  job at a time each: per layer, `source.read_layer` into a staging buffer of the job's own, then
+- Up to `num_workers` daemon threads, started by `submit` as needed, run one job at a time
+  each; a worker idle for `idle_exit_s` exits (so an engine nobody closed is not kept alive by
+  its workers), and `close()` stops and joins them. Per job: per layer, `source.read_layer` into a staging buffer of the job's own, then
   a copy into the rows of the job's `block_ids` in that layer's cache. A worker writes nothing
   else. The scheduler keeps those blocks reserved until `poll` has reported the job, even after
   `cancel`, so a block is never handed to another sequence while a worker may still write it.
@@ -32,6 +33,7 @@ from backends.engine.hooks import KVImportError, KVSource
 
 LOG = logging.getLogger(__name__)
 NUM_IMPORT_WORKERS = 4  # a stalled pull holds one worker until its deadline, not every import
+IDLE_EXIT_S = 2.0
 
 
 class ImportJob:
@@ -75,8 +77,9 @@ class ImportJob:
 
 
 class KVImporter:
-    """Runs `ImportJob`s on `num_workers` threads into `kv_caches` (`[num_blocks, block_size,
-    kv_width]` per layer). `close()` cancels what is in flight and joins the workers."""
+    """Runs `ImportJob`s on up to `num_workers` threads into `kv_caches` (`[num_blocks,
+    block_size, kv_width]` per layer). `close()` cancels what is in flight and joins the
+    workers."""
 
     def __init__(
         self,
@@ -84,6 +87,7 @@ class KVImporter:
         timeout_s: float,
         *,
         num_workers: int = NUM_IMPORT_WORKERS,
+        idle_exit_s: float = IDLE_EXIT_S,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -92,17 +96,25 @@ class KVImporter:
         self.kv_caches = kv_caches
         self.timeout_s = timeout_s
         self.num_workers = num_workers
+        self.idle_exit_s = idle_exit_s
         self._queue: queue.SimpleQueue[ImportJob | None] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._finished: list[ImportJob] = []  # guarded by _cond
         self._in_flight: set[ImportJob] = set()  # engine thread only: submitted, not yet polled
-        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []  # guarded by _lock: the live workers
+        self._num_started = 0
         self._closed = False
 
     @property
     def num_in_flight(self) -> int:
         """Jobs submitted and not yet reported by `poll`."""
         return len(self._in_flight)
+
+    @property
+    def num_workers_alive(self) -> int:
+        with self._lock:
+            return len(self._threads)
 
     def submit(
         self, request_id: str, source: KVSource, block_ids: Sequence[int], num_tokens: int
@@ -118,10 +130,9 @@ class KVImporter:
         job = ImportJob(
             request_id, source, block_ids, num_tokens, time.monotonic() + self.timeout_s, ready
         )
-        if not self._threads:
-            self._start_workers()
         self._in_flight.add(job)
-        self._queue.put(job)
+        self._queue.put(job)  # before _add_worker takes the lock: see _work's exit
+        self._add_worker()
         return job
 
     def poll(self) -> list[ImportJob]:
@@ -146,39 +157,61 @@ class KVImporter:
         self._closed = True
         for job in self._in_flight:
             job.cancel()
-        for _ in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
             self._queue.put(None)
         end = time.monotonic() + timeout_s
-        for thread in self._threads:
+        for thread in threads:
             thread.join(max(0.0, end - time.monotonic()))
 
-    def _start_workers(self) -> None:
-        for i in range(self.num_workers):
-            thread = threading.Thread(target=self._work, name=f"kv-import-{i}", daemon=True)
-            thread.start()
+    def _add_worker(self) -> None:
+        """One more worker, up to `num_workers` (idle ones exit by themselves)."""
+        with self._lock:
+            if len(self._threads) >= self.num_workers:
+                return
+            thread = threading.Thread(
+                target=self._work, name=f"kv-import-{self._num_started}", daemon=True
+            )
+            self._num_started += 1
             self._threads.append(thread)
+            thread.start()
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
             try:
-                self._run(job)
-                job.num_loaded = job.num_tokens
-            except _Stopped as exc:
-                job.error = str(exc)
-            except Exception as exc:  # a broken source must not take the worker down
-                job.error = f"{type(exc).__name__}: {exc}"
-                if job.cancelled:  # e.g. its owner closed the source after an abort
-                    job.error = f"cancelled ({job.error})"
-                elif isinstance(exc, KVImportError):
-                    LOG.warning("KV import of %s failed: %s", job.request_id, exc)
-                else:
-                    LOG.exception("KV import of %s failed", job.request_id)
-            with self._cond:
-                self._finished.append(job)
-                self._cond.notify_all()
+                job = self._queue.get(timeout=self.idle_exit_s)
+            except queue.Empty:
+                with self._lock:
+                    # A job queued before this check is still taken: `submit` queues before it
+                    # asks for a worker, and a worker that left the list is replaced.
+                    if self._queue.empty():
+                        self._threads.remove(threading.current_thread())
+                        return
+                continue
+            if job is None:
+                with self._lock:
+                    self._threads.remove(threading.current_thread())
+                return
+            self._execute(job)
+
+    def _execute(self, job: ImportJob) -> None:
+        try:
+            self._run(job)
+            job.num_loaded = job.num_tokens
+        except _Stopped as exc:
+            job.error = str(exc)
+        except Exception as exc:  # a broken source must not take the worker down
+            job.error = f"{type(exc).__name__}: {exc}"
+            if job.cancelled:  # e.g. its owner closed the source after an abort
+                job.error = f"cancelled ({job.error})"
+            elif isinstance(exc, KVImportError):
+                LOG.warning("KV import of %s failed: %s", job.request_id, exc)
+            else:
+                LOG.exception("KV import of %s failed", job.request_id)
+        with self._cond:
+            self._finished.append(job)
+            self._cond.notify_all()
 
     def _run(self, job: ImportJob) -> None:
         cache0 = self.kv_caches[0]

@@ -15,7 +15,7 @@ import torch
 from kv_import_sources import GatedSource, wait_until
 
 from backends.engine.block_manager import BlockManager
-from backends.engine.kv_import import KVImporter
+from backends.engine.kv_import import ImportJob, KVImporter
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.scheduler import Scheduler, SchedulerOutput
 from backends.engine.sequence import SeqStatus, Sequence
@@ -27,7 +27,8 @@ class Rig:
     def __init__(self, *, timeout_s: float = 5.0, max_num_seqs: int = 4, budget: int = 16) -> None:
         self.caches = [torch.zeros(NUM_BLOCKS, BLOCK_SIZE, WIDTH) for _ in range(NUM_LAYERS)]
         self.bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
-        self.importer = KVImporter(self.caches, timeout_s, num_workers=2)
+        # workers exit after 20 ms idle, so the tests also cover their restarts
+        self.importer = KVImporter(self.caches, timeout_s, num_workers=2, idle_exit_s=0.02)
         self.sched = Scheduler(
             self.bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
             importer=self.importer,
@@ -326,3 +327,30 @@ def test_importer_errors_and_close() -> None:
     assert [(j.request_id, j.num_loaded, j.error) for j in importer.poll()] == [
         ("stuck", 0, "cancelled"), ("queued", 0, "cancelled")]
     assert queued.reads == [] and int(torch.count_nonzero(caches[0])) == 0
+
+
+def test_idle_workers_exit_and_come_back() -> None:
+    caches = [torch.zeros(4, BLOCK_SIZE, WIDTH)]
+    importer = KVImporter(caches, 5.0, num_workers=2, idle_exit_s=0.05)
+    try:
+        assert importer.num_workers_alive == 0  # none before the first import
+        import_three(importer, caches)
+        wait_until(lambda: importer.num_workers_alive == 0)  # all exited, idle
+        caches[0].zero_()
+        import_three(importer, caches)  # new workers take the next imports
+    finally:
+        importer.close()
+
+
+def import_three(importer: KVImporter, caches: list[torch.Tensor]) -> None:
+    sources = [GatedSource(4, [torch.full((1, BLOCK_SIZE, WIDTH), float(i + 1))])
+               for i in range(3)]
+    jobs = [importer.submit(f"j{i}", src, [i], 4) for i, src in enumerate(sources)]
+    assert importer.num_workers_alive == 2  # capped
+    for src in sources:
+        src.open()
+    done: list[ImportJob] = []
+    wait_until(lambda: bool(done.extend(importer.poll())) or len(done) == 3)
+    assert {j.request_id for j in done} == {"j0", "j1", "j2"}
+    assert [(j.num_loaded, j.error) for j in jobs] == [(4, None)] * 3
+    assert [float(caches[0][i, 0, 0]) for i in range(3)] == [1.0, 2.0, 3.0]
