@@ -56,6 +56,7 @@ class Result:
     errors: int = 0
     hung: int = 0
     wrong_text: int = 0
+    first_failure_s: float | None = None
     server_alive: bool = False
     processes_lost: list[str] = field(default_factory=list)
     crash_lines: list[str] = field(default_factory=list)
@@ -162,6 +163,7 @@ def absorb(result: Result, report: LoadReport, expected: dict[str, str]) -> None
     result.wrong_text = sum(1 for o in report.outcomes
                             if o.kind == "completed" and o.text != expected[o.planned.prompt])
     result.error_messages = report.errors()[:10]
+    result.first_failure_s = report.first_failure_s()
 
 
 def run(args: argparse.Namespace, work: Path) -> Result:
@@ -204,6 +206,8 @@ def print_table(r: Result) -> None:
           f"{'crash':>5} {'kv leak':>7} {'fresh':>5}")
     print(f"{r.requests:>8} {r.completed:>9} {r.cancelled:>9} {r.errors:>6} {r.hung:>5} {r.wrong_text:>5} "
           f"{'yes' if r.crashed else 'no':>5} {'yes' if r.kv_leaked else 'no':>7} {'ok' if r.fresh_ok else 'FAIL':>5}")
+    if r.first_failure_s is not None:
+        print(f"first request that errored or hung started {r.first_failure_s:.1f}s into the load")
     print(f"KV blocks in use at the end: {r.kv_used_end}")
     for name in r.rss_mb_start:
         print(f"RSS {name}: {r.rss_mb_start[name]:.0f} -> {r.rss_mb_end.get(name, float('nan')):.0f} MiB")

@@ -73,6 +73,7 @@ class Outcome:
     kind: OutcomeKind
     text: str
     num_chunks: int
+    start_s: float  # since the load started
     elapsed_s: float
     error: str = ""
 
@@ -86,6 +87,10 @@ class LoadReport:
     def counts(self) -> dict[str, int]:
         found = Counter(o.kind for o in self.outcomes)
         return {kind: found.get(kind, 0) for kind in ("completed", "cancelled", "error", "hung")}
+
+    def first_failure_s(self) -> float | None:
+        """When the first request that errored or hung started (seconds into the load)."""
+        return min((o.start_s for o in self.outcomes if o.kind in ("error", "hung")), default=None)
 
     def errors(self) -> list[str]:
         """Distinct error messages (hung requests included), most frequent first."""
@@ -116,12 +121,13 @@ def _inputs(grpcclient: Any, prompt: str, max_tokens: int) -> list[Any]:
 class _Stream:
     """One client thread's gRPC connection; one stream per request."""
 
-    def __init__(self, url: str, config: LoadConfig, stream: int) -> None:
+    def __init__(self, url: str, config: LoadConfig, stream: int, load_start: float) -> None:
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         self._config = config
         self._stream = stream
+        self._load_start = load_start
         self._client = grpcclient.InferenceServerClient(url)
 
     def run_one(self, index: int, planned: Planned) -> Outcome:
@@ -134,7 +140,8 @@ class _Stream:
             # Cancelling (planned, or a hung request) closes the stream at once; otherwise the
             # final response already came and closing waits for nothing.
             self._client.stop_stream(cancel_requests=True)
-        return Outcome(self._stream, index, planned, kind, text, chunks, time.monotonic() - start, error)
+        return Outcome(self._stream, index, planned, kind, text, chunks, start - self._load_start,
+                       time.monotonic() - start, error)
 
     def _read(self, results: queue.Queue[tuple[Any, Any]], planned: Planned,
               start: float) -> tuple[OutcomeKind, str, int, str]:
@@ -164,9 +171,10 @@ class _Stream:
         self._client.close()
 
 
-def _client_loop(url: str, config: LoadConfig, stream: int, stop_at: float, out: list[Outcome],
+def _client_loop(url: str, config: LoadConfig, stream: int, start: float, out: list[Outcome],
                  lock: threading.Lock) -> None:
-    client = _Stream(url, config, stream)
+    client = _Stream(url, config, stream, start)
+    stop_at = start + config.duration_s
     try:
         index = 0
         limit = config.requests_per_stream
@@ -187,7 +195,7 @@ def run_load(url: str, config: LoadConfig) -> LoadReport:
     lock = threading.Lock()
     start = time.monotonic()
     threads = [threading.Thread(target=_client_loop, name=f"stress-{i}", daemon=True,
-                                args=(url, config, i, start + config.duration_s, outcomes, lock))
+                                args=(url, config, i, start, outcomes, lock))
                for i in range(config.num_streams)]
     for thread in threads:
         thread.start()
