@@ -158,13 +158,14 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
         bm = self.block_manager
-        while (self.waiting and budget > 0
-               and len(self.running) + len(self.importing) < self.max_num_seqs):
+        while self.waiting and len(self.running) + len(self.importing) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.kv_source is not None and self.importer is not None:
                 if not self._start_import(seq, seq.kv_source, self.importer):
                     break
-                continue
+                continue  # an import computes nothing this step: no token budget
+            if budget <= 0:
+                break
             seq.kv_source = None
             cached = 0
             if seq.num_computed_tokens == 0 and self.admission is not None:

@@ -211,6 +211,19 @@ def test_imports_count_against_max_num_seqs_not_the_token_budget() -> None:
         rig.close()
 
 
+def test_an_import_starts_when_the_token_budget_is_spent() -> None:
+    rig = Rig(budget=4)
+    try:
+        p = rig.seq("p", 8)
+        a = rig.seq("a", 6, source_for(6, seed=7))
+        c = rig.seq("c", 2)
+        assert items(rig.sched.schedule()) == [("p", 4)]
+        assert (p.block_table, a.block_table, c.block_table) == ([0], [1, 2], [])
+        assert (a.status, c.status) == (SeqStatus.WAITING_FOR_KV, SeqStatus.WAITING)
+    finally:
+        rig.close()
+
+
 def orphans_freed(rig: Rig) -> bool:
     """Schedule once (which frees reported orphans); True when none is left."""
     rig.sched.schedule()
