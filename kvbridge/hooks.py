@@ -11,7 +11,10 @@ is ``block_size * bytes_per_token_per_layer`` raw bytes, whatever the dtype.
 - ``blocks_computed``: copies newly full blocks out of the engine's cache into fresh pool
   slots, then publishes them (a block is published only after its KV is written). A chain's
   first report (e.g. an import's blocks) pins the prefix the store already holds instead of
-  copying it again.
+  copying it again. From a CUDA cache the copy runs off the step path: the blocks are
+  gathered on the engine's stream (device to device), copied to pinned host memory on a side
+  stream, and published by a later hook call once that copy's event has completed (in
+  submission order); ``request_finished`` and ``flush`` wait for a request's copies.
 - ``request_finished``: releases the request's blocks to the history tier.
 
 Not thread-safe: the engine calls hooks from its step thread only.
@@ -20,6 +23,7 @@ Not thread-safe: the engine calls hooks from its step thread only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -64,8 +68,24 @@ class PoolMover:
             dst_pool.layer(layer)[list(dst_slots)] = src_pool.layer(layer)[list(src_slots)]
 
 
+@dataclass(slots=True)
+class _Export:
+    """Blocks of one report on their way to host memory: ``host`` [layers, blocks, bytes]
+    (pinned), complete once ``done`` (an event; None: already complete) has."""
+
+    request_id: str
+    hashes: list[BlockHash]
+    slots: list[int]
+    host: torch.Tensor
+    done: Any
+
+
 class StoreKVHooks:
-    """Implements the engine's ``KVHooks`` over ``store`` whose hot pool is ``hot_pool``."""
+    """Implements the engine's ``KVHooks`` over ``store`` whose hot pool is ``hot_pool``.
+
+    ``deferred``: copy and publish off the step path (see the module doc); None picks it for
+    CUDA caches. On a CPU cache it copies at once and publishes at the next hook call (tests).
+    """
 
     def __init__(
         self,
@@ -73,6 +93,7 @@ class StoreKVHooks:
         hot_pool: LayerPool,
         block_size: int,
         extra_key: bytes | str = b"",
+        deferred: bool | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -80,10 +101,14 @@ class StoreKVHooks:
         self.hot_pool = hot_pool
         self.block_size = block_size
         self.extra_key = extra_key
+        self.deferred = deferred
         self._chains: dict[str, list[BlockHash]] = {}
+        self._exports: list[_Export] = []  # in submission (= completion) order
+        self._side_stream: Any = None
 
     # ---- KVHooks ----
     def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
+        self._publish_done()
         max_blocks = max(len(token_ids) - 1, 0) // self.block_size
         hashes = hash_blocks(
             token_ids[: max_blocks * self.block_size], self.block_size, self.extra_key
@@ -97,10 +122,13 @@ class StoreKVHooks:
         block_ids: Sequence[int],
         cache: CacheAccess,
     ) -> int:
+        self._publish_done()
         num_blocks = min(len(block_ids), len(token_ids) // self.block_size)
         hashes = self._chain(request_id, token_ids[: num_blocks * self.block_size])
         # A preempted request is re-admitted without request_finished: its published blocks
-        # go back to history first, then the match (usually those very blocks) is pinned.
+        # (its copies in flight first) go back to history, then the match (usually those very
+        # blocks) is pinned.
+        self.flush(request_id)
         self.store.release(request_id)
         slots = self.store.acquire(request_id, hashes[:num_blocks])
         if not slots:
@@ -120,9 +148,11 @@ class StoreKVHooks:
         block_ids: Sequence[int],
         cache: CacheAccess,
     ) -> None:
+        self._publish_done()
         hashes = self._chain(request_id, token_ids)
         start = len(hashes) - len(block_ids)
-        held = self.store.held_blocks(request_id)
+        in_flight = sum(len(e.hashes) for e in self._exports if e.request_id == request_id)
+        held = self.store.held_blocks(request_id) + in_flight
         if held == 0 and start == 0:
             held = self._adopt_stored(request_id, hashes)
         if held < start or held >= len(hashes):
@@ -133,20 +163,69 @@ class StoreKVHooks:
             return  # no room: these blocks simply are not cached
         try:
             self._check_layout(cache)
-            for layer in range(cache.layout.num_layers):
-                data = cache.read_blocks(layer, new_ids).contiguous().cpu()
-                raw = data.view(torch.uint8).reshape(len(new_ids), -1).numpy()
-                self.hot_pool.layer(layer)[slots] = raw
+            layers = [cache.read_blocks(layer, new_ids) for layer in range(cache.layout.num_layers)]
+            deferred = self.deferred if self.deferred is not None else layers[0].is_cuda
+            if deferred:
+                self._exports.append(_Export(request_id, new_hashes, slots,
+                                             *self._to_host(layers)))
+                return
+            for layer, data in enumerate(layers):
+                raw = data.contiguous().cpu().view(torch.uint8).reshape(len(new_ids), -1)
+                self.hot_pool.layer(layer)[slots] = raw.numpy()
         except BaseException:
             self.store.abandon_slots(slots)
             raise
         self.store.publish(request_id, new_hashes, slots)
 
     def request_finished(self, request_id: str) -> None:
+        self.flush(request_id)
         self._chains.pop(request_id, None)
         self.store.release(request_id)
 
+    def flush(self, request_id: str | None = None) -> None:
+        """Wait for the copies of `request_id` (every request: None) and publish them, with
+        every earlier one."""
+        last = max((i for i, e in enumerate(self._exports)
+                    if request_id is None or e.request_id == request_id), default=-1)
+        for export in self._exports[: last + 1]:
+            if export.done is not None:
+                export.done.synchronize()
+        self._publish_done()
+
+    @property
+    def num_exports_in_flight(self) -> int:
+        return len(self._exports)
+
     # ---- helpers ----
+    def _to_host(self, layers: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """Start copying the gathered blocks (one tensor per layer, already copies) to host
+        memory; (host tensor, completion event or None)."""
+        rows = [t.view(torch.uint8).reshape(t.shape[0], -1) for t in layers]
+        if not rows[0].is_cuda:
+            return torch.stack([r.contiguous() for r in rows]), None
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(rows[0].device)
+        host = torch.empty((len(rows), *rows[0].shape), dtype=torch.uint8, pin_memory=True)
+        gathered = torch.cuda.Event()
+        gathered.record()  # the engine's stream: the gathers above are enqueued
+        side = self._side_stream
+        with torch.cuda.stream(side):
+            side.wait_event(gathered)
+            for i, row in enumerate(rows):
+                host[i].copy_(row, non_blocking=True)
+                row.record_stream(side)  # its memory stays ours until the copy is done
+            done = torch.cuda.Event()
+            done.record(side)
+        return host, done
+
+    def _publish_done(self) -> None:
+        """Publish the finished copies at the head of the queue (they finish in order)."""
+        while self._exports and (self._exports[0].done is None or self._exports[0].done.query()):
+            export = self._exports.pop(0)
+            for layer in range(export.host.shape[0]):
+                self.hot_pool.layer(layer)[export.slots] = export.host[layer].numpy()
+            self.store.publish(export.request_id, export.hashes, export.slots)
+
     def _adopt_stored(self, request_id: str, hashes: list[BlockHash]) -> int:
         """Pins the prefix of a chain's first report that the store already holds (e.g.
         imported KV this node published before), so only the rest is copied; returns its

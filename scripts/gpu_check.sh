@@ -28,7 +28,8 @@ cat "$OUT/env.txt"
 if has tests; then
     stage tests 170 python3 -m pytest -q -p no:cacheprovider \
         tests/engine/test_decode_graphs.py tests/engine/test_triton_decode.py \
-        tests/engine/test_async_output.py tests/engine/test_engine_kv_import.py
+        tests/engine/test_async_output.py tests/engine/test_engine_kv_import.py \
+        tests/kvbridge/test_store_hooks.py
 fi
 if has bench1b; then
     stage bench1b 200 python3 scripts/bench_engine.py --device cuda --dtype bfloat16 \
