@@ -161,7 +161,11 @@ if [ -d "$CARRY" ]; then
     fi
     # The carried wheel's files, and this checkout: the stubs' embedded interpreters take their
     # site-packages (and .pth files) from this venv whether or not they honour PYTHONPATH.
-    printf '%s\n' "$WORK/carry" "$ROOT" >"$site/pd_gpucarry.pth"
+    # A venv made from inside another venv (the GPU machine's python3 is /opt/torch/.venv) is
+    # based on the system interpreter: the outer venv's site-packages (torch, yaml, ...) are
+    # named here too, after this venv's own (so the carried numpy 1.x still wins).
+    outer=$(python3 -c 'import site; print("\n".join(site.getsitepackages()))')
+    printf '%s\n' "$WORK/carry" "$ROOT" $outer >"$site/pd_gpucarry.pth"
     PY="$WORK/venv/bin/python3"
     export PATH="$WORK/venv/bin:$PATH"
     say "venv $WORK/venv ($("$PY" -V 2>&1)), carried tritonserver in $WORK/carry, stubs for Python" \
