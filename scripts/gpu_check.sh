@@ -2,13 +2,17 @@
 # One-shot GPU check for issue 11 (run from the repo root on the lent GPU machine, $OUT set):
 # CUDA tests, the engine bench at real sizes beside HF, then optional stages when their
 # scripts exist. Each stage has its own timeout and file under $OUT, so a hang in one keeps
-# the others' results. STAGES (space separated) picks stages: tests bench1b bench8b import serve.
-# BENCH_ARGS adds flags to both bench stages.
+# the others' results. STAGES (space separated) picks stages: tests bench1b serve bench8b import.
+# BENCH_ARGS adds flags to both bench stages. Stages write into a work folder that is packed
+# into $OUT/results.tgz after every stage (the device tool returns at most 8 files).
+# The serve stage needs the .gpucarry folder (scripts/gpu_carry.sh) carried along.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
-STAGES=${STAGES:-"tests bench1b bench8b import serve"}
+RESULTS=${OUT:-/tmp/gpu_check}
+mkdir -p "$RESULTS"
+OUT=$(mktemp -d)
+export OUT
+STAGES=${STAGES:-"tests bench1b serve bench8b import"}
 BENCH_ARGS=${BENCH_ARGS:-}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stage() {  # stage NAME SECONDS CMD...: run CMD with a deadline, output to $OUT/NAME.txt
@@ -19,6 +23,7 @@ stage() {  # stage NAME SECONDS CMD...: run CMD with a deadline, output to $OUT/
     local rc=$?
     echo "== $name rc=$rc in $((SECONDS - start))s"
     tail -n 40 "$OUT/$name.txt"
+    tar czf "$RESULTS/results.tgz" -C "$OUT" .
 }
 
 { nvidia-smi -L; python3 -c 'import torch, transformers, triton; print(torch.__version__,
@@ -26,26 +31,27 @@ stage() {  # stage NAME SECONDS CMD...: run CMD with a deadline, output to $OUT/
 cat "$OUT/env.txt"
 
 if has tests; then
-    stage tests 170 python3 -m pytest -q -p no:cacheprovider \
+    stage tests 100 python3 -m pytest -q -p no:cacheprovider \
         tests/engine/test_decode_graphs.py tests/engine/test_triton_decode.py \
         tests/engine/test_async_output.py tests/engine/test_engine_kv_import.py \
         tests/kvbridge/test_store_hooks.py
 fi
 if has bench1b; then
-    stage bench1b 200 python3 scripts/bench_engine.py --device cuda --dtype bfloat16 \
+    stage bench1b 120 python3 scripts/bench_engine.py --device cuda --dtype bfloat16 \
         --models llama-1b --batches 1 32 128 --prompt-len 512 --decode-tokens 128 \
         --repeat 2 --profile --trace-steps 4 --json "$OUT/bench1b.json" $BENCH_ARGS
 fi
+if has serve && [ -f scripts/gpu_serve_check.sh ]; then
+    stage serve 160 bash scripts/gpu_serve_check.sh
+fi
 if has bench8b; then
-    stage bench8b 150 python3 scripts/bench_engine.py --device cuda --dtype bfloat16 \
+    stage bench8b 120 python3 scripts/bench_engine.py --device cuda --dtype bfloat16 \
         --models llama-8b --batches 1 32 --prompt-len 512 --decode-tokens 128 \
         --repeat 2 --profile --json "$OUT/bench8b.json" $BENCH_ARGS
 fi
 if has import && [ -f scripts/bench_kv_import.py ]; then
-    stage import 90 python3 scripts/bench_kv_import.py --device cuda --dtype bfloat16 \
-        --model llama-1b --streams 16 --import-len 4096 --json "$OUT/import.json"
-fi
-if has serve && [ -f scripts/gpu_serve_check.sh ]; then
-    stage serve 170 bash scripts/gpu_serve_check.sh
+    stage import 60 python3 scripts/bench_kv_import.py --device cuda --dtype bfloat16 \
+        --model llama-1b --streams 16 --import-len 4096 --steps 32 --repeat 2 \
+        --json "$OUT/import.json"
 fi
 echo "== done in ${SECONDS}s"
