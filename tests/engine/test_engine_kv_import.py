@@ -35,7 +35,7 @@ def model_on(device: str, loaded: LoadedFn) -> LoadedModel:
 def exported_layers(model: LoadedModel, prompt: list[int], device: str = "cpu",
                     ) -> tuple[int, list[torch.Tensor]]:
     """(first token, the prompt's KV layers) from a prefill-only request on another engine."""
-    prefill = LLMEngine(model, EngineConfig(device=device))
+    prefill = LLMEngine(model, EngineConfig(device=device, async_output=False))
     prefill.add_request("p", prompt, GREEDY, prefill_only=True)
     (out,) = prefill.step()
     export = prefill.export_kv("p")
@@ -45,7 +45,7 @@ def exported_layers(model: LoadedModel, prompt: list[int], device: str = "cpu",
 
 
 def alone(model: LoadedModel, prompt: list[int], device: str = "cpu") -> list[int]:
-    engine = LLMEngine(model, EngineConfig(device=device))
+    engine = LLMEngine(model, EngineConfig(device=device, async_output=False))
     return list(engine.generate([prompt], GREEDY)[0].output_token_ids)
 
 
@@ -69,7 +69,9 @@ def test_running_streams_decode_while_an_import_is_blocked(loaded: LoadedFn, dev
     prompt = make_prompt(7, 40)
     first, layers = exported_layers(model, prompt, device)
     source = GatedSource(len(prompt), layers)
-    engine = LLMEngine(model, EngineConfig(kv_import_timeout_s=10.0, device=device))
+    # outputs step by step (async_output, on by default on CUDA, would shift them by one)
+    engine = LLMEngine(model, EngineConfig(kv_import_timeout_s=10.0, device=device,
+                                           async_output=False))
     tokens: dict[str, list[int]] = {}
     try:
         for rid, p in NEIGHBOURS.items():
