@@ -82,6 +82,8 @@ def test_running_streams_decode_while_an_import_is_blocked(loaded: LoadedFn, dev
         for _ in range(5):  # a blocking import would sit in read_layer(1) until its deadline
             outs = engine.step()
             assert sorted(o.request_id for o in outs) == sorted(NEIGHBOURS)
+            # the import thread starts with the first step: let it reach the gate at layer 1
+            wait_until(lambda: source.reads == [0, 1])
             assert (source.reads, source.delivered, source.failures) == ([0, 1], [0], [])
             collect(outs, tokens)
         assert {rid: len(t) for rid, t in tokens.items()} == {rid: 6 for rid in NEIGHBOURS}
