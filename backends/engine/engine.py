@@ -9,7 +9,6 @@ waits on a source, and a request joins the batch at the first step after its imp
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence as Seq
 
 import torch
@@ -20,7 +19,13 @@ from backends.engine.hooks import KVHooks, KVSource
 from backends.engine.kv_import import KVImporter
 from backends.engine.kv_transfer import KVAdmission, PagedCacheAccess, export_kv
 from backends.engine.loader import LoadedModel, load_model
-from backends.engine.outputs import GenerationResult, KVExport, KVLayout, RequestOutput
+from backends.engine.outputs import (
+    FinishReason,
+    GenerationResult,
+    KVExport,
+    KVLayout,
+    RequestOutput,
+)
 from backends.engine.postprocess import StopChecker, TextState
 from backends.engine.runner import ModelRunner
 from backends.engine.sampler import Sampler, SampleRow
@@ -96,7 +101,7 @@ class LLMEngine:
         # detokenized during the next step's device work
         self.async_output = (cfg.async_output if cfg.async_output is not None
                              else cfg.device.startswith("cuda"))
-        self._deferred: list[tuple[Sequence, TextState, RequestOutput]] = []
+        self._deferred: list[_Deferred] = []
         self._arrivals = 0
 
     def add_request(
@@ -183,8 +188,12 @@ class LLMEngine:
     def _flush_text(self) -> list[RequestOutput]:
         """The deferred outputs of the last step, with their text."""
         done, self._deferred = self._deferred, []
-        return [dataclasses.replace(out, text=self.stop_checker.visible_text(
-            seq, state, out.finished)) for seq, state, out in done]
+        visible = self.stop_checker.visible_text
+        return [RequestOutput(seq.request_id, new_ids, new_logprobs,
+                              visible(seq, state, finished), finished, reason, num_prompt,
+                              num_output, num_cached)
+                for seq, state, new_ids, new_logprobs, finished, reason, num_prompt, num_output,
+                num_cached in done]
 
     def _schedule(self, may_wait: bool) -> list[ScheduledSeq]:
         """This step's batch. With none (and `may_wait`) while imports are in flight, wait up to
@@ -229,8 +238,9 @@ class LLMEngine:
         seq.finish_reason = reason
         new_logprobs = (logprob,) if seq.params.logprobs and logprob is not None else ()
         if self.async_output and not seq.params.stop:
-            self._deferred.append((seq, state, self._output(seq, (token,), new_logprobs, "",
-                                                            finished)))
+            self._deferred.append((seq, state, (token,), new_logprobs, finished, reason,
+                                   seq.num_prompt_tokens, seq.num_output_tokens,
+                                   seq.num_cached_tokens))
             if finished:
                 self._finish(seq)
             return None
@@ -335,6 +345,12 @@ class LLMEngine:
             )
             for rid, prompt in zip(ids, prompts, strict=True)
         ]
+
+
+# A deferred output (async_output): the sequence, its text state, then RequestOutput's fields
+# but text as they were when its token was sampled.
+_Deferred = tuple[Sequence, TextState, tuple[int, ...], tuple[float, ...], bool,
+                  FinishReason | None, int, int, int]
 
 
 def _graph_mode(config: EngineConfig, loaded: LoadedModel) -> str | None:
