@@ -29,6 +29,7 @@ import torch
 from backends.engine.block_manager import BlockId
 from backends.engine.model_api import AttentionMetadata
 from backends.engine.sequence import Sequence as Seq
+from backends.engine.triton_decode import graph_kernels
 
 GRAPH_MODES = ("capture", "static")
 
@@ -105,8 +106,9 @@ class DecodeGraphs:
         )
 
     def _run(self, bucket: int) -> torch.Tensor:
-        return self.forward(self._inputs[0, :bucket], self._inputs[1, :bucket],
-                            self._meta(bucket))
+        with graph_kernels():  # the same kernels in a capture and in its eager twin
+            return self.forward(self._inputs[0, :bucket], self._inputs[1, :bucket],
+                                self._meta(bucket))
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -16,11 +16,12 @@ Neither kernel modifies the cache, the block tables or the queries. Kernels are 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -256,6 +257,27 @@ def gqa_num_splits(batch: int, num_kv_heads: int, max_context: int, tile: int,
 
 
 MAX_SPLITS = 64
+_graph_kernels = False
+
+
+@contextlib.contextmanager
+def graph_kernels() -> Iterator[None]:
+    """Inside, kernels are chosen for a step that CUDA graphs replay (decode_graphs runs its
+    captures and their eager twins in it): a Triton launch then costs nothing per step, so
+    the split-context attention and the fused elementwise kernels (triton_fused) are used at
+    any size. Outside (eager steps), each Triton launch costs tens of microseconds of host
+    time: attention is not split and small steps keep PyTorch's elementwise ops.
+    Not thread-safe (an engine is driven by one thread)."""
+    global _graph_kernels
+    previous, _graph_kernels = _graph_kernels, True
+    try:
+        yield
+    finally:
+        _graph_kernels = previous
+
+
+def graph_kernels_active() -> bool:
+    return _graph_kernels
 # 64 tokens per loop step whatever the block size (16-token tiles at block_size 16 made the
 # loop latency-bound: 66 us/layer for 128 x 576 tokens on an H200, half the bandwidth)
 GQA_TILE_TOKENS = 64
@@ -291,6 +313,8 @@ def paged_gqa_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
         raise ValueError(f"cache kv_width {cache.shape[2]} != 2 * num_kv_heads "
                          f"{num_kv_heads} * head_dim {head_dim}")
     max_context = block_tables.shape[1] * cache.shape[1]
+    if num_splits is None and not graph_kernels_active():
+        num_splits = 1  # an eager step pays each launch on the host: no combine kernel
     if num_splits is None:
         sms = _num_sms(cache.device.index or 0) if cache.is_cuda else 4
         num_splits, split_len = gqa_num_splits(batch, num_kv_heads, max_context, tile, sms)

@@ -29,9 +29,16 @@ def _bind() -> bool:
     return True
 
 
+# Below this many tokens an eager step keeps PyTorch's ops: one Triton launch costs more host
+# time than the few small kernels it replaces (inside triton_decode.graph_kernels, any size).
+FUSED_MIN_TOKENS = 256
+
+
 def fused_usable(x: torch.Tensor) -> bool:
-    """True for CUDA bf16/fp16 tensors where Triton runs compiled."""
+    """True for CUDA bf16/fp16 tensors where Triton runs compiled, in a graph-replayed step
+    or with at least FUSED_MIN_TOKENS rows."""
     return (x.is_cuda and x.dtype in FUSED_DTYPES
+            and (x.shape[0] >= FUSED_MIN_TOKENS or triton_decode.graph_kernels_active())
             and triton_decode.triton_decode_available(x.device) and _bind())
 
 

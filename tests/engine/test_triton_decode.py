@@ -369,3 +369,16 @@ def test_fused_silu_mul_equals_torch(device: torch.device, dtype: torch.dtype) -
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
     with pytest.raises(ValueError, match=r"silu_mul: gate_up must be \[T, 2 \* width\]"):
         silu_mul(gate_up[:, :3])
+
+
+def test_graph_kernels_context_nests_and_restores() -> None:
+    assert not triton_decode.graph_kernels_active()
+    with triton_decode.graph_kernels():
+        assert triton_decode.graph_kernels_active()
+        with triton_decode.graph_kernels():
+            assert triton_decode.graph_kernels_active()
+        assert triton_decode.graph_kernels_active()
+    assert not triton_decode.graph_kernels_active()
+    with pytest.raises(RuntimeError), triton_decode.graph_kernels():
+        raise RuntimeError("inside")
+    assert not triton_decode.graph_kernels_active()
