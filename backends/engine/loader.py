@@ -1,7 +1,10 @@
-"""Load a model + tokenizer from a preset name or an HF checkpoint directory; export presets.
+"""Load a model + tokenizer from any source (sources.py: a preset, a packaged model, a .gguf
+file, an HF checkpoint directory); export presets.
 
-`load_model` raises ValueError naming the value for an unknown preset, a directory missing
-files, or an unsupported architecture (through `parse_model_config`).
+A GGUF file is converted once into a cached checkpoint directory (gguf_loader.py) and then
+loaded like any checkpoint. `load_model` raises ValueError naming the value for an unknown
+source, a directory missing files, a GGUF it cannot read, or an unsupported architecture
+(through `parse_model_config`).
 `export_preset` writes a normal HF checkpoint directory that `transformers` loads with the
 same weights, which is how tests get their oracle.
 """
@@ -19,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from backends.engine.config import LLAMA, ModelConfig, parse_model_config
-from backends.engine.presets import PRESETS, get_preset, init_weights
+from backends.engine.gguf_loader import converted_checkpoint
+from backends.engine.presets import get_preset, init_weights
+from backends.engine.sources import SourceKind, resolve_source
 from backends.engine.tokenizer import Tokenizer, byte_level_tokenizer, byte_level_tokenizer_config
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -47,16 +52,31 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 def load_model(source: str, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> LoadedModel:
-    """`source` is a preset name (see presets.PRESETS) or an HF checkpoint directory."""
-    if source in PRESETS:
+    """`source`: see sources.resolve_source. A GGUF's first load converts it (slow once)."""
+    resolved = resolve_source(source, field="source")
+    if resolved.kind is SourceKind.PRESET:
         return _load_preset(source, dtype, device)
-    path = Path(source)
-    if not path.is_dir():
-        raise ValueError(
-            f"source {source!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-            "nor a checkpoint directory"
-        )
-    return _load_checkpoint(path, dtype, device)
+    return _load_checkpoint(checkpoint_dir(source), dtype, device)
+
+
+def checkpoint_dir(source: str) -> Path:
+    """The checkpoint directory of a non-preset source (a GGUF's converted cache, made now if
+    needed); ValueError for presets and unknown sources."""
+    resolved = resolve_source(source, field="source")
+    if resolved.kind is SourceKind.PRESET:
+        raise ValueError(f"source: {source!r} is a preset, it has no checkpoint directory")
+    if resolved.kind is SourceKind.GGUF:
+        return converted_checkpoint(resolved.location)
+    return Path(resolved.location)
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    """The tokenizer `load_model(source)` would load, without the weights."""
+    if resolve_source(source, field="source").kind is SourceKind.PRESET:
+        return byte_level_tokenizer()
+    path = checkpoint_dir(source)
+    eos = parse_model_config(_read_json(path / "config.json")).eos_token_ids
+    return Tokenizer.from_dir(path, eos_fallback_id=eos[0] if eos else None)
 
 
 def _finish(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> nn.Module:

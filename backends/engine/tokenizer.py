@@ -2,11 +2,15 @@
 
 The byte-level tokenizer has one token per UTF-8 byte plus three specials; it is an ordinary
 `tokenizer.json` (byte-level BPE without merges), so `transformers.AutoTokenizer` loads it too.
+A tokenizer with a chat template (tokenizer_config.json's `chat_template`, a Jinja template as
+in transformers) renders a conversation into a prompt with `apply_chat_template`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +20,27 @@ from tokenizers import decoders, models, pre_tokenizers
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 BYTE_SPECIALS = (PAD, BOS, EOS)
 NUM_BYTES = 256
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One turn of a conversation; `role` is one of CHAT_ROLES."""
+
+    role: str
+    content: str
 
 
 class Tokenizer:
     """Text <-> token ids. `encode` adds the tokenizer's own special tokens (e.g. a BOS)
     when its tokenizer.json post-processor says so; `decode` skips special tokens."""
 
-    def __init__(self, backend: HFTokenizer, *, bos_token: str | None, eos_token: str) -> None:
+    def __init__(self, backend: HFTokenizer, *, bos_token: str | None, eos_token: str,
+                 chat_template: str | None = None) -> None:
         self._backend = backend
+        self._bos_token, self._eos_token = bos_token, eos_token
+        self.chat_template: str | None = chat_template
+        self._compiled_template: Any = None
         eos_id = backend.token_to_id(eos_token)
         if eos_id is None:
             raise ValueError(f"tokenizer: eos_token {eos_token!r} is not in the vocabulary")
@@ -52,7 +69,9 @@ class Tokenizer:
                 f"checkpoint directory {str(path)!r}: no eos_token in tokenizer_config.json "
                 "and no eos_token_id in config.json"
             )
-        return cls(backend, bos_token=bos, eos_token=eos)
+        template = cfg.get("chat_template")
+        return cls(backend, bos_token=bos, eos_token=eos,
+                   chat_template=template if isinstance(template, str) else None)
 
     def encode(self, text: str) -> list[int]:
         return list(self._backend.encode(text).ids)
@@ -60,9 +79,36 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return str(self._backend.decode(list(ids), skip_special_tokens=True))
 
+    def apply_chat_template(self, messages: Sequence[ChatMessage], *,
+                            add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages` (special tokens spelled out; `encode` keeps them
+        whole). ValueError when there is no template, no message or an unknown role."""
+        if self.chat_template is None:
+            raise ValueError("apply_chat_template: this model's tokenizer has no chat template")
+        if not messages:
+            raise ValueError("apply_chat_template: messages is empty")
+        for message in messages:
+            if message.role not in CHAT_ROLES:
+                raise ValueError(f"apply_chat_template: role {message.role!r} is not one of "
+                                 f"{', '.join(CHAT_ROLES)}")
+        if self._compiled_template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            self._compiled_template = env.from_string(self.chat_template)
+        return str(self._compiled_template.render(
+            messages=[{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._bos_token or "", eos_token=self._eos_token))
+
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json into `directory` (the config file is the caller's)."""
         self._backend.save(str(Path(directory) / "tokenizer.json"))
+
+
+def _raise_template_error(message: str) -> None:
+    raise ValueError(f"apply_chat_template: {message}")
 
 
 def _token_text(value: object) -> str | None:

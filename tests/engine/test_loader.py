@@ -82,8 +82,9 @@ def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
 
 
 def test_unknown_preset_raises() -> None:
-    with pytest.raises(ValueError, match=r"source 'tiny-gpt' is neither a preset \(tiny-llama, "
-                                         r"tiny-mla\) nor a checkpoint directory"):
+    with pytest.raises(ValueError, match=r"source: 'tiny-gpt' is not one of smollm2-135m-instruct, "
+                                         r"tiny-llama, tiny-mla, a .gguf file or an HF "
+                                         r"checkpoint directory"):
         load_model("tiny-gpt")
 
 
