@@ -15,7 +15,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_has_exactly_two_setup_commands() -> None:
     assert readme_commands() == [
-        'bash scripts/demo.sh "The capital of France is"',
+        'bash scripts/demo.sh "What is the capital of France?"',
         "bash scripts/test.sh",
     ]
 

@@ -1,6 +1,6 @@
 """`triton-pd generate`: run one prompt through the engine and print the generated text.
 
-    triton-pd generate --model tiny-llama --prompt "Hello" --max-tokens 32 [--stream]
+    triton-pd generate [--model smollm2-135m-instruct] --prompt "Hello" [--chat] [--stream]
 
 Registered through backends/cli.py (COMMAND_MODULES). Bad input prints `error: ...` to stderr
 and exits with status 2.
@@ -12,12 +12,17 @@ import argparse
 import sys
 from typing import Any, TextIO
 
+from backends.engine.sources import DEFAULT_MODEL
+
 
 def register(subparsers: Any) -> None:
     """Add the `generate` subcommand."""
     parser = subparsers.add_parser("generate", help="generate text for one prompt with the engine")
-    parser.add_argument("--model", default="tiny-llama", help="preset name or HF checkpoint dir")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="model name, .gguf file or HF checkpoint dir (default: %(default)s)")
     parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as a user turn of the model's chat template")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0)
@@ -50,7 +55,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             ignore_eos=args.ignore_eos,
         )
         engine = LLMEngine(args.model, EngineConfig(device=args.device))
-        engine.add_request("cli", engine.tokenizer.encode(args.prompt), params)
+        prompt = args.prompt
+        if args.chat:
+            from backends.engine.tokenizer import ChatMessage
+
+            prompt = engine.tokenizer.apply_chat_template([ChatMessage("user", prompt)])
+        engine.add_request("cli", engine.tokenizer.encode(prompt), params)
     except ValueError as exc:
         print(f"error: {exc}", file=err)
         return 2

@@ -52,10 +52,6 @@ _LAYER_TENSORS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_la
                   "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
-def is_gguf_path(source: str) -> bool:
-    return source.endswith(".gguf")
-
-
 def cache_root() -> Path:
     """`$TRITON_PD_CACHE`, else `$XDG_CACHE_HOME/triton-pd`, else `~/.cache/triton-pd`."""
     if os.environ.get("TRITON_PD_CACHE"):

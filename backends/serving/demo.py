@@ -1,7 +1,11 @@
 """``triton-pd demo``: serve the default repository, stream one reply over gRPC, stop.
 
 stdout carries only the reply, printed as the tokens arrive (then a newline); progress goes
-to stderr. The server and its stubs are stopped however the demo ends (Ctrl-C, SIGTERM, error).
+to stderr, each line with the seconds since the demo started. The prompt is sent as a user turn
+of the model's chat template (rendered here, with the same tokenizer the server loads) unless
+--no-chat is given or the model has no template. Before the server starts, the model's tokenizer
+is loaded, which converts a GGUF model into the cache on the first run (see gguf_loader.py).
+The server and its stubs are stopped however the demo ends (Ctrl-C, SIGTERM, error).
 """
 
 from __future__ import annotations
@@ -10,26 +14,50 @@ import argparse
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import FrameType
 
 from backends.serving.client import StreamingClient
+from backends.serving.deploy import DEFAULT_MODEL
 from backends.serving.session import default_repository, running_server
 
-DEFAULT_PROMPT = "The capital of France is"
+DEFAULT_PROMPT = "What is the capital of France?"
+_START = time.monotonic()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    demo = subparsers.add_parser("demo", help="serve the default model, stream one reply, stop")
-    demo.add_argument("--prompt", default=DEFAULT_PROMPT)
-    demo.add_argument("--max-tokens", type=int, default=32)
-    demo.add_argument("--model", default="llm", help="public model to ask (llm)")
-    demo.add_argument("--ready-timeout", type=float, default=600.0)
+    demo = subparsers.add_parser(
+        "demo", help=f"serve the default model ({DEFAULT_MODEL}, 1 prefill + 1 decode worker "
+        "on CPU), stream one reply, stop")
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT,
+                      help="what to ask (default: %(default)r)")
+    demo.add_argument("--no-chat", action="store_true",
+                      help="send the prompt as raw text, not as a user turn of the chat template")
+    demo.add_argument("--max-tokens", type=int, default=32,
+                      help="most tokens to generate (default: %(default)s)")
+    demo.add_argument("--model", default="llm",
+                      help="public Triton model to ask (default: %(default)s)")
+    demo.add_argument("--ready-timeout", type=float, default=600.0,
+                      help="seconds to wait for the server to be ready (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
 
 def _note(text: str) -> None:
-    print(f"triton-pd demo: {text}", file=sys.stderr, flush=True)
+    print(f"triton-pd demo [{time.monotonic() - _START:5.1f}s]: {text}", file=sys.stderr,
+          flush=True)
+
+
+def chat_prompt(source: str, prompt: str) -> str:
+    """`prompt` as one user turn of `source`'s chat template (unchanged without a template).
+    Loads only the tokenizer; a GGUF model is converted into the cache on first use."""
+    from backends.engine.loader import load_tokenizer
+    from backends.engine.tokenizer import ChatMessage
+
+    tokenizer = load_tokenizer(source)
+    if tokenizer.chat_template is None:
+        return prompt
+    return tokenizer.apply_chat_template([ChatMessage("user", prompt)])
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -45,14 +73,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.max_tokens <= 0:
         raise SystemExit(f"--max-tokens must be > 0, got {args.max_tokens}")
     signal.signal(signal.SIGTERM, _terminate)
+    _note(f"loading the tokenizer of {DEFAULT_MODEL} (the first run converts the model, "
+          "~10-30 s)")
+    text = args.prompt if args.no_chat else chat_prompt(DEFAULT_MODEL, args.prompt)
     with tempfile.TemporaryDirectory(prefix="triton-pd-demo-") as tmp:
         repo = default_repository(Path(tmp))
-        _note(f"model repository {repo.path} ({repo.description})")
+        _note(f"starting tritonserver: model repository {repo.path} ({repo.description})")
         with running_server(repo.path, Path(tmp) / "server", args.ready_timeout) as server:
             _note(f"tritonserver pid {server.pid} ready; grpc {server.grpc_url}")
             _note(f"prompt: {args.prompt!r}")
             with StreamingClient(server.grpc_url, args.model) as client:
-                result = client.generate(args.prompt, args.max_tokens, on_delta=_print_delta)
+                result = client.generate(text, args.max_tokens, on_delta=_print_delta)
             print(flush=True)
             _note(f"{result.num_output_tokens} tokens, finish_reason {result.finish_reason}, "
                   f"TTFT {result.ttft_s * 1e3:.1f} ms, total {result.e2e_s * 1e3:.1f} ms; stopping")

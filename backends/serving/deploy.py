@@ -3,7 +3,7 @@
 A deployment file (every key optional; unknown, missing-value or invalid keys raise ValueError
 naming the key path)::
 
-    model: tiny-llama            # preset name or HF checkpoint directory
+    model: smollm2-135m-instruct # preset, packaged model, .gguf file or HF checkpoint directory
     disaggregation: true         # false: colocated workers with role "both"
     prefill: {count: 1, devices: [cpu]}
     decode: {count: 1, devices: [cpu]}
@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from backends.engine.sources import DEFAULT_MODEL
 from backends.serving import specs
 
 
@@ -36,7 +37,7 @@ from backends.serving import specs
 class EngineSpec:
     """What ``1/engine.yaml`` holds: the model source and the EngineConfig fields we expose."""
 
-    source: str = "tiny-llama"
+    source: str = DEFAULT_MODEL
     device: str = "cpu"
     block_size: int = 16
     num_blocks: int = 512
@@ -54,7 +55,7 @@ class Pool:
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
-    model: str = "tiny-llama"
+    model: str = DEFAULT_MODEL
     disaggregation: bool = True
     prefill: Pool = Pool()
     decode: Pool = Pool()
@@ -119,11 +120,9 @@ def _pool(data: Any, where: str) -> Pool:
 
 
 def _check_model(model: str) -> str:
-    from backends.engine.presets import PRESETS  # imports torch: only when a deployment is parsed
+    from backends.engine.sources import resolve_source  # imports torch: only when parsing
 
-    if model not in PRESETS and not (model and Path(model).is_dir()):
-        raise ValueError(f"model: {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                         "nor a checkpoint directory")
+    resolve_source(model, field="model")
     return model
 
 
@@ -137,7 +136,7 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
     engine_data = _mapping(data.get("engine"), "engine")
     # The model and the devices are set at the top level and per pool, never per engine.
     _check_keys(engine_data, {f.name for f in fields(EngineSpec)} - {"source", "device"}, "engine.")
-    model = _check_model(_typed(data.get("model", "tiny-llama"), str, "model"))
+    model = _check_model(_typed(data.get("model", DEFAULT_MODEL), str, "model"))
     prefix = _typed(serving.get("prefix", ""), str, "serving.prefix")
     if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"serving.prefix: expected letters, digits, '_' or '-', got {prefix!r}")
@@ -181,7 +180,8 @@ def _worker_specs(dep: Deployment) -> list[tuple[specs.ModelSpec, EngineSpec]]:
         base = "worker" if role == "both" else role
         for i, name in enumerate(_names(dep.prefix, base, pool.count)):
             engine = EngineSpec(**{f.name: getattr(dep.engine, f.name) for f in fields(EngineSpec)}
-                                | {"device": pool.devices[i % len(pool.devices)]})
+                                | {"device": pool.devices[i % len(pool.devices)],
+                                   "source": dep.model})
             out.append((specs.ModelSpec(name, "pd_worker", 0, specs.WORKER_INPUTS, specs.WORKER_OUTPUTS,
                                         {"role": role}), engine))
     return out

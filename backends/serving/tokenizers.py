@@ -2,17 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from backends.engine.loader import load_tokenizer
 
-from backends.engine.presets import PRESETS
-from backends.engine.tokenizer import Tokenizer, byte_level_tokenizer
-
-
-def load_tokenizer(source: str) -> Tokenizer:
-    """Presets use the byte-level tokenizer; a checkpoint directory its tokenizer.json."""
-    if source in PRESETS:
-        return byte_level_tokenizer()
-    if not Path(source).is_dir():
-        raise ValueError(f"source {source!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                         "nor a checkpoint directory")
-    return Tokenizer.from_dir(source)
+__all__ = ["load_tokenizer"]

@@ -63,7 +63,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         pytest.skip(f"no tritonserver: {exc}")
     root = tmp_path_factory.mktemp("triton")
     engine = EngineSpec(num_blocks=NUM_BLOCKS, max_num_seqs=32, max_model_len=512)
-    write_repository(Deployment(disaggregation=False, max_tokens=MAX_TOKENS, engine=engine), root / "models")
+    write_repository(Deployment(model="tiny-llama", disaggregation=False, max_tokens=MAX_TOKENS, engine=engine), root / "models")
     mla = Deployment(model="tiny-mla", disaggregation=False, max_tokens=MAX_TOKENS, prefix="mla_",
                      engine=replace(engine, source="tiny-mla"))
     write_repository(mla, root / "models")

@@ -54,7 +54,7 @@ def serve_disaggregated(root: Path) -> Iterator[DisaggServer]:
         install = find_triton()
     except RuntimeError as exc:
         pytest.skip(f"no tritonserver: {exc}")
-    deployment = Deployment(disaggregation=True, max_tokens=MAX_TOKENS,
+    deployment = Deployment(model="tiny-llama", disaggregation=True, max_tokens=MAX_TOKENS,
                             engine=EngineSpec(num_blocks=NUM_BLOCKS, max_num_seqs=32, max_model_len=512))
     write_repository(deployment, root / "models")
     backend_dir = layout_backend_dir(install, root / "backends")

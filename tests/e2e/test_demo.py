@@ -1,4 +1,5 @@
-"""``triton-pd demo`` as a user runs it: a subprocess that serves, streams one reply and stops."""
+"""``triton-pd demo`` as a user runs it: a subprocess that serves the default model (the real
+SmolLM2-135M-Instruct), streams one reply to a chat prompt and stops."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from procs import group_members
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
 from backends.engine.sampling_params import SamplingParams
-from backends.engine.tokenizer import byte_level_tokenizer
+from backends.serving.demo import chat_prompt
+from backends.serving.deploy import DEFAULT_MODEL
 from backends.serving.install import find_triton, repo_root
 
 pytestmark = pytest.mark.e2e
-PROMPT = "The capital of France is"
-MAX_TOKENS = 8
+PROMPT = "What is the capital of France?"
+MAX_TOKENS = 16
 
 
 def test_demo_streams_the_greedy_reply_and_leaves_no_process() -> None:
@@ -30,11 +32,13 @@ def test_demo_streams_the_greedy_reply_and_leaves_no_process() -> None:
                            "--max-tokens", str(MAX_TOKENS)], cwd=repo_root(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    engine = LLMEngine("tiny-llama", EngineConfig(num_blocks=64, max_model_len=512))
-    tok = byte_level_tokenizer()
-    [ref] = engine.generate([tok.encode(PROMPT)], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    engine = LLMEngine(DEFAULT_MODEL, EngineConfig(num_blocks=64, max_model_len=512))
+    tok = engine.tokenizer
+    [ref] = engine.generate([tok.encode(chat_prompt(DEFAULT_MODEL, PROMPT))],
+                            SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
     assert proc.stdout == tok.decode(list(ref.output_token_ids)) + "\n"
-    assert f"{MAX_TOKENS} tokens, finish_reason length" in proc.stderr
-    assert proc.stderr.rstrip().endswith("triton-pd demo: stopped")
+    assert proc.stdout == "The capital of France is Paris.\n"
+    assert f"{len(ref.output_token_ids)} tokens, finish_reason stop" in proc.stderr
+    assert re.search(r"triton-pd demo \[ *[0-9.]+s\]: stopped$", proc.stderr.rstrip())
     [pid] = re.findall(r"tritonserver pid (\d+) ready", proc.stderr)
     assert group_members(int(pid)) == []

@@ -55,7 +55,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         pytest.skip(f"no tritonserver: {exc}")
     root = tmp_path_factory.mktemp("triton-infer")
     engine = EngineSpec(num_blocks=NUM_BLOCKS, max_num_seqs=8, max_model_len=256)
-    write_repository(Deployment(disaggregation=False, max_tokens=64, engine=engine, decoupled=False),
+    write_repository(Deployment(model="tiny-llama", disaggregation=False, max_tokens=64, engine=engine, decoupled=False),
                      root / "models")
     http_port, grpc_port, metrics_port = free_ports(3)
     ports = ServerPorts(http_port, grpc_port, metrics_port)

@@ -23,7 +23,8 @@ def test_generate_prints_the_engine_text() -> None:
     for extra in ([], ["--stream"]):
         out = io.StringIO()
         args = parse(
-            ["generate", "--prompt", "Hello", "--max-tokens", "12", "--ignore-eos", *extra]
+            ["generate", "--model", "tiny-llama", "--prompt", "Hello", "--max-tokens", "12",
+             "--ignore-eos", *extra]
         )
         assert args.func(args, out=out) == 0
         assert out.getvalue() == expected + "\n"
@@ -31,6 +32,6 @@ def test_generate_prints_the_engine_text() -> None:
 
 def test_bad_input_exits_2_with_the_message() -> None:
     err = io.StringIO()
-    args = parse(["generate", "--prompt", "Hi", "--max-tokens", "0"])
+    args = parse(["generate", "--model", "tiny-llama", "--prompt", "Hi", "--max-tokens", "0"])
     assert generate_cli.run(args, out=io.StringIO(), err=err) == 2
     assert err.getvalue() == "error: max_tokens must be > 0, got 0\n"

@@ -43,8 +43,9 @@ def test_full_file(tmp_path: Path) -> None:
                    "['decode', 'disaggregation', 'engine', 'model', 'prefill', 'serving'])"),
     ({"model": None}, "model: missing value"),
     ({"model": 5}, "model: expected a string, got 5"),
-    ({"model": "no-such-model"}, "model: 'no-such-model' is neither a preset (tiny-llama, tiny-mla) "
-                                 "nor a checkpoint directory"),
+    ({"model": "no-such-model"}, "model: 'no-such-model' is not one of smollm2-135m-instruct, "
+                                 "tiny-llama, tiny-mla, a .gguf file or an HF checkpoint directory"),
+    ({"model": "/no/such/model.gguf"}, "model: '/no/such/model.gguf': no such GGUF file"),
     ({"disaggregation": "yes"}, "disaggregation: expected true or false, got 'yes'"),
     ({"prefill": 3}, "prefill: expected a mapping, got 3"),
     ({"prefill": None}, "prefill: expected a mapping, got None"),
@@ -96,7 +97,7 @@ def test_n_prefill_m_decode_models_and_parameters() -> None:
     dep = parse_deployment({"prefill": {"count": 2, "devices": ["cuda:0", "cuda:1"]},
                             "decode": {"count": 3, "devices": ["cuda:2", "cuda:3"]},
                             "serving": {"max_tokens": 100, "prefix": "x_"}})
-    common = {"source": "tiny-llama", "max_tokens": "100", "max_model_len": "1024", "block_size": "16",
+    common = {"source": "smollm2-135m-instruct", "max_tokens": "100", "max_model_len": "1024", "block_size": "16",
               "disaggregation": "on", "prefill_models": "x_prefill,x_prefill_1",
               "decode_models": "x_decode,x_decode_1,x_decode_2"}
     assert _summary(dep) == [
@@ -113,7 +114,7 @@ def test_n_prefill_m_decode_models_and_parameters() -> None:
 def test_disaggregation_off_is_colocated_workers_with_role_both() -> None:
     """The decode pool sizes the colocated workers; the prefill pool is unused."""
     dep = parse_deployment({"disaggregation": False, "prefill": {"count": 4}, "decode": {"count": 2}})
-    common = {"source": "tiny-llama", "max_tokens": "1024", "max_model_len": "1024", "block_size": "16",
+    common = {"source": "smollm2-135m-instruct", "max_tokens": "1024", "max_model_len": "1024", "block_size": "16",
               "disaggregation": "off", "prefill_models": "", "decode_models": "worker,worker_1"}
     assert _summary(dep) == [
         ("llm", "pd_orchestrator", 0, {**common, "api": "llm"}, None),

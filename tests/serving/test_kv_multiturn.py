@@ -22,7 +22,7 @@ from backends.serving.deploy import EngineSpec
 from backends.serving.kv import NodeTransfer, build_worker
 
 TOK = byte_level_tokenizer()
-SPEC = EngineSpec(num_blocks=64, max_model_len=256, max_num_seqs=8)
+SPEC = EngineSpec(source="tiny-llama", num_blocks=64, max_model_len=256, max_num_seqs=8)
 PROMPT = TOK.encode("The quick brown fox jumps over the lazy dog, twice")  # 50 tokens
 MORE = TOK.encode(" And then?")  # 10 tokens
 TURN1 = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)

@@ -28,7 +28,7 @@ from backends.serving.worker_io import WorkerJob, WorkerUpdate
 from kvbridge.handle import KVHandle
 
 TOK = byte_level_tokenizer()
-SPEC = EngineSpec(num_blocks=64, max_model_len=256, max_num_seqs=8)
+SPEC = EngineSpec(source="tiny-llama", num_blocks=64, max_model_len=256, max_num_seqs=8)
 PROMPT = TOK.encode("The quick brown fox jumps over the lazy dog, twice")  # 50 tokens: 3 full + 1 partial
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 BYTES_PER_TOKEN = 4 * 128 * 4  # num_layers * kv_width * float32
