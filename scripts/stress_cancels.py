@@ -1,41 +1,45 @@
 """Cancels under load: many concurrent gRPC streams against ``llm``, some cancelled mid-stream.
 
-Starts its own tritonserver (default: the shipped ``model_repository/``, 1 prefill + 1 decode,
-with a kvbridge master, as ``triton-pd serve`` runs it; ``--deployment colocated``: one worker),
-warms it up, then runs ``--streams`` closed-loop clients for ``--duration`` seconds
+Starts its own tritonserver on a repository like the shipped ``model_repository/`` (1 prefill +
+1 decode, the same engine sizes, ``--model``, default tiny-llama; ``--deployment colocated``: one
+worker), with a kvbridge master as ``triton-pd serve`` runs it, warms it up, then runs ``--streams`` closed-loop clients for ``--duration`` seconds
 (backends/serving/cancel_load.py): each request is greedy, ``--max-tokens`` long, and a seeded
 ``--cancel-fraction`` of them is cancelled by the client (``stop_stream(cancel_requests=True)``)
 after 1..``--max-cancel-chunks`` chunks. Afterwards it checks, and reports:
 - every request's outcome (completed, cancelled, error with its message, hung);
-- completed texts equal the single-process engine's greedy output for their prompt;
+- completed texts equal the single-process engine's greedy output for their prompt (``--model``);
 - crashes: tritonserver or any stub process gone, crash lines in the server log;
 - the server still answers: ready, and a fresh greedy request equals the engine's output;
 - KV leak: ``pd_kv_blocks_used`` of every worker back to 0 (within 30 s);
 - RSS of tritonserver and every stub after warm-up and at the end.
-Exit status 0 only when nothing failed. Prints a table; ``--json FILE`` writes it.
+The clients run in a child process; this one holds the server and the kvbridge master, as
+``triton-pd serve`` does. Exit status 0 only when nothing failed. Prints a table; ``--json FILE``
+writes it (and, after a failure, the server log to FILE.server.log; ``--log`` always keeps it).
 
     python3 scripts/stress_cancels.py [--streams 64] [--cancel-fraction 0.2] [--duration 60]
-        [--max-tokens 48] [--seed 0] [--deployment disaggregated|colocated] [--json FILE]
+        [--max-tokens 48] [--seed 0] [--model tiny-llama] [--deployment disaggregated|colocated]
+        [--json FILE] [--log FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import re
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import requests
 
 from backends.serving.cancel_load import LoadConfig, LoadReport, run_load
-from backends.serving.deploy import Deployment
-from backends.serving.install import repo_root
-from backends.serving.session import colocated_repository, running_server
+from backends.serving.deploy import Deployment, EngineSpec, write_repository
+from backends.serving.session import running_server
 
 CRASH_PATTERNS = ("Segmentation fault", "double free", "corruption", "lock_exception", "terminate called",
                   "is not healthy", "Aborted", "core dumped", "Failed to ")
@@ -46,6 +50,7 @@ FRESH_PROMPT = "A fresh request after the storm"
 
 @dataclass(slots=True)
 class Result:
+    model: str
     deployment: str
     streams: int
     duration_s: float
@@ -104,12 +109,13 @@ def group_processes(pgid: int) -> dict[str, tuple[int, float]]:
     return found
 
 
-def engine_texts(prompts: tuple[str, ...], max_tokens: int) -> dict[str, str]:
+def engine_texts(model: str, prompts: tuple[str, ...], max_tokens: int) -> dict[str, str]:
     from backends.engine.engine import LLMEngine
     from backends.engine.engine_config import EngineConfig
     from backends.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine("tiny-llama", EngineConfig(num_blocks=512, max_model_len=1024))
+    spec = EngineSpec(source=model)
+    engine = LLMEngine(model, EngineConfig(num_blocks=spec.num_blocks, max_model_len=spec.max_model_len))
     tok = engine.tokenizer
     results = engine.generate([tok.encode(p) for p in prompts],
                               SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
@@ -137,8 +143,9 @@ def wait_kv_released(metrics_url: str, timeout_s: float = 30.0) -> dict[str, flo
 
 def fresh_request(http_url: str, expected: str, max_tokens: int) -> str:
     """'' when a new greedy request returns the engine's text, else what went wrong."""
-    body = {"text_input": FRESH_PROMPT, "exclude_input_in_output": True,
-            "sampling_parameters": json.dumps({"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})}
+    body: dict[str, str | bool] = {"text_input": FRESH_PROMPT, "exclude_input_in_output": True,
+                                   "sampling_parameters": json.dumps({"max_tokens": max_tokens, "temperature": 0,
+                                                                      "ignore_eos": True})}
     try:
         r = requests.post(f"http://{http_url}/v2/models/llm/generate", json=body, timeout=30)
     except requests.RequestException as exc:
@@ -167,12 +174,11 @@ def absorb(result: Result, report: LoadReport, expected: dict[str, str]) -> None
 
 
 def run(args: argparse.Namespace, work: Path) -> Result:
-    expected = engine_texts((*PROMPTS, FRESH_PROMPT), args.max_tokens)
-    if args.deployment == "colocated":
-        repo = colocated_repository(work / "colocated", Deployment(disaggregation=False)).path
-    else:
-        repo = repo_root() / "model_repository"
-    result = Result(args.deployment, args.streams, args.duration)
+    expected = engine_texts(args.model, (*PROMPTS, FRESH_PROMPT), args.max_tokens)
+    repo = work / "models"
+    write_repository(Deployment(model=args.model, disaggregation=args.deployment == "disaggregated",
+                                engine=EngineSpec(source=args.model)), repo)
+    result = Result(args.model, args.deployment, args.streams, args.duration)
     with running_server(repo, work / "server", args.ready_timeout) as server:
         if server.pid is None or server.log_path is None:
             raise RuntimeError("running_server yielded a server without a pid or a log")
@@ -185,7 +191,10 @@ def run(args: argparse.Namespace, work: Path) -> Result:
         log_offset = len(server.log_path.read_text(errors="replace"))
         config = LoadConfig(PROMPTS, args.streams, args.cancel_fraction, args.max_cancel_chunks,
                             args.max_tokens, args.duration, args.request_timeout, args.seed)
-        report = run_load(server.grpc_url, config)
+        # The clients run in a child process: their threads would otherwise starve this
+        # process's kvbridge master thread of the GIL (it would drop the workers as silent).
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+            report = clients.submit(run_load, server.grpc_url, config).result()
         absorb(result, report, expected)
         result.kv_used_end = wait_kv_released(metrics_url)
         result.fresh_error = fresh_request(server.http_url, expected[FRESH_PROMPT], args.max_tokens)
@@ -195,13 +204,14 @@ def run(args: argparse.Namespace, work: Path) -> Result:
         result.processes_lost = sorted(n for n, (pid, _) in before.items() if after.get(n, (0, 0))[0] != pid)
         result.server_alive = server.poll() is None and server.is_ready()
         result.crash_lines = crash_lines(server.log_path, log_offset)
-    if args.log:
-        shutil.copyfile(server.log_path, args.log)
+    log_copy = args.log or (f"{args.json}.server.log" if args.json and not result.ok else None)
+    if log_copy:
+        shutil.copyfile(server.log_path, log_copy)
     return result
 
 
 def print_table(r: Result) -> None:
-    print(f"deployment {r.deployment}, {r.streams} streams, {r.duration_s:.0f}s load ({r.wall_s:.1f}s wall)")
+    print(f"{r.model}, deployment {r.deployment}, {r.streams} streams, {r.duration_s:.0f}s load ({r.wall_s:.1f}s wall)")
     print(f"{'requests':>8} {'completed':>9} {'cancelled':>9} {'errors':>6} {'hung':>5} {'wrong':>5} "
           f"{'crash':>5} {'kv leak':>7} {'fresh':>5}")
     print(f"{r.requests:>8} {r.completed:>9} {r.cancelled:>9} {r.errors:>6} {r.hung:>5} {r.wrong_text:>5} "
@@ -228,6 +238,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="tiny-llama", help="what the workers serve (a preset or a path)")
     parser.add_argument("--deployment", choices=("disaggregated", "colocated"), default="disaggregated")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--json", metavar="FILE")
