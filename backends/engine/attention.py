@@ -72,7 +72,10 @@ def build_plan(meta: AttentionMetadata, block_size: int, dtype: torch.dtype) -> 
         return PagedPlan(True, (), tables[:, :num_blocks].contiguous(), valid, context_lens, bias)
     spans = []
     covered = set(workspace.seq_indices) if workspace is not None else set()
-    for i, ctx in enumerate(meta.context_lens.tolist()):
+    host_lens = meta.context_lens_list
+    if host_lens is None:
+        host_lens = meta.context_lens.tolist()  # a device sync on GPUs
+    for i, ctx in enumerate(host_lens):
         if i in covered:
             continue  # its one query attends over the workspace
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]

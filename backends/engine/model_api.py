@@ -25,7 +25,8 @@ class AttentionMetadata:
 
     slot_mapping: [T] int64, cache slot (block_id * block_size + offset) of each new token.
     query_start_loc: B+1 cumulative query lengths over the flattened step.
-    context_lens: [B] int64, tokens of each sequence after this step (cached + new).
+    context_lens: [B] int64, tokens of each sequence after this step (cached + new);
+    context_lens_list: the same on the host when the runner has it (spares a device sync).
     block_tables: [B, max_num_blocks] int32, rows padded with 0 (masked by context_lens).
     max_context_len: max(context_lens).
     decode_only: every sequence has exactly one new token.
@@ -41,6 +42,7 @@ class AttentionMetadata:
     max_context_len: int
     decode_only: bool
     workspace: WorkspaceStep | None = None
+    context_lens_list: list[int] | None = None
 
 
 @runtime_checkable

@@ -205,6 +205,7 @@ class ModelRunner:
             block_tables=torch.from_numpy(tables).to(dev),
             max_context_len=max(context_lens),
             decode_only=len(tokens) == len(context_lens),
+            context_lens_list=context_lens,
         )
         return StepInputs(
             input_ids=torch.tensor(tokens, dtype=torch.int64, device=dev),
