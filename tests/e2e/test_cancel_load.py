@@ -34,7 +34,7 @@ PROMPTS = tuple(f"Cancel-load prompt {i}: stop generating, the tab was closed. "
 FRESH = "After the cancels, one more question"
 MAX_TOKENS = 32
 CONFIG = LoadConfig(PROMPTS, num_streams=32, cancel_fraction=0.5, max_cancel_chunks=12, max_tokens=MAX_TOKENS,
-                    duration_s=120.0, request_timeout_s=30.0, seed=8, requests_per_stream=4)
+                    duration_s=120.0, request_timeout_s=60.0, seed=8, requests_per_stream=4)
 
 
 @pytest.fixture(scope="module")
