@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import re
 import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import requests
 
-from backends.serving.cancel_load import LoadConfig, LoadReport, run_load
+from backends.serving.cancel_load import LoadConfig, LoadReport, run_load_in_child
 from backends.serving.deploy import Deployment, EngineSpec, write_repository
 from backends.serving.session import running_server
 
@@ -191,10 +189,7 @@ def run(args: argparse.Namespace, work: Path) -> Result:
         log_offset = len(server.log_path.read_text(errors="replace"))
         config = LoadConfig(PROMPTS, args.streams, args.cancel_fraction, args.max_cancel_chunks,
                             args.max_tokens, args.duration, args.request_timeout, args.seed)
-        # The clients run in a child process: their threads would otherwise starve this
-        # process's kvbridge master thread of the GIL (it would drop the workers as silent).
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
-            report = clients.submit(run_load, server.grpc_url, config).result()
+        report = run_load_in_child(server.grpc_url, config)  # this process hosts the master
         absorb(result, report, expected)
         result.kv_used_end = wait_kv_released(metrics_url)
         result.fresh_error = fresh_request(server.http_url, expected[FRESH_PROMPT], args.max_tokens)

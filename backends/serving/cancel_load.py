@@ -16,11 +16,13 @@ tritonclient is imported lazily: it ships with the ``server`` extra.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import queue
 import random
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -205,3 +207,11 @@ def run_load(url: str, config: LoadConfig) -> LoadReport:
     with lock:
         done = tuple(sorted(outcomes, key=lambda o: (o.stream, o.index)))
     return LoadReport(config, done, time.monotonic() - start)
+
+
+def run_load_in_child(url: str, config: LoadConfig) -> LoadReport:
+    """``run_load`` in a spawned child process. The caller may host the kvbridge master (as
+    ``triton-pd serve`` and the e2e fixtures do): sharing the GIL with the client threads, its
+    thread can fall behind and drop the workers as silent."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(run_load, url, config).result()

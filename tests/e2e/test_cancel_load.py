@@ -24,7 +24,7 @@ from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.tokenizer import byte_level_tokenizer
-from backends.serving.cancel_load import LoadConfig, run_load
+from backends.serving.cancel_load import LoadConfig, run_load_in_child
 
 pytestmark = pytest.mark.e2e
 pytest_plugins = ("disagg_plugin",)  # the session's one disaggregated server: disagg_served
@@ -54,7 +54,7 @@ def stub_pids(served: DisaggServer) -> list[int]:
 def test_client_cancels_under_load_leave_the_server_whole(disagg_served: DisaggServer,
                                                            engine_texts: dict[str, str]) -> None:
     before = stub_pids(disagg_served)
-    report = run_load(disagg_served.grpc_url, CONFIG)
+    report = run_load_in_child(disagg_served.grpc_url, CONFIG)  # this process hosts the master
 
     # Every planned request ended once, and none with an error or without a final response.
     assert [(o.stream, o.index) for o in report.outcomes] == [
