@@ -149,6 +149,10 @@ class KVImporter:
         with self._cond:
             return self._cond.wait_for(lambda: bool(self._finished), timeout_s)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Cancel jobs in flight, stop the workers and join them within `timeout_s` in all (a
         worker inside a `read_layer` that ignores its deadline is left behind, a daemon)."""

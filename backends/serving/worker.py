@@ -105,6 +105,7 @@ class WorkerService:
                 self._maintain_kv()
         for rid in list(self._active):
             self._finish_error(rid, WorkerUnavailable("worker is shutting down"))
+        self._engine.close()  # its KV import threads (cancels imports still in flight)
 
     def _drain_commands(self, block: bool) -> None:
         try:

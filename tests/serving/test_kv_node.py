@@ -236,4 +236,5 @@ def test_worker_services_hand_off_and_report_transfer(workers: tuple[Worker, Wor
     finally:
         prefill_svc.close()
         decode_svc.close()
+    assert workers[1][0].importer.closed  # the engine thread closed its engine's import threads
     assert_no_leak(*workers)
