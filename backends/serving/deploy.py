@@ -45,6 +45,10 @@ class EngineSpec:
     max_num_batched_tokens: int = 1024
     max_model_len: int = 1024
     dtype: str = "float32"
+    # torch intra-op threads of the worker process; 0: this host's CPUs shared by host_workers
+    # worker processes plus one share for tritonserver and the orchestrator (worker_threads)
+    threads: int = 0
+    host_workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +90,13 @@ def _typed(value: Any, kind: type, path: str) -> Any:
 def parse_engine_spec(data: Mapping[str, Any], where: str = "engine.") -> EngineSpec:
     names = {f.name: f for f in fields(EngineSpec)}
     _check_keys(data, set(names), where)
-    values = {k: _typed(v, type(getattr(EngineSpec(), k)), where + k) for k, v in data.items()}
+    threads = data.get("threads", 0)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"{where}threads: expected 0 (automatic) or a positive integer, "
+                         f"got {threads!r}")
+    values = {k: _typed(v, type(getattr(EngineSpec(), k)), where + k) for k, v in data.items()
+              if k != "threads"}
+    values["threads"] = threads
     if values.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"{where}dtype: expected float32, float16 or bfloat16, got {values['dtype']!r}")
     return EngineSpec(**values)
@@ -134,8 +144,10 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
     serving = _mapping(data.get("serving"), "serving")
     _check_keys(serving, {"max_tokens", "prefix", "decoupled"}, "serving.")
     engine_data = _mapping(data.get("engine"), "engine")
-    # The model and the devices are set at the top level and per pool, never per engine.
-    _check_keys(engine_data, {f.name for f in fields(EngineSpec)} - {"source", "device"}, "engine.")
+    # The model and the devices are set at the top level and per pool, never per engine;
+    # host_workers is counted from the pools.
+    _check_keys(engine_data, {f.name for f in fields(EngineSpec)} - {"source", "device",
+                                                                    "host_workers"}, "engine.")
     model = _check_model(_typed(data.get("model", DEFAULT_MODEL), str, "model"))
     prefix = _typed(serving.get("prefix", ""), str, "serving.prefix")
     if not _PREFIX.fullmatch(prefix):
@@ -176,12 +188,13 @@ def _worker_specs(dep: Deployment) -> list[tuple[specs.ModelSpec, EngineSpec]]:
     pools = [("prefill", dep.prefill), ("decode", dep.decode)] if dep.disaggregation else \
         [("both", Pool(dep.decode.count, dep.decode.devices))]
     out = []
+    host_workers = sum(pool.count for _, pool in pools)
     for role, pool in pools:
         base = "worker" if role == "both" else role
         for i, name in enumerate(_names(dep.prefix, base, pool.count)):
             engine = EngineSpec(**{f.name: getattr(dep.engine, f.name) for f in fields(EngineSpec)}
                                 | {"device": pool.devices[i % len(pool.devices)],
-                                   "source": dep.model})
+                                   "source": dep.model, "host_workers": host_workers})
             out.append((specs.ModelSpec(name, "pd_worker", 0, specs.WORKER_INPUTS, specs.WORKER_OUTPUTS,
                                         {"role": role}), engine))
     return out

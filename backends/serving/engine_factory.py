@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,18 @@ def engine_spec_for(model_dir: Path) -> EngineSpec:
     """``<model_dir>/1/engine.yaml`` if present, else the defaults (tiny preset on CPU)."""
     path = model_dir / "1" / "engine.yaml"
     return load_engine_spec(path) if path.is_file() else EngineSpec()
+
+
+def worker_threads(spec: EngineSpec, cpus: int | None = None) -> int:
+    """Torch intra-op threads for a worker process: ``spec.threads``, or (0) this process's
+    CPUs split evenly between the deployment's worker processes and one more share for
+    tritonserver and the orchestrator, at least 1. Oversubscribed workers (every one running
+    as many threads as there are cores) cost more than a thread each on a small host."""
+    if spec.threads > 0:
+        return spec.threads
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // (spec.host_workers + 1))
 
 
 def torch_dtype(name: str) -> Any:

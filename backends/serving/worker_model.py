@@ -14,7 +14,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from backends.serving import triton_io
-from backends.serving.engine_factory import engine_spec_for
+from backends.serving.engine_factory import engine_spec_for, worker_threads
 from backends.serving.kv import WorkerLoad, build_worker
 from backends.serving.metrics import WorkerMetrics
 from backends.serving.pb_lifetimes import Keeper
@@ -31,7 +31,11 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"])):
             raise pb_utils.TritonModelException("pd_worker models must be decoupled")
         try:
-            engine, self.kv = build_worker(engine_spec_for(triton_io.model_dir(args)), args["model_name"])
+            spec = engine_spec_for(triton_io.model_dir(args))
+            import torch  # this process is the worker's own: its thread budget is ours to set
+
+            torch.set_num_threads(worker_threads(spec))
+            engine, self.kv = build_worker(spec, args["model_name"])
         except (ValueError, OSError) as exc:
             raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from exc
         self.name = args["model_name"]

@@ -18,7 +18,7 @@ from backends.serving.deploy import (
 )
 from backends.serving.install import repo_root
 
-ENGINE_KEYS = "['block_size', 'dtype', 'max_model_len', 'max_num_batched_tokens', 'max_num_seqs', 'num_blocks']"
+ENGINE_KEYS = "['block_size', 'dtype', 'max_model_len', 'max_num_batched_tokens', 'max_num_seqs', 'num_blocks', 'threads']"
 
 
 def test_empty_file_is_the_default_deployment(tmp_path: Path) -> None:
@@ -163,3 +163,23 @@ def test_decoupled_false_makes_only_the_public_models_non_decoupled(tmp_path: Pa
 def test_committed_model_repository_is_the_default_deployment(tmp_path: Path) -> None:
     write_repository(Deployment(), tmp_path)
     assert _files(tmp_path) == _files(repo_root() / "model_repository")
+
+
+def test_worker_thread_budget() -> None:
+    """engine.threads: 0 shares the host's CPUs between the deployment's workers plus one
+    share for tritonserver and the orchestrator; an explicit count wins; bad values are named."""
+    from backends.serving.engine_factory import worker_threads
+
+    dep = parse_deployment({"model": "tiny-llama", "prefill": {"count": 2}})
+    engines = [e for _, e in model_specs(dep) if e is not None]
+    assert [e.host_workers for e in engines] == [3, 3, 3]
+    assert [worker_threads(e, cpus=16) for e in engines] == [4, 4, 4]
+    assert worker_threads(engines[0], cpus=2) == 1
+    explicit = parse_deployment({"model": "tiny-llama", "engine": {"threads": 3}})
+    assert {worker_threads(e, cpus=2) for _, e in model_specs(explicit) if e is not None} == {3}
+    for bad in (-1, "2", True):
+        with pytest.raises(ValueError, match=r"^engine.threads: expected 0 \(automatic\) or a "
+                                             rf"positive integer, got {bad!r}$"):
+            parse_deployment({"model": "tiny-llama", "engine": {"threads": bad}})
+    with pytest.raises(ValueError, match="engine.host_workers: unknown key"):
+        parse_deployment({"model": "tiny-llama", "engine": {"host_workers": 4}})
