@@ -162,8 +162,15 @@ def check_max_tokens(value: int, limits: Limits, field: str) -> int:
     return value
 
 
-def _exclude_input(stream: bool, explicit: bool | None) -> bool:
+# vllm_backend's own words for it (its clients may match on them)
+VLLM_STREAM_WITH_INPUT = ("Error generating stream: When streaming, `exclude_input_in_output` = "
+                          "False is not allowed.")
+
+
+def _exclude_input(stream: bool, explicit: bool | None, api: str) -> bool:
     if stream and explicit is False:
+        if api == "llm":
+            raise ValueError(VLLM_STREAM_WITH_INPUT)
         raise ValueError("exclude_input_in_output: false is not supported when streaming "
                          "(stream=true); send exclude_input_in_output=true or omit it")
     return stream if explicit is None else explicit
@@ -280,7 +287,8 @@ def parse_llm(inputs: Inputs, limits: Limits) -> GenerateRequest:
     stream = bool(_bool(inputs, "stream"))
     return GenerateRequest(
         api="llm", prompt=prompt, params=params, stream=stream,
-        exclude_input_in_output=_exclude_input(stream, _bool(inputs, "exclude_input_in_output")),
+        exclude_input_in_output=_exclude_input(stream, _bool(inputs, "exclude_input_in_output"),
+                                               "llm"),
         return_finish_reason=bool(_bool(inputs, "return_finish_reason")),
         return_num_input_tokens=bool(_bool(inputs, "return_num_input_tokens")),
         return_num_output_tokens=bool(_bool(inputs, "return_num_output_tokens")),
@@ -336,6 +344,7 @@ def parse_ensemble(inputs: Inputs, limits: Limits) -> GenerateRequest:
     stream = bool(_bool(inputs, "stream"))
     return GenerateRequest(
         api="ensemble", prompt=prompt, params=_checked(params, ""), stream=stream,
-        exclude_input_in_output=_exclude_input(stream, _bool(inputs, "exclude_input_in_output")),
+        exclude_input_in_output=_exclude_input(stream, _bool(inputs, "exclude_input_in_output"),
+                                               "ensemble"),
         return_finish_reason=True, return_num_input_tokens=True, return_num_output_tokens=True,
         return_logprobs=params.logprobs, bad_words=_strings(inputs, "bad_words"))

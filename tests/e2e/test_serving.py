@@ -137,6 +137,9 @@ def test_stream_with_input_in_output_is_invalid_arg(served: Served) -> None:
     r = requests.post(f"http://{served.http_url}/v2/models/llm/generate_stream",
                       json={"text_input": "hi", "stream": True, "exclude_input_in_output": False}, timeout=30)
     assert "exclude_input_in_output" in r.text
+    # vllm_backend's exact text reaches the client
+    assert ("Error generating stream: When streaming, `exclude_input_in_output` = False is "
+            "not allowed.") in r.text
 
 
 def _kv_free(served: Served) -> dict[str, float]:
