@@ -23,8 +23,9 @@ class WorkerMetrics:
         mf = pb_utils.MetricFamily
         labels = {"model": model}
         # A MetricFamily must outlive its Metrics: keep both.
-        self._families = (mf("pd_kv_blocks_used", "KV blocks in use", mf.GAUGE),
-                          mf("pd_kv_blocks_free", "KV blocks free", mf.GAUGE))
+        self._families: tuple[Any, ...] = (
+            mf("pd_kv_blocks_used", "KV blocks in use", mf.GAUGE),
+            mf("pd_kv_blocks_free", "KV blocks free", mf.GAUGE))
         self._used = self._families[0].Metric(labels=labels)
         self._free = self._families[1].Metric(labels=labels)
         self._stats = stats
@@ -39,8 +40,14 @@ class WorkerMetrics:
             self._free.set(float(s.num_free_blocks))
 
     def close(self) -> None:
+        """Stop refreshing and release the metrics, then their families, now: left to the
+        interpreter's shutdown, their destructors write to the stub's shared memory after it
+        is gone (the stub segfaulted in ~MetricFamily at every stop)."""
         self._stop.set()
         self._thread.join(timeout=2.0)
+        if not self._thread.is_alive():
+            self._used = self._free = None
+            self._families = ()
 
 
 class RequestMetrics:
@@ -67,6 +74,14 @@ class RequestMetrics:
         self.generation_tokens = counter("pd_generation_tokens_total", "generated tokens")
         self.prefix_hits = counter("pd_prefix_hit_tokens_total", "prompt tokens served from cache")
         self.kv_bytes = counter("pd_kv_transfer_bytes_total", "KV bytes handed from prefill to decode")
+
+    def close(self) -> None:
+        """Release the metrics, then their families, while the stub is still connected (see
+        WorkerMetrics.close); no observe() after this."""
+        for name in ("ttft", "tpot", "e2e", "kv_seconds", "prompt_tokens", "generation_tokens",
+                     "prefix_hits", "kv_bytes"):
+            setattr(self, name, None)
+        self._families = []
 
     def observe(self, timing: Any) -> None:
         """Record one finished request (a backends.serving.orchestrator.Timing)."""

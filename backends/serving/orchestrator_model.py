@@ -96,5 +96,6 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.workers.close()
         self.keeper.close()
+        self.metrics.close()
         if self.cluster is not None:
             self.cluster.close()
