@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # it exports KVBRIDGE_MASTER, which tritonserver's workers and orchestrators inherit.
     master = start_master_if_needed()
     server.start()
+    status = 0
     try:
         server.wait_ready(args.ready_timeout)
         print(f"triton-pd: serving {repo} on http {args.address}:{args.http_port}, "
@@ -70,13 +73,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "Ctrl-C stops", flush=True)
         while not stop["now"] and server.poll() is None:
             time.sleep(0.5)
+        code = server.poll()
+        if not stop["now"] and code is not None:
+            print(f"triton-pd: tritonserver (pid {server.pid}) exited with status {code}; "
+                  "stopping", file=sys.stderr, flush=True)
+            status = 1
     except KeyboardInterrupt:
         pass
     finally:
         server.close()
         if master is not None:
             master.close()
-    return 0
+        shutil.rmtree(work, ignore_errors=True)
+    return status
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

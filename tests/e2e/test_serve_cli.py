@@ -3,11 +3,14 @@ tritonserver, every stub process and the kvbridge master it started."""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import requests
@@ -47,6 +50,7 @@ def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
         pytest.skip(f"no tritonserver: {exc}")
     http, grpc, metrics = free_ports(3)
     env = {k: v for k, v in os.environ.items() if k != "KVBRIDGE_MASTER"}
+    work_dirs = _work_dirs()
     proc = subprocess.Popen(
         [sys.executable, "-m", "backends.cli", "serve", "--http-port", str(http),
          "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--ready-timeout", "240"],
@@ -70,3 +74,42 @@ def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
     assert group_members(int(server_pid)) == []
     assert group_members(proc.pid) == []
     assert leftovers(int(server_pid), regions) == []
+    assert _work_dirs() <= work_dirs  # its temporary directory is gone
+
+
+def _work_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "triton-pd-*")))
+
+
+def test_serve_reports_a_dead_tritonserver(tmp_path: Path) -> None:
+    """tritonserver killed under it: serve says so, exits 1, and leaves nothing behind."""
+    try:
+        find_triton()
+    except RuntimeError as exc:
+        pytest.skip(f"no tritonserver: {exc}")
+    config = tmp_path / "deploy.yaml"
+    config.write_text("model: tiny-llama\n")
+    http, grpc, metrics = free_ports(3)
+    env = {k: v for k, v in os.environ.items() if k != "KVBRIDGE_MASTER"}
+    work_dirs = _work_dirs()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backends.cli", "serve", "--config", str(config), "--http-port",
+         str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+         "--ready-timeout", "240"],
+        cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        [server_pid] = re.findall(r"\(tritonserver pid (\d+)\)", _read_until_ready(proc))
+        regions = stub_regions(int(server_pid))
+        os.kill(int(server_pid), signal.SIGKILL)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, output
+    assert f"tritonserver (pid {server_pid}) exited with status -9" in output
+    assert group_members(int(server_pid)) == []
+    assert group_members(proc.pid) == []
+    assert leftovers(int(server_pid), regions) == []
+    assert _work_dirs() <= work_dirs
