@@ -244,6 +244,19 @@ def _check_inputs(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tens
         raise ValueError(f"tile_tokens {tile_tokens} must divide block_size {block_size}")
 
 
+MAX_SPLITS = 64
+# 64 tokens per loop step whatever the block size (16-token tiles at block_size 16 made the
+# loop latency-bound: 66 us/layer for 128 x 576 tokens on an H200, half the bandwidth)
+GQA_TILE_TOKENS = 64
+_graph_kernels = False
+
+
+def _split_len(max_context: int, tile: int, splits: int) -> int:
+    """Tokens per split when `splits` share the table's `max_context` tokens: whole tiles."""
+    tiles = max(1, -(-max_context // tile))
+    return -(-tiles // splits) * tile
+
+
 def gqa_num_splits(batch: int, num_kv_heads: int, max_context: int, tile: int,
                    num_sms: int) -> tuple[int, int]:
     """(splits, tokens per split) for the split-context GQA decode: enough programs to fill
@@ -251,13 +264,8 @@ def gqa_num_splits(batch: int, num_kv_heads: int, max_context: int, tile: int,
     every split a whole number of tiles. Depends only on host-known bounds (graph-safe)."""
     tiles = max(1, -(-max_context // tile))
     wanted = -(-4 * num_sms // max(batch * num_kv_heads, 1))
-    splits = max(1, min(tiles, wanted, MAX_SPLITS))
-    split_len = -(-tiles // splits) * tile
+    split_len = _split_len(max_context, tile, max(1, min(tiles, wanted, MAX_SPLITS)))
     return -(-max_context // split_len) if max_context > 0 else 1, split_len
-
-
-MAX_SPLITS = 64
-_graph_kernels = False
 
 
 @contextlib.contextmanager
@@ -278,9 +286,6 @@ def graph_kernels() -> Iterator[None]:
 
 def graph_kernels_active() -> bool:
     return _graph_kernels
-# 64 tokens per loop step whatever the block size (16-token tiles at block_size 16 made the
-# loop latency-bound: 66 us/layer for 128 x 576 tokens on an H200, half the bandwidth)
-GQA_TILE_TOKENS = 64
 
 
 @functools.cache
@@ -321,7 +326,7 @@ def paged_gqa_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
     else:
         if num_splits <= 0:
             raise ValueError(f"num_splits must be > 0, got {num_splits}")
-        split_len = -(-max(1, -(-max_context // tile)) // num_splits) * tile
+        split_len = _split_len(max_context, tile, num_splits)
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     dim_pad = _pad(head_dim)
