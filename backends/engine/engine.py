@@ -97,10 +97,9 @@ class LLMEngine:
         self._texts: dict[str, TextState] = {}
         self._held: dict[str, Sequence] = {}  # finished prefill-only requests holding KV
         self._pending: list[RequestOutput] = []
-        # async_output: (sequence, its text state, its output without text) of the last step,
-        # detokenized during the next step's device work
-        self.async_output = (cfg.async_output if cfg.async_output is not None
-                             else cfg.device.startswith("cuda"))
+        # async_output: the last step's outputs whose text is made during this step's device
+        # work (see _Deferred)
+        self.async_output = cfg.async_output_on()
         self._deferred: list[_Deferred] = []
         self._arrivals = 0
 

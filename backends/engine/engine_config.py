@@ -75,6 +75,10 @@ class EngineConfig:
             raise ValueError(f"decode_graphs 'capture' needs a CUDA device, "
                              f"got device {self.device!r}")
 
+    def async_output_on(self) -> bool:
+        """Whether this config defers detokenization (`async_output`, None: on CUDA)."""
+        return self.async_output if self.async_output is not None else self.device.startswith("cuda")
+
     def graph_mode(self) -> str | None:
         """The DecodeGraphs mode for this config, or None for the plain eager path."""
         if self.decode_graphs == "auto":

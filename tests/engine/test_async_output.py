@@ -86,9 +86,8 @@ def test_prefill_only_export_after_deferred_finish(loaded: LoadedFn) -> None:
     assert not engine.has_unfinished()
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_default_follows_the_device(device: str) -> None:
-    config = EngineConfig(device=device)
-    expected = device == "cuda"
-    assert (config.async_output if config.async_output is not None
-            else config.device.startswith("cuda")) is expected
+@pytest.mark.parametrize(("device", "flag", "expected"), [
+    ("cpu", None, False), ("cuda", None, True), ("cuda:1", None, True), ("cuda", False, False),
+    ("cpu", True, True)])
+def test_default_follows_the_device(device: str, flag: bool | None, expected: bool) -> None:
+    assert EngineConfig(device=device, async_output=flag).async_output_on() is expected
