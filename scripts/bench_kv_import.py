@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from bench_engine import SHAPES, random_shape_model
+from bench_models import SHAPES, random_shape_model
 
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
