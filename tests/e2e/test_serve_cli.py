@@ -71,10 +71,16 @@ def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, output
-    assert group_members(int(server_pid)) == []
+    _assert_nothing_left(proc, int(server_pid), regions, work_dirs)
+
+
+def _assert_nothing_left(proc: subprocess.Popen[str], server_pid: int, regions: list[str],
+                         work_dirs: set[str]) -> None:
+    """No process of serve or tritonserver, no stub shared memory, no new work directory."""
+    assert group_members(server_pid) == []
     assert group_members(proc.pid) == []
-    assert leftovers(int(server_pid), regions) == []
-    assert _work_dirs() <= work_dirs  # its temporary directory is gone
+    assert leftovers(server_pid, regions) == []
+    assert _work_dirs() <= work_dirs  # serve's temporary directory is gone
 
 
 def _work_dirs() -> set[str]:
@@ -109,7 +115,4 @@ def test_serve_reports_a_dead_tritonserver(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 1, output
     assert f"tritonserver (pid {server_pid}) exited with status -9" in output
-    assert group_members(int(server_pid)) == []
-    assert group_members(proc.pid) == []
-    assert leftovers(int(server_pid), regions) == []
-    assert _work_dirs() <= work_dirs
+    _assert_nothing_left(proc, int(server_pid), regions, work_dirs)
