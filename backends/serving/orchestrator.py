@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from backends.serving.chat import with_chat_prompt
 from backends.serving.detokenize import TextStream
 from backends.serving.errors import CANCELLED, INVALID_ARG, RequestCancelled, WorkerError
 from backends.serving.public_io import Chunk, Timing
@@ -95,6 +96,7 @@ class Orchestrator:
     async def handle(self, req: GenerateRequest, client: ClientChannel) -> Timing:
         """Runs one request to its final chunk; raises (ValueError, RequestCancelled, ...) otherwise."""
         arrival_ns = time.time_ns()
+        req = with_chat_prompt(req, self._tokenizer)
         prompt_ids = self.tokenize(req)
         req = with_bad_words_ids(req, self._tokenizer)
         run = _Run(req, prompt_ids, TextStream(self._tokenizer, req.params.stop, prompt_ids), arrival_ns)

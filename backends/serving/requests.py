@@ -25,7 +25,7 @@ DEFAULT_MAX_TOKENS = 16
 # vLLM SamplingParams keys we honour.
 _LLM_SUPPORTED = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
                   "min_tokens", "ignore_eos", "logprobs", "repetition_penalty", "presence_penalty",
-                  "frequency_penalty", "min_p", "bad_words"}
+                  "frequency_penalty", "min_p", "bad_words", "apply_chat_template"}
 # vLLM keys accepted only at their no-op value (clients send them by habit).
 _LLM_NOOP = {"n": 1, "best_of": 1, "skip_special_tokens": True, "detokenize": True,
              "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
@@ -50,7 +50,8 @@ class GenerateRequest:
     ``return_*`` flags say which optional outputs the llm model sends; the ensemble model
     always sends every output (Triton drops those the client did not request). ``bad_words``
     are the client's words, not yet tokenized: ``with_bad_words_ids`` turns them into
-    ``params.bad_words_ids`` once the model's tokenizer is at hand.
+    ``params.bad_words_ids`` once the model's tokenizer is at hand. ``chat``: ``prompt`` is a
+    conversation still to be rendered with the model's chat template (serving/chat.py).
     """
 
     api: Api
@@ -63,6 +64,7 @@ class GenerateRequest:
     return_num_output_tokens: bool = False
     return_logprobs: bool = False
     bad_words: tuple[str, ...] = ()
+    chat: bool = False
 
 
 class WordTokenizer(Protocol):
@@ -293,14 +295,13 @@ def parse_llm(inputs: Inputs, limits: Limits) -> GenerateRequest:
         return_num_input_tokens=bool(_bool(inputs, "return_num_input_tokens")),
         return_num_output_tokens=bool(_bool(inputs, "return_num_output_tokens")),
         return_logprobs=bool(_bool(inputs, "return_logprobs")) or params.logprobs,
-        bad_words=_llm_bad_words(raw))
+        bad_words=_json_words(_llm_json(raw), "bad_words"),
+        chat=_json_bool(_llm_json(raw), "apply_chat_template"))
 
 
-def _llm_bad_words(raw: str | None) -> tuple[str, ...]:
-    """``bad_words`` of an already validated ``sampling_parameters`` JSON object."""
-    if raw is None or not raw.strip():
-        return ()
-    return _json_words(json.loads(raw), "bad_words")
+def _llm_json(raw: str | None) -> dict[str, Any]:
+    """An already validated ``sampling_parameters`` JSON object ({} when absent)."""
+    return {} if raw is None or not raw.strip() else dict(json.loads(raw))
 
 
 def _check_ensemble_noops(inputs: Inputs) -> None:
