@@ -3,6 +3,8 @@
 ``TextStream.feed(ids)`` returns only text that can no longer change: characters still being
 assembled from multi-byte tokens (a trailing U+FFFD) and the last ``max(len(stop)) - 1``
 characters (which may start a stop string) are held back until more tokens or ``finish()``.
+A character still incomplete at ``finish()`` (max_tokens cut it) is dropped, never sent as
+U+FFFD, as vLLM's incremental detokenizer does (so is a U+FFFD the model itself ends with).
 Decoding always covers a window that starts a few tokens back, so tokenizers that mark word
 boundaries on the following token (sentencepiece "▁") keep their spaces.
 """
@@ -61,7 +63,7 @@ class TextStream:
         return self._release(final=False)
 
     def finish(self) -> TextDelta:
-        """Flush everything held back (an incomplete character comes out as U+FFFD)."""
+        """Flush everything held back except an incomplete last character."""
         if self._done:
             return TextDelta("", False)
         self._decode_ready(final=True)
@@ -72,7 +74,9 @@ class TextStream:
     def _decode_ready(self, final: bool) -> None:
         prefix = self._decoder.decode(self._ids[self._prefix_offset:self._read_offset])
         full = self._decoder.decode(self._ids[self._prefix_offset:])
-        if len(full) <= len(prefix) or (full.endswith(REPLACEMENT) and not final):
+        if final:
+            full = full.rstrip(REPLACEMENT)
+        if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
             return
         self._text += full[len(prefix):]
         self._prefix_offset = self._read_offset
