@@ -48,13 +48,13 @@ def _stub_pids(pgid: int) -> list[int]:
             if line.split()[1] == str(pgid) and "triton" in line]
 
 
-def serve_disaggregated(root: Path) -> Iterator[DisaggServer]:
+def serve_disaggregated(root: Path, model: str = "tiny-llama") -> Iterator[DisaggServer]:
     """Starts the server (skips when no tritonserver), yields it, stops it; no stub survives."""
     try:
         install = find_triton()
     except RuntimeError as exc:
         pytest.skip(f"no tritonserver: {exc}")
-    deployment = Deployment(model="tiny-llama", disaggregation=True, max_tokens=MAX_TOKENS,
+    deployment = Deployment(model=model, disaggregation=True, max_tokens=MAX_TOKENS,
                             engine=EngineSpec(num_blocks=NUM_BLOCKS, max_num_seqs=32, max_model_len=512))
     write_repository(deployment, root / "models")
     backend_dir = layout_backend_dir(install, root / "backends")
