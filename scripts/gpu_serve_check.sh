@@ -262,6 +262,8 @@ if [ -f "$WORK/ready" ]; then
         -H 'Content-Type: application/json' --data-binary "@$WORK/probe.json" \
         "$url/v2/models/prefill/generate" >"$WORK/probe.code"
     say "probe: http $(cat "$WORK/probe.code")"
+    sleep 0.5  # worker metrics refresh every 0.2 s: the import counters of every request
+    bounded 10 curl -sS --max-time 5 -o "$WORK/metrics_final.txt" "http://127.0.0.1:$METRICS/metrics"
     [ -n "$TS_PID" ] && timeout 20 "$PY" "$HELPER" gpu-users --work "$WORK" --pgid "$TS_PID" >"$WORK/gpu_users.json"
     if [[ "$DEVICE" == cuda* ]] && command -v nvidia-smi >/dev/null; then
         timeout 20 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader \

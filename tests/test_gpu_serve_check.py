@@ -43,6 +43,11 @@ def test_metric_value() -> None:
             'pd_kv_transfer_bytes_total{model="mla_llm"} 7\n')
     assert check.metric_value(page, "pd_kv_transfer_bytes_total", "llm") == 104448.0
     assert check.metric_value(page, "pd_kv_transfer_bytes_total", "other") is None
+    page = ('pd_kv_imports_total{path="device",model="decode"} 5\n'
+            'pd_kv_imports_total{model="decode",path="host"} 1\n')
+    assert check.labelled_value(page, "pd_kv_imports_total", {"model": "decode", "path": "device"}) == 5.0
+    assert check.labelled_value(page, "pd_kv_imports_total", {"model": "decode", "path": "host"}) == 1.0
+    assert check.labelled_value(page, "pd_kv_imports_total", {"model": "prefill", "path": "host"}) == 0.0
 
 
 @pytest.fixture

@@ -3,11 +3,17 @@
 The manager only accounts: which block ids are free and how many holders each used block has.
 It never touches KV data. Block tables (lists of block ids) belong to sequences; the manager
 grows and frees them.
+
+Each block has a generation, bumped whenever the block is handed out (before any KV is written
+into it), so a reader in another process that saw generation g before and after reading a block
+knows nobody wrote it in between. ``use_generations`` moves the counters into an array the
+caller provides (e.g. one in shared memory).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import MutableSequence
 from typing import NewType
 
 BlockId = NewType("BlockId", int)
@@ -24,6 +30,15 @@ class BlockManager:
         self.block_size = block_size
         self._ref_counts = [0] * num_blocks
         self._free: deque[BlockId] = deque(BlockId(i) for i in range(num_blocks))
+        self.generations: MutableSequence[int] = [0] * num_blocks
+
+    def use_generations(self, array: MutableSequence[int]) -> None:
+        """Keep the generations in `array` (len num_total_blocks) from now on, current values
+        copied in."""
+        if len(array) != self.num_total_blocks:
+            raise ValueError(f"generations: expected {self.num_total_blocks} entries, got {len(array)}")
+        array[:] = self.generations
+        self.generations = array
 
     @property
     def num_total_blocks(self) -> int:
@@ -50,6 +65,7 @@ class BlockManager:
         taken = [self._free.popleft() for _ in range(num_blocks)]
         for block_id in taken:
             self._ref_counts[block_id] = 1
+            self.generations[block_id] += 1
         return taken
 
     def append_slots(self, table: list[BlockId], num_tokens: int) -> None:

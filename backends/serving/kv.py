@@ -19,7 +19,7 @@ from backends.engine.outputs import KVExport
 from backends.serving.deploy import EngineSpec
 from backends.serving.kv_master import MasterLink, connect, start_master_if_needed
 from backends.serving.kv_node import KVNode, KVNodeConfig
-from backends.serving.kv_source import PulledKVSource
+from backends.serving.kv_source import DeviceKVSource, PulledKVSource
 from backends.serving.worker import PublishedKV
 from kvbridge.handle import KVLayoutSpec
 from kvbridge.master.messages import LoadReport
@@ -49,8 +49,13 @@ class NodeTransfer:
         published = self.node.publish(export, prompt_ids)
         return PublishedKV(published.handle.to_bytes(), published.num_bytes, published.elapsed_ns)
 
-    def source(self, handle: bytes) -> PulledKVSource:
+    def source(self, handle: bytes) -> PulledKVSource | DeviceKVSource:
         return self.node.source(handle)
+
+    @property
+    def import_counts(self) -> dict[str, int]:
+        """KV imports completed, by path ("device": from a same-GPU peer's cache; "host")."""
+        return dict(self.node.import_counts)
 
     def maintain(self) -> None:
         self.node.maintain()
@@ -109,6 +114,8 @@ def build_worker(spec: EngineSpec, model_name: str) -> tuple[Any, NodeTransfer]:
         engine = build_engine(spec, loaded=loaded, hooks=transfer.node.hooks)
         if KVLayoutSpec.of(engine.kv_layout) != layout:
             raise RuntimeError(f"engine KV layout {engine.kv_layout} differs from the node's {layout}")
+        if engine.cache_access.kv_caches[0].is_cuda:  # same-GPU peers read it device to device
+            transfer.node.attach_device(engine.block_manager, engine.cache_access.kv_caches)
     except BaseException:
         transfer.close()
         raise

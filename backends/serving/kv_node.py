@@ -11,6 +11,9 @@ One per pd_worker (one engine). It owns:
 ``publish`` (prefill side) copies an export's blocks into the pool (only the blocks the store
 does not already hold, layer by layer), indexes its full blocks under a lease and returns the
 KVHandle. ``source`` (decode side) validates a handle and returns a PulledKVSource.
+On a CUDA engine, ``attach_device`` shares the engine's cache (CUDA IPC) and keeps its block
+generations in /dev/shm: handles then also carry a DeviceRef, and a consumer engine on the same
+GPU reads the blocks device to device (DeviceKVSource), the pool copy being its fallback.
 Threads: every method except ``close`` runs on the engine thread (the store and the hooks are
 not thread-safe); block-server threads only report ended pulls to the lease table.
 """
@@ -20,15 +23,17 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from backends.engine.outputs import KVExport
 from backends.serving.kv_leases import Lease, LeaseId, LeaseTable
-from backends.serving.kv_source import PulledKVSource, open_handle
+from backends.serving.kv_source import DeviceKVSource, PulledKVSource, open_handle
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.hashing import BlockHash, hash_blocks
 from kvbridge.hooks import StoreKVHooks
@@ -36,6 +41,7 @@ from kvbridge.pool import HostBlockPool, PoolLayout
 from kvbridge.slots import SlotAllocator
 from kvbridge.store import BlockStore
 from kvbridge.tiers import StoreConfig, TierEvent
+from kvbridge.transport import cuda_ipc
 from kvbridge.transport.shm import ShmTransport
 from kvbridge.transport.tcp import TcpTransport
 
@@ -111,6 +117,22 @@ class KVNode:
             StoreConfig(config.hot_capacity_blocks, 0, layout.num_layers * layout.block_bytes),
             self.allocator, listener=listener)
         self.hooks = StoreKVHooks(self.store, self.pool, layout.block_size, extra_key=config.model_id)
+        self._device: _DeviceShare | None = None
+        self.import_counts = {"device": 0, "host": 0}  # KV imports completed, by path
+        self._counts_lock = threading.Lock()
+
+    def attach_device(self, block_manager: Any, kv_caches: list[torch.Tensor]) -> None:
+        """Shares a CUDA engine's cache and block generations (see the module docstring)."""
+        device = kv_caches[0].device
+        table = cuda_ipc.GenerationTable(cuda_ipc.table_name(os.getpgrp()),
+                                         block_manager.num_total_blocks, create=True)
+        try:
+            block_manager.use_generations(table.array)
+            self._device = _DeviceShare(device, cuda_ipc.device_uuid(device), table,
+                                        cuda_ipc.share_layers(kv_caches))
+        except BaseException:
+            table.close()
+            raise
 
     @property
     def endpoint(self) -> str:
@@ -151,7 +173,7 @@ class KVNode:
         # the slots' generations: a pull after the lease ended and a slot was reused fails as stale
         handle = KVHandle(export.request_id, tuple(hashes), export.num_tokens, self.endpoint,
                           self.config.node_id, "active", layout, "shm", self.pool.handle.name, slots,
-                          self.allocator.generations(slots))
+                          self.allocator.generations(slots), self._device_ref(export.block_ids))
         num_bytes = export.num_tokens * layout.bytes_per_token_per_layer * layout.num_layers
         return Published(handle, num_bytes, time.perf_counter_ns() - start)
 
@@ -163,9 +185,34 @@ class KVNode:
             data = export.layer(layer)[first_block:].contiguous().cpu()
             self.pool.layer(layer)[slots] = data.view(torch.uint8).reshape(len(slots), -1).numpy()
 
-    def source(self, data: bytes) -> PulledKVSource:
-        """A KVSource for a handle; ValueError naming context_phase_params when it is bad."""
-        return PulledKVSource(open_handle(data, self.layout), self.shm, self.tcp, self.config.pull_timeout_s)
+    def _device_ref(self, block_ids: Sequence[int]) -> bytes:
+        share = self._device
+        if share is None:
+            return b""
+        gens = tuple(int(g) for g in share.table.array[list(block_ids)])
+        return cuda_ipc.DeviceRef(share.uuid, share.layers, share.table.name, len(share.table.array),
+                                  tuple(block_ids), gens).to_bytes()
+
+    def source(self, data: bytes) -> PulledKVSource | DeviceKVSource:
+        """A KVSource for a handle (device to device when the producer shares this engine's
+        GPU); ValueError naming context_phase_params when it is bad."""
+        handle = open_handle(data, self.layout)
+        share = self._device
+        if not handle.device_ref or share is None:
+            return PulledKVSource(handle, self.shm, self.tcp, self.config.pull_timeout_s, self._imported)
+        pulled = PulledKVSource(handle, self.shm, self.tcp, self.config.pull_timeout_s)
+        try:
+            ref = cuda_ipc.DeviceRef.from_bytes(handle.device_ref)
+        except ValueError as exc:
+            raise ValueError(f"context_phase_params: {exc}") from None
+        if ref.device_uuid != share.uuid:
+            return PulledKVSource(handle, self.shm, self.tcp, self.config.pull_timeout_s, self._imported)
+        return DeviceKVSource(ref, share.device, pulled, self._imported)
+
+    def _imported(self, path: str) -> None:
+        """A source finished its last layer over ``path`` (import threads call this)."""
+        with self._counts_lock:
+            self.import_counts[path] += 1
 
     def maintain(self, now: float | None = None) -> int:
         """Releases pulled and expired leases; returns how many."""
@@ -195,7 +242,19 @@ class KVNode:
         """Stops the block server and transports, then unlinks the pool. Idempotent."""
         self.tcp.close()
         self.shm.close()
+        if self._device is not None:
+            self._device.table.close()
         try:
             self.pool.close()
         except RuntimeError as exc:  # a leftover view: the file is unlinked regardless
             LOG.warning("closing the KV pool: %s", exc)
+
+
+@dataclass(slots=True)
+class _DeviceShare:
+    """A CUDA engine's shared cache: device, its UUID, block generations, layer descriptors."""
+
+    device: torch.device
+    uuid: str
+    table: cuda_ipc.GenerationTable
+    layers: list[list[Any]]

@@ -7,6 +7,8 @@ the request's own INVALID_ARG. ``PulledKVSource`` starts its pull on the first `
 into a host staging buffer and copies each layer into the engine's destination as soon as it
 arrived. Any failure or a passed deadline raises the engine's KVImportError (the engine then
 recomputes); the pull is closed on failure, after the last layer, or by ``close()``.
+``DeviceKVSource`` reads a producer's blocks on the same GPU device to device (CUDA IPC), with
+a PulledKVSource as its fallback for any layer it cannot read exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from kvbridge.errors import KVBridgeError
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.pool import SHM_DIR
 from kvbridge.transport.base import RecvHandle
+from kvbridge.transport.cuda_ipc import DeviceReader, DeviceRef
 from kvbridge.transport.regions import ArrayLayers
 from kvbridge.transport.shm import ShmTransport, shm_pull_spec
 from kvbridge.transport.tcp import TcpTransport, pull_spec
@@ -51,8 +55,10 @@ def shm_reachable(handle: KVHandle) -> bool:
 class PulledKVSource:
     """KVSource over a handle; ``elapsed_ns`` is the pull's duration once it finished."""
 
-    def __init__(self, handle: KVHandle, shm: ShmTransport, tcp: TcpTransport, timeout_s: float) -> None:
+    def __init__(self, handle: KVHandle, shm: ShmTransport, tcp: TcpTransport, timeout_s: float,
+                 on_done: Callable[[str], None] | None = None) -> None:
         self.handle = handle
+        self._on_done = on_done  # called with "host" after the last layer
         self.num_tokens = handle.num_tokens
         self.elapsed_ns = 0
         self.transport_name = ""
@@ -82,6 +88,8 @@ class PulledKVSource:
         if layer == layout.num_layers - 1:
             self.elapsed_ns = time.perf_counter_ns() - self._start_ns
             self.close()
+            if self._on_done is not None:
+                self._on_done("host")
 
     def _open(self) -> RecvHandle:
         self._start_ns = time.perf_counter_ns()
@@ -106,3 +114,57 @@ class PulledKVSource:
             except (KVBridgeError, OSError) as exc:
                 LOG.info("closing a KV pull failed: %s", exc)
         self._staging = None
+
+
+class DeviceKVSource:
+    """KVSource over a DeviceRef: each layer copied out of the producer's GPU cache (same GPU,
+    CUDA IPC). A layer whose blocks the producer reused meanwhile, and every later one, comes
+    through ``fallback`` (the host pool), as does everything when the producer's cache cannot
+    be opened. ``path`` says which was used ("device" or "host"); ``on_done(path)`` is called
+    once, after the last layer."""
+
+    def __init__(self, ref: DeviceRef, device: torch.device, fallback: PulledKVSource,
+                 on_done: Callable[[str], None] | None = None) -> None:
+        self.ref = ref
+        self.num_tokens = fallback.num_tokens
+        self.elapsed_ns = 0
+        self.path = "device"
+        self._device, self._fallback, self._on_done = device, fallback, on_done
+        self._reader: DeviceReader | None = None
+        self._start_ns = 0
+
+    def read_layer(self, layer: int, dst: torch.Tensor, deadline: float) -> None:
+        if layer == 0:
+            self._start_ns = time.perf_counter_ns()
+        if self.path == "device" and not self._read_device(layer, dst):
+            self.path = "host"
+            self._close_reader()
+        if self.path == "host":
+            self._fallback.read_layer(layer, dst, deadline)
+        if layer == self._fallback.handle.layout.num_layers - 1:
+            self.elapsed_ns = time.perf_counter_ns() - self._start_ns
+            self.close()
+            if self._on_done is not None:
+                self._on_done(self.path)
+
+    def _read_device(self, layer: int, dst: torch.Tensor) -> bool:
+        rid = self._fallback.handle.request_id
+        try:
+            if self._reader is None:
+                self._reader = DeviceReader(self.ref, self._device)
+            if self._reader.read_layer(layer, dst):
+                return True
+            LOG.warning("KV of %s: the producer reused a block during layer %d; host path", rid, layer)
+        except (RuntimeError, ValueError, OSError, IndexError) as exc:
+            LOG.warning("KV of %s: device read of layer %d failed (%s); host path", rid, layer, exc)
+        return False
+
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    def close(self) -> None:
+        """Ends the device read and the fallback pull; idempotent."""
+        self._close_reader()
+        self._fallback.close()

@@ -3,7 +3,9 @@
 Families (label ``model``): pd_ttft_seconds, pd_tpot_seconds, pd_e2e_seconds (histograms),
 pd_prompt_tokens_total, pd_generation_tokens_total, pd_prefix_hit_tokens_total,
 pd_kv_transfer_bytes_total (counters), pd_kv_transfer_seconds (histogram) — from the
-orchestrator; pd_kv_blocks_used / pd_kv_blocks_free (gauges) — from each worker.
+orchestrator; pd_kv_blocks_used / pd_kv_blocks_free (gauges) and pd_kv_imports_total (counter,
+label ``path``: "device" when a decode read a same-GPU prefill's cache directly, "host" over the
+shared-memory or tcp pool) — from each worker.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ class WorkerMetrics:
         # A MetricFamily must outlive its Metrics: keep both.
         self._families: tuple[Any, ...] = (
             mf("pd_kv_blocks_used", "KV blocks in use", mf.GAUGE),
-            mf("pd_kv_blocks_free", "KV blocks free", mf.GAUGE))
+            mf("pd_kv_blocks_free", "KV blocks free", mf.GAUGE),
+            mf("pd_kv_imports_total", "KV imports completed, by path", mf.COUNTER))
         self._used = self._families[0].Metric(labels=labels)
         self._free = self._families[1].Metric(labels=labels)
+        self._imports: dict[str, Any] = {}  # path -> Metric, made on first use
+        self._imported: dict[str, int] = {}
+        self._labels = labels
         self._stats = stats
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pd-metrics", daemon=True)
@@ -38,6 +44,13 @@ class WorkerMetrics:
             s = self._stats()
             self._used.set(float(s.num_total_blocks - s.num_free_blocks))
             self._free.set(float(s.num_free_blocks))
+            for path, count in s.kv_imports:
+                if path not in self._imports:
+                    self._imports[path] = self._families[2].Metric(labels={**self._labels, "path": path})
+                    self._imported[path] = 0
+                if count > self._imported[path]:
+                    self._imports[path].increment(float(count - self._imported[path]))
+                    self._imported[path] = count
 
     def close(self) -> None:
         """Stop refreshing and release the metrics, then their families, now: left to the
@@ -47,6 +60,7 @@ class WorkerMetrics:
         self._thread.join(timeout=2.0)
         if not self._thread.is_alive():
             self._used = self._free = None
+            self._imports = {}
             self._families = ()
 
 

@@ -58,6 +58,7 @@ class WorkerStats:
     num_total_blocks: int
     num_running: int
     num_waiting: int = 0
+    kv_imports: tuple[tuple[str, int], ...] = ()  # completed KV imports by path (device, host)
 
 
 @dataclass(slots=True)
@@ -237,7 +238,8 @@ class WorkerService:
     def _read_stats(self) -> WorkerStats:
         bm = self._engine.block_manager
         waiting = len(getattr(getattr(self._engine, "scheduler", None), "waiting", ()))
-        return WorkerStats(bm.num_free_blocks, bm.num_total_blocks, len(self._active), waiting)
+        imports = tuple(sorted(getattr(self._kv, "import_counts", {}).items()))
+        return WorkerStats(bm.num_free_blocks, bm.num_total_blocks, len(self._active), waiting, imports)
 
 
 def _close_source(source: Any) -> None:

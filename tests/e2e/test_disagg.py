@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import time
 from typing import Any
 
@@ -91,6 +92,7 @@ def test_ensemble_greedy_equals_engine_and_hf(served: DisaggServer, hf_tokens: l
 def test_transfer_metrics_are_exact_in_bytes(served: DisaggServer) -> None:
     bytes_before = metric(served, "pd_kv_transfer_bytes_total", "llm")
     seconds_before = metric(served, "pd_kv_transfer_seconds_sum", "llm")
+    imports_before = kv_imports(served, "decode", "host")
     # A prompt no node holds: once a decode node stored a prompt's chain, a repeat of it is
     # planned locally there (fully cached), with no transfer.
     fresh = PROMPT.lower()
@@ -102,6 +104,22 @@ def test_transfer_metrics_are_exact_in_bytes(served: DisaggServer) -> None:
         time.sleep(0.05)
     assert metric(served, "pd_kv_transfer_bytes_total", "llm") - bytes_before == expected == 104448
     assert metric(served, "pd_kv_transfer_seconds_sum", "llm") > seconds_before
+    # the decode worker counts the import by path: on CPU it came over the host pool
+    while time.monotonic() < deadline and kv_imports(served, "decode", "host") == imports_before:
+        time.sleep(0.05)
+    assert kv_imports(served, "decode", "host") == imports_before + 1
+    assert kv_imports(served, "decode", "device") == 0
+
+
+def kv_imports(served: DisaggServer, model: str, path: str) -> float:
+    text = requests.get(served.metrics_url, timeout=10).text
+    labels = {"model": model, "path": path}
+    for line in text.splitlines():
+        if line.startswith("pd_kv_imports_total{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.index("}")]))
+            if found == labels:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_first_token_streams_from_prefill_before_decode_finishes(

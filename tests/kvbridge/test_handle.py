@@ -28,7 +28,10 @@ def test_roundtrip() -> None:
     handle = make_handle()
     back = KVHandle.from_bytes(handle.to_bytes())
     assert back == handle
-    assert (back.version, back.block_slots, back.block_gens) == (2, (5, 6, 9), (3, 1, 7))
+    assert (back.version, back.block_slots, back.block_gens) == (3, (5, 6, 9), (3, 1, 7))
+    assert back.device_ref == b""
+    with_ref = dataclasses.replace(handle, device_ref=b"\x81\x01\x02")
+    assert KVHandle.from_bytes(with_ref.to_bytes()).device_ref == b"\x81\x01\x02"
     wire = msgpack.unpackb(handle.to_bytes(), raw=False)
     assert (wire["block_slots"], wire["block_gens"]) == ([5, 6, 9], [3, 1, 7])
     assert back.source_host_port == ("10.0.0.2", 7000)
@@ -87,13 +90,15 @@ def _wire(**changes: object) -> bytes:
 
 
 def test_from_bytes_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match=r"version: unsupported KV handle version 3 \(expected 2\)"):
-        KVHandle.from_bytes(_wire(version=3))
+    with pytest.raises(ValueError, match=r"version: unsupported KV handle version 4 \(expected 3\)"):
+        KVHandle.from_bytes(_wire(version=4))
     v1 = msgpack.unpackb(make_handle().to_bytes(), raw=False)
     del v1["block_gens"]
     v1["version"] = 1
-    with pytest.raises(ValueError, match=r"^version: unsupported KV handle version 1 \(expected 2\)$"):
+    with pytest.raises(ValueError, match=r"^version: unsupported KV handle version 1 \(expected 3\)$"):
         KVHandle.from_bytes(msgpack.packb(v1, use_bin_type=True))
+    with pytest.raises(ValueError, match=r"device_ref: expected <= 1048576 bytes, got 'x'"):
+        KVHandle.from_bytes(_wire(device_ref="x"))
     with pytest.raises(ValueError, match=r"num_tokens: expected an int >= 1, got '10'"):
         KVHandle.from_bytes(_wire(num_tokens="10"))
     with pytest.raises(ValueError, match=r"fields: expected \["):
