@@ -86,11 +86,13 @@ class Orchestrator:
         self._max_model_len = max_model_len
 
     def tokenize(self, req: GenerateRequest) -> list[int]:
+        """The prompt's token ids. A max_tokens beyond the room left (max_model_len - prompt) is
+        not refused: as in vLLM, the engine ends the request with "length" when the sequence
+        reaches max_model_len. Only a prompt longer than max_model_len is (ValueError)."""
         ids = list(self._tokenizer.encode(req.prompt))
-        if len(ids) + req.params.max_tokens > self._max_model_len:
-            raise ValueError(
-                f"text_input: prompt has {len(ids)} tokens; with max_tokens={req.params.max_tokens} "
-                f"that exceeds max_model_len={self._max_model_len}")
+        if len(ids) > self._max_model_len:
+            raise ValueError(f"text_input: the prompt (length {len(ids)}) is longer than the maximum "
+                             f"model length of {self._max_model_len}")
         return ids
 
     async def handle(self, req: GenerateRequest, client: ClientChannel) -> Timing:
