@@ -3,7 +3,9 @@
 ``async_exec(decoupled=True)`` hands back a response iterator whose ``next`` blocks until the
 worker's next response; each ``next`` runs on a pool of daemon threads so the event loop (and
 every other request) keeps going. Every iterator is read to its final response, then held by
-the model's Keeper until python_backend has let go of it (backends/serving/pb_lifetimes.py).
+the model's Keeper until python_backend has let go of it (backends/serving/pb_lifetimes.py),
+except a stream abandoned because its worker died (worker_health.ABANDON): its final response
+never comes, so it goes to the Keeper as it is and its pending ``next`` is given up.
 A worker error response becomes WorkerError with its code. A public request's channel is used
 from the event loop thread only: its responses, its cancellation checks (CancelCheck: over IPC
 at most every 0.5 s) and, after its final response, handing the request to the Keeper.
@@ -24,6 +26,7 @@ from backends.serving.pb_lifetimes import CancelCheck, Keeper, requested_outputs
 from backends.serving.public_io import Chunk, ensemble_tensors, llm_tensors
 from backends.serving.requests import GenerateRequest
 from backends.serving.triton_io import make_response
+from backends.serving.worker_health import ABANDON
 from backends.serving.worker_io import (
     WorkerJob,
     WorkerUpdate,
@@ -56,12 +59,15 @@ class BlsWorkers:
         or abandoning the stream), the response iterator is read to its end (python_backend
         forgets a BLS iterator dropped before its final response and then blocks in the stub's
         finalize draining it forever) and then handed to the Keeper (dropped before the stub
-        erased it from its map, it would be destroyed without the GIL: pb_lifetimes.py)."""
-        responses = await self._request(model, job).async_exec(decoupled=True)
-        iterator = iter(responses)
+        erased it from its map, it would be destroyed without the GIL: pb_lifetimes.py).
+        Cancelled with ABANDON (its worker is dead), it is held as it is instead: draining it
+        would block a thread for good, and the thread inside its ``next`` is written off."""
+        iterator: Any = None
         loop = asyncio.get_running_loop()
-        ended = False
+        ended = abandoned = False
         try:
+            responses = await self._request(model, job).async_exec(decoupled=True)
+            iterator = iter(responses)
             while True:
                 response: Any = await loop.run_in_executor(self._pool, next, iterator, _DONE)
                 if response is _DONE:
@@ -77,8 +83,16 @@ class BlsWorkers:
                 yield update
                 if update.final:
                     return
+        except asyncio.CancelledError as exc:
+            abandoned = ABANDON in exc.args
+            raise
         finally:
-            if ended:
+            if iterator is None:
+                pass
+            elif abandoned:
+                self._keeper.hold(iterator)
+                self._pool.write_off()
+            elif ended:
                 self._keeper.hold(iterator)
             else:
                 try:
@@ -104,7 +118,7 @@ class BlsWorkers:
 
 def public_tensors(req: GenerateRequest, chunk: Chunk, block_size: int) -> dict[str, np.ndarray]:
     """The public model's output tensors for ``chunk`` (``llm`` 1-D, ``ensemble`` batched)."""
-    return llm_tensors(req, chunk) if req.api == "llm" else ensemble_tensors(chunk, block_size)
+    return llm_tensors(req, chunk) if req.api == "llm" else ensemble_tensors(req, chunk, block_size)
 
 
 class TritonChannel:

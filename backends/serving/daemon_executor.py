@@ -34,6 +34,7 @@ class DaemonExecutor(Executor):
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._written_off = 0
         self._closed = False
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
@@ -42,11 +43,18 @@ class DaemonExecutor(Executor):
                 raise RuntimeError(f"{self._name}: submit after shutdown")
             future: Future[Any] = Future()
             self._work.put((future, fn, args, kwargs))
-            if not self._idle.acquire(timeout=0) and len(self._threads) < self._max_threads:
+            busy_or_idle = len(self._threads) - self._written_off
+            if not self._idle.acquire(timeout=0) and busy_or_idle < self._max_threads:
                 thread = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
                 thread.start()
             return future
+
+    def write_off(self) -> None:
+        """The caller knows that one running call will never return (a BLS ``next`` on a dead
+        worker): its thread stops counting toward ``max_threads``, so a new one may start."""
+        with self._lock:
+            self._written_off += 1
 
     def shutdown(self, wait: bool = False, *, cancel_futures: bool = False) -> None:
         """Stops the threads once they are idle; ``wait`` is ignored (daemons are never joined)."""

@@ -11,6 +11,14 @@ Faults (DESIGN.md): a failed prefill is retried once, then the request is recomp
 decode worker (context_and_generation); a generation_only that fails before its first token
 is recomputed there too (with the prefill's first token as prior output). Every request ends
 with a final chunk or an error.
+
+Dead workers (worker_health.py): a wait for a worker's next update that lasts ``silence_s``
+asks whether the worker is alive; if not, the stream is abandoned (WorkerError UNAVAILABLE
+naming the model), the Supervisor stops planning on it, and the request goes on elsewhere: a
+dead prefill is not retried (recompute on decode); a dead decode worker's request is recomputed
+on another live worker with the tokens streamed so far as prior output (the client's stream
+goes on); with no other live worker it ends with that error. Down workers are re-probed as
+requests arrive and planned on again once they answer.
 """
 
 from __future__ import annotations
@@ -26,10 +34,18 @@ from typing import Any, Protocol
 
 from backends.serving.chat import with_chat_prompt
 from backends.serving.detokenize import TextStream
-from backends.serving.errors import CANCELLED, INVALID_ARG, RequestCancelled, WorkerError
+from backends.serving.errors import (
+    CANCELLED,
+    INVALID_ARG,
+    UNAVAILABLE,
+    RequestCancelled,
+    WorkerError,
+    WorkerUnavailable,
+)
 from backends.serving.public_io import Chunk, Timing
 from backends.serving.requests import GenerateRequest, with_bad_words_ids
 from backends.serving.supervisor import ClusterSnapshot, Plan, Supervisor
+from backends.serving.worker_health import ABANDON, WorkerHealth
 from backends.serving.worker_io import WorkerJob, WorkerUpdate
 
 LOG = logging.getLogger(__name__)
@@ -78,7 +94,9 @@ class _Run:
 class Orchestrator:
     def __init__(self, tokenizer: Any, supervisor: Supervisor, workers: WorkerClient,
                  max_model_len: int,
-                 cluster: Callable[[Sequence[int]], ClusterSnapshot] | None = None) -> None:
+                 cluster: Callable[[Sequence[int]], ClusterSnapshot] | None = None,
+                 health: WorkerHealth | None = None) -> None:
+        self._health = health
         self._cluster = cluster  # the master's view for planning (kv_cluster.ClusterView.snapshot)
         self._tokenizer = tokenizer
         self._supervisor = supervisor
@@ -102,7 +120,7 @@ class Orchestrator:
         prompt_ids = self.tokenize(req)
         req = with_bad_words_ids(req, self._tokenizer)
         run = _Run(req, prompt_ids, TextStream(self._tokenizer, req.params.stop, prompt_ids), arrival_ns)
-        plan = self._supervisor.plan(len(prompt_ids), await self._snapshot(prompt_ids))
+        plan = await self._plan(prompt_ids)
         try:
             await self._execute(run, plan, client)
         finally:
@@ -110,6 +128,17 @@ class Orchestrator:
         timing = run.timing()
         client.send(self._final_chunk(run, timing), final=True)
         return timing
+
+    async def _plan(self, prompt_ids: list[int]) -> Plan:
+        snapshot = await self._snapshot(prompt_ids)
+        if self._health is None:
+            return self._supervisor.plan(len(prompt_ids), snapshot)
+        self._health.revive()
+        try:
+            return self._supervisor.plan(len(prompt_ids), snapshot)
+        except WorkerUnavailable:  # every worker down: ask them now rather than fail at once
+            await self._health.revive_now()
+            return self._supervisor.plan(len(prompt_ids), snapshot)
 
     async def _snapshot(self, prompt_ids: list[int]) -> ClusterSnapshot | None:
         if self._cluster is None:
@@ -124,14 +153,14 @@ class Orchestrator:
         rid = uuid.uuid4().hex
         job = WorkerJob(rid, "context_and_generation", tuple(run.prompt_ids), run.req.params)
         if plan.prefill is None:
-            await self._consume(run, plan.decode, job, client)
+            await self._decode(run, plan.decode, job, client)
             return
         prefill_rid = await self._prefill(run, plan.prefill, job, client)
         if run.finish_reason:
             return  # the first token already ended it (EOS, stop, max_tokens=1)
         recompute = replace(job, prior_output_ids=tuple(run.output_ids))
         if prefill_rid is None:
-            await self._consume(run, plan.decode, recompute, client)
+            await self._decode(run, plan.decode, recompute, client)
             return
         decode_job = replace(recompute, request_type="generation_only", kv_handle=run.handle)
         first_tokens = len(run.output_ids)
@@ -141,11 +170,39 @@ class Orchestrator:
             await self._workers.cancel(plan.prefill, prefill_rid)  # drops the hand-off if never pulled
             raise
         except WorkerError as exc:
-            if exc.code == CANCELLED or len(run.output_ids) > first_tokens:
+            dead = await self._went_down(plan.decode, exc)
+            if exc.code == CANCELLED or (len(run.output_ids) > first_tokens and not dead):
                 raise
-            LOG.warning("decode %s failed before its first token (%s): recomputing there", plan.decode, exc)
+            LOG.warning("decode %s failed (%s) after %d tokens: recomputing", plan.decode, exc,
+                        len(run.output_ids))
             await self._workers.cancel(plan.prefill, prefill_rid)
-            await self._consume(run, plan.decode, replace(recompute, request_id=f"{rid}.r"), client)
+            await self._decode(run, plan.decode, replace(
+                recompute, request_id=f"{rid}.r", prior_output_ids=tuple(run.output_ids)), client)
+
+    async def _decode(self, run: _Run, model: str, job: WorkerJob, client: ClientChannel) -> None:
+        """Runs ``job`` (context_and_generation) to its end on ``model``, or, if ``model`` is
+        (or goes) down, on another live worker with what was generated so far as prior output."""
+        if self._health is not None and self._health.is_down(model):
+            model = self._supervisor.fallback(model) or model
+        try:
+            await self._consume(run, model, job, client)
+        except WorkerError as exc:
+            other = self._supervisor.fallback(model) if await self._went_down(model, exc) else None
+            if other is None or run.finish_reason:
+                raise
+            if len(run.output_ids) >= run.req.params.max_tokens:
+                run.finish_reason = "length"
+                return
+            LOG.warning("%s; recomputing on %s after %d tokens", exc, other, len(run.output_ids))
+            resumed = replace(job, request_id=f"{job.request_id}.f", request_type="context_and_generation",
+                              prior_output_ids=tuple(run.output_ids), kv_handle=b"")
+            await self._consume(run, other, resumed, client)
+
+    async def _went_down(self, model: str, exc: WorkerError) -> bool:
+        """Whether ``model``, which failed with ``exc``, is down (a probe decides when due)."""
+        if self._health is None or exc.code in (CANCELLED, INVALID_ARG):
+            return False
+        return not await self._health.alive(model)
 
     async def _prefill(self, run: _Run, model: str, job: WorkerJob, client: ClientChannel) -> str | None:
         """Runs context_only (one retry); the prefill's request id, or None when both failed."""
@@ -157,6 +214,8 @@ class Orchestrator:
                 if exc.code in (CANCELLED, INVALID_ARG):
                     raise
                 LOG.warning("prefill %s failed (attempt %d): %s", model, attempt + 1, exc)
+                if await self._went_down(model, exc):
+                    return None  # a dead worker is not retried: recompute on decode
                 continue
             if run.finish_reason or run.handle:
                 return rid
@@ -176,10 +235,17 @@ class Orchestrator:
     async def _updates(self, model: str, job: WorkerJob, client: ClientChannel) -> AsyncIterator[WorkerUpdate]:
         """The worker's updates; polls the client's cancellation while waiting for each."""
         stream = self._workers.stream(model, job).__aiter__()
+        loop = asyncio.get_running_loop()
         while True:
             task = asyncio.ensure_future(stream.__anext__())
+            waited_since = loop.time()
             while not task.done():
                 await asyncio.wait({task}, timeout=CANCEL_POLL_S)
+                health = self._health
+                if not task.done() and health is not None and \
+                        loop.time() - waited_since >= health.config.silence_s:
+                    await self._check_alive(health, model, task, loop.time() - waited_since)
+                    waited_since = loop.time()
                 if not task.done() and client.is_cancelled():
                     await self._workers.cancel(model, job.request_id)
                     await asyncio.wait({task}, timeout=CANCEL_GRACE_S)  # the worker's CANCELLED final
@@ -196,6 +262,18 @@ class Orchestrator:
                 await self._workers.cancel(model, job.request_id)
                 raise RequestCancelled("request cancelled by the client")
             yield update
+
+    @staticmethod
+    async def _check_alive(health: WorkerHealth, model: str, task: asyncio.Future[Any], silent_s: float) -> None:
+        """Abandons ``task`` (the stream's pending read) and raises WorkerError UNAVAILABLE if
+        ``model`` does not answer a probe."""
+        if task.done() or await health.alive(model):
+            return
+        task.cancel(ABANDON)
+        with contextlib.suppress(BaseException):
+            await task
+        raise WorkerError(f"{model}: no update for {silent_s:.1f} s and the worker does not answer "
+                          "(its process died?)", UNAVAILABLE)
 
     def _absorb(self, run: _Run, update: WorkerUpdate, client: ClientChannel) -> bool:
         """Adds an update's tokens; streams the new text. True when a stop string ended it."""

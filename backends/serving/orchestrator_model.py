@@ -8,7 +8,9 @@ Decoupled (the default deployment): responses go out through each request's send
 each the full result or that request's own error; the stub waits for it before the next batch
 (``ensemble`` is dynamically batched so waiting requests join the next batch together).
 Model parameters: api (llm | ensemble), source, max_tokens, max_model_len, disaggregation
-(on | off), prefill_models and decode_models (comma-separated worker model names).
+(on | off), prefill_models and decode_models (comma-separated worker model names),
+worker_silence_s and worker_probe_timeout_s (worker_health.HealthConfig: a request on a worker
+that died learns it within their sum; defaults 2 and 8).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from backends.serving.pb_lifetimes import Keeper
 from backends.serving.requests import Limits, parse_ensemble, parse_llm
 from backends.serving.supervisor import Supervisor
 from backends.serving.tokenizers import load_tokenizer
+from backends.serving.worker_health import HealthConfig, WorkerHealth
 
 LOG = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ class TritonPythonModel:
             supervisor = Supervisor(_names(p.get("prefill_models", "")), _names(p.get("decode_models", "")),
                                     p.get("disaggregation", "off") == "on")
             tokenizer = load_tokenizer(p.get("source", "tiny-llama"))
+            health_config = HealthConfig(float(p.get("worker_silence_s", "2")),
+                                         float(p.get("worker_probe_timeout_s", "8")))
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from exc
         self.block_size = int(p.get("block_size", "16"))
@@ -55,8 +60,10 @@ class TritonPythonModel:
         self.workers = BlsWorkers(pb_utils, self.keeper)
         # disagg hook (owner of kv*.py): plan with the kvbridge master's prefix hits and loads when one is set
         self.cluster = ClusterView.from_env(p.get("source", "tiny-llama"), self.block_size)
+        self.health = WorkerHealth(self.workers.cancel, health_config, on_change=supervisor.set_down)
         self.orchestrator = Orchestrator(tokenizer, supervisor, self.workers, int(p.get("max_model_len", "1024")),
-                                         self.cluster.snapshot if self.cluster is not None else None)
+                                         self.cluster.snapshot if self.cluster is not None else None,
+                                         health=self.health)
         self.metrics = RequestMetrics(pb_utils, args["model_name"])
         self.tasks: set[asyncio.Task[None]] = set()
 

@@ -11,6 +11,9 @@ many of the prompt's full blocks each node already holds. Policy (pure functions
 - ``rebalance``: move one worker from the idle side to the overloaded side when one side's
   mean pending load exceeds ``ratio`` times the other's (each side keeps one worker).
 Worker models serve every request type; the role is only this label (see worker.py).
+A worker marked down (``set_down``: its process died, worker_health.py) gets no new plan until
+it is marked up: with no live prefill worker plans are local; with no live decode worker a live
+prefill worker decodes; with none live at all ``plan`` raises WorkerUnavailable.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from backends.serving.errors import WorkerUnavailable
 
 Role = Literal["prefill", "decode"]
 SLACK = 2
@@ -91,6 +96,7 @@ class Supervisor:
         self._prefill = list(prefill_models)
         self._decode = list(decode_models)
         self._load: dict[str, int] = dict.fromkeys(self._prefill + self._decode, 0)
+        self._down: set[str] = set()
         self._lock = threading.Lock()
 
     def plan(self, num_prompt_tokens: int, cluster: ClusterSnapshot | None = None) -> Plan:
@@ -98,10 +104,16 @@ class Supervisor:
         cluster = cluster or ClusterSnapshot()
         with self._lock:
             self._rebalance()
-            decode = choose_worker(self._decode, self._load, cluster)
+            prefills = [m for m in self._prefill if m not in self._down]
+            decodes = [m for m in self._decode if m not in self._down] or prefills
+            if not decodes:
+                raise WorkerUnavailable(f"no live worker: {', '.join(sorted(self._down))} down (a worker "
+                                        "process died; it is being reloaded): retry later")
+            decode = choose_worker(decodes, self._load, cluster)
+            prefills = [m for m in prefills if m != decode]
             prefill = None
-            if num_prompt_tokens > 0 and not is_local(self.disaggregation, bool(self._prefill), decode, cluster):
-                prefill = choose_worker(self._prefill, self._load, cluster)
+            if num_prompt_tokens > 0 and not is_local(self.disaggregation, bool(prefills), decode, cluster):
+                prefill = choose_worker(prefills, self._load, cluster)
             for name in (prefill, decode):
                 if name is not None:
                     self._load[name] += 1
@@ -112,6 +124,30 @@ class Supervisor:
             for name in (plan.prefill, plan.decode):
                 if name is not None:
                     self._load[name] -= 1
+
+    def set_down(self, model: str, down: bool) -> None:
+        """Marks ``model`` down (no new plan uses it) or back up; ValueError if unknown."""
+        with self._lock:
+            if model not in self._load:
+                raise ValueError(f"model: unknown worker {model!r}")
+            if down:
+                self._down.add(model)
+            else:
+                self._down.discard(model)
+
+    def fallback(self, exclude: str) -> str | None:
+        """A live worker other than ``exclude`` to recompute a request on (decode side first,
+        then the least loaded), or None."""
+        with self._lock:
+            for side in (self._decode, self._prefill):
+                live = [m for m in side if m != exclude and m not in self._down]
+                if live:
+                    return min(live, key=lambda m: self._load[m])
+            return None
+
+    def down(self) -> set[str]:
+        with self._lock:
+            return set(self._down)
 
     def relabel(self, model: str, role: Role) -> None:
         """Moves ``model`` to the ``role`` side; ValueError if unknown or the last of its side."""

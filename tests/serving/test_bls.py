@@ -20,6 +20,7 @@ import numpy as np
 
 from backends.serving.bls import BlsWorkers
 from backends.serving.pb_lifetimes import Keeper
+from backends.serving.worker_health import ABANDON
 from backends.serving.worker_io import WorkerJob, WorkerUpdate, update_tensors
 
 
@@ -134,3 +135,39 @@ def test_stream_read_to_the_end_yields_every_update() -> None:
     assert updates == [((4,), False, ""), ((5,), True, "length")]
     assert transport.read == [4, 5]
     assert len(keeper) == 1
+
+
+def test_a_stream_abandoned_for_a_dead_worker_is_kept_without_draining() -> None:
+    """Cancelled with ABANDON while its ``next`` blocks (the worker died): no drain is started
+    (it would block a second thread for good); the iterator is kept and the blocked thread is
+    written off, so the next call gets a thread of its own."""
+    dead = threading.Event()
+    transport = _Transport([7, 8])
+
+    def responses() -> Iterator[_Response]:
+        yield _Response(WorkerUpdate((7,), (), False, "", 3, 1, 0))
+        dead.wait(10)  # the worker died: its next response never comes
+        yield _Response(WorkerUpdate((8,), (), True, "length", 3, 2, 0))
+
+    transport.responses = responses  # type: ignore[method-assign]
+
+    async def run(workers: BlsWorkers) -> tuple[tuple[int, ...], str]:
+        stream: Any = workers.stream("worker", WorkerJob("r3", "context_and_generation", (1,)))
+        first = await stream.__anext__()
+        pending = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.05)
+        pending.cancel(ABANDON)
+        await asyncio.gather(pending, return_exceptions=True)
+        name = await asyncio.get_running_loop().run_in_executor(
+            workers._pool, lambda: threading.current_thread().name)
+        return first.new_token_ids, name
+
+    keeper = Keeper()
+    workers = BlsWorkers(_PbUtils(transport), keeper, max_threads=1)
+    try:
+        first, name = asyncio.run(run(workers))
+        assert len(keeper) == 1
+    finally:
+        dead.set()
+        workers.close()
+    assert (first, name) == ((7,), "pd-bls_1")

@@ -71,3 +71,15 @@ def test_a_call_that_never_returns_does_not_block_interpreter_exit() -> None:
             "pool.shutdown(wait=True)\nprint('exiting')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stdout) == (0, "exiting\n")
+
+
+def test_a_written_off_thread_frees_its_place() -> None:
+    pool = DaemonExecutor(1, "off")
+    stuck = threading.Event()
+    try:
+        pool.submit(stuck.wait, 5)
+        pool.write_off()  # that call is known never to return
+        assert pool.submit(lambda: threading.current_thread().name).result(5) == "off_1"
+    finally:
+        stuck.set()
+        pool.shutdown()
