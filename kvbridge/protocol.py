@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -231,11 +232,19 @@ def expect_message(msg: object, cls: type[M]) -> M:
 
 # ----- blocking sockets (the caller sets the socket timeout from its deadline)
 
-def recv_exactly(sock: socket.socket, nbytes: int) -> bytearray:
+def recv_exactly(sock: socket.socket, nbytes: int, deadline: float | None = None) -> bytearray:
+    """``nbytes`` bytes; with a ``time.monotonic()`` deadline, TimeoutError once it passed (the
+    socket's timeout then bounds the whole read, not each recv: a trickling peer cannot stretch
+    it)."""
     buf = bytearray(nbytes)
     view = memoryview(buf)
     got = 0
     while got < nbytes:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"frame not complete in time: {got} of {nbytes} bytes")
+            sock.settimeout(left)
         n = sock.recv_into(view[got:])
         if n == 0:
             raise ProtocolError(f"connection closed after {got} of {nbytes} bytes")
@@ -247,9 +256,10 @@ def send_message(sock: socket.socket, msg: object) -> None:
     sock.sendall(encode_frame(msg))
 
 
-def recv_message(sock: socket.socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> object:
-    length = decode_header(bytes(recv_exactly(sock, HEADER.size)), max_frame_bytes)
-    return decode_body(bytes(recv_exactly(sock, length)))
+def recv_message(sock: socket.socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 deadline: float | None = None) -> object:
+    length = decode_header(bytes(recv_exactly(sock, HEADER.size, deadline)), max_frame_bytes)
+    return decode_body(bytes(recv_exactly(sock, length, deadline)))
 
 
 # ----- asyncio streams

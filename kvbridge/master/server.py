@@ -6,6 +6,10 @@ index rejects (unknown node, bad value) gets ``ErrorReply`` and the connection s
 bad frame (malformed, oversized, wrong version) or failed authentication gets ``ErrorReply``
 and the connection is closed. Neither affects other connections.
 Nodes silent for ``heartbeat_timeout_s`` are dropped with all their entries by the reaper.
+Limits: at most ``max_connections`` connections (a further one is closed at once); the Hello
+frame may announce at most ``HELLO_MAX_FRAME_BYTES``; batch inserts and removes are applied in
+slices of ``INDEX_SLICE`` hashes with the loop free in between, so heartbeats and lookups on
+other connections are answered while a huge batch is indexed.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from kvbridge.master.messages import (
 from kvbridge.protocol import DEFAULT_MAX_FRAME_BYTES, ErrorReply, Ok, read_message, write_message
 
 log = logging.getLogger(__name__)
+HELLO_MAX_FRAME_BYTES = 4096
+INDEX_SLICE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +50,11 @@ class MasterConfig:
     auth_timeout_s: float = 5.0
     idle_timeout_s: float = 600.0
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections: expected >= 1, got {self.max_connections}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: expected 0..65535, got {self.port}")
         if self.heartbeat_timeout_s <= 0:
@@ -95,6 +104,10 @@ class MasterServer:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(self._conns) >= self.config.max_connections:
+            log.warning("kvbridge master: %d connections open, refusing one", len(self._conns))
+            writer.close()
+            return
         if task is not None:
             self._conns.add(task)
         try:
@@ -117,24 +130,29 @@ class MasterServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cfg = self.config
-        hello = await read_message(reader, cfg.auth_timeout_s, cfg.max_frame_bytes)
+        hello = await asyncio.wait_for(
+            read_message(reader, cfg.auth_timeout_s, min(HELLO_MAX_FRAME_BYTES, cfg.max_frame_bytes)),
+            cfg.auth_timeout_s)
         check_hello(hello, cfg.token)
         await write_message(writer, HelloAck("kvbridge-master"), cfg.auth_timeout_s)
         while True:
             request = await read_message(reader, cfg.idle_timeout_s, cfg.max_frame_bytes)
-            await write_message(writer, self._handle(request), cfg.idle_timeout_s)
+            await write_message(writer, await self._handle(request), cfg.idle_timeout_s)
 
-    def _handle(self, request: object) -> object:
+    async def _handle(self, request: object) -> object:
         """Applies one request to the index; a rejected request is an ErrorReply, not a raise."""
         now = time.monotonic()
         index = self.index
         try:
             if isinstance(request, Lookup):
                 return LookupReply(index.lookup(request.block_hashes))
-            if isinstance(request, InsertBlocks):
-                index.insert(request.node_id, request.tier, request.block_hashes)
-            elif isinstance(request, RemoveBlocks):
-                index.remove(request.node_id, request.tier, request.block_hashes)
+            if isinstance(request, (InsertBlocks, RemoveBlocks)):
+                apply = index.insert if isinstance(request, InsertBlocks) else index.remove
+                hashes = request.block_hashes
+                for start in range(0, max(len(hashes), 1), INDEX_SLICE):
+                    apply(request.node_id, request.tier, hashes[start:start + INDEX_SLICE])
+                    if start + INDEX_SLICE < len(hashes):
+                        await asyncio.sleep(0)
             elif isinstance(request, Heartbeat):
                 index.heartbeat(request.node_id, request.load, now)
             elif isinstance(request, RegisterNode):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -20,6 +21,7 @@ import xxhash
 from kvbridge.auth import Hello, HelloAck
 from kvbridge.errors import ProtocolError, RemoteError
 from kvbridge.protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
     HEADER,
     ErrorReply,
     decode_body,
@@ -67,16 +69,20 @@ def send_buffers(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> 
                 sent = 0
 
 
-def recv_request(sock: socket.socket) -> object | None:
-    """The next frame of a persistent connection; None when the peer closed it between frames."""
+def recv_request(sock: socket.socket, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 frame_timeout_s: float | None = None) -> object | None:
+    """The next frame of a persistent connection; None when the peer closed it between frames.
+    Waiting for a frame to start is bounded by the socket's timeout; once its first byte came,
+    the whole frame must arrive within ``frame_timeout_s``."""
     header = bytearray(HEADER.size)
     got = sock.recv_into(header)
     if got == 0:
         return None
+    deadline = None if frame_timeout_s is None else time.monotonic() + frame_timeout_s
     if got < HEADER.size:
-        header[got:] = recv_exactly(sock, HEADER.size - got)
-    length = decode_header(bytes(header))
-    return decode_body(bytes(recv_exactly(sock, length)))
+        header[got:] = recv_exactly(sock, HEADER.size - got, deadline)
+    length = decode_header(bytes(header), max_frame_bytes)
+    return decode_body(bytes(recv_exactly(sock, length, deadline)))
 
 
 class FrameReader:

@@ -18,10 +18,18 @@ slot still has its generation (``SlotAllocator.pin(slots, gens)``, atomic): a sl
 handed to another sequence since the handle was built is refused with ErrorReply("stale"),
 nothing is pinned, and the connection is closed, as after any failed request.
 
-Each request has the deadline it names; past it the server sends ErrorReply("timeout") and
-drops the connection (any failure drops it). Threads: one accept thread plus one persistent
-thread per open connection (at most ``max_connections``), never one per request; ``close()``
-shuts every socket and joins every thread.
+Each request has the deadline it names, capped at ``max_wait_s``; past it the server sends
+ErrorReply("timeout") and drops the connection (any failure drops it). A peer that disconnects
+while its pull waits for a transfer frees its thread within ``PEER_POLL_S``. Threads: one accept
+thread plus one persistent thread per open connection (at most ``max_connections``; when full, a
+new connection takes the place of the longest-idle one, else it is refused), never one per
+request; ``close()`` shuts every socket and joins every thread.
+
+Memory before and after authentication: the Hello frame may announce at most
+``HELLO_MAX_FRAME_BYTES`` and must arrive whole within ``auth_timeout_s``; a request frame at
+most ``REQUEST_MAX_FRAME_BYTES``, whole within ``frame_timeout_s`` of its first byte. So one
+connection buffers at most 1 MiB and the server at most ``max_connections`` MiB, however
+slowly a peer trickles.
 """
 
 from __future__ import annotations
@@ -61,6 +69,11 @@ from kvbridge.transport.tcp_publish import PublishedTransfer
 log = logging.getLogger(__name__)
 AUTH_TIMEOUT_S = 5.0
 IDLE_TIMEOUT_S = 300.0
+FRAME_TIMEOUT_S = 10.0
+MAX_WAIT_S = 60.0
+PEER_POLL_S = 0.25
+HELLO_MAX_FRAME_BYTES = 4096
+REQUEST_MAX_FRAME_BYTES = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,9 +92,13 @@ class _Source:
 
 class BlockServer:
     def __init__(self, host: str, port: int, *, token: str | None, chunk_bytes: int,
-                 sock_buf_bytes: int, max_connections: int = 64) -> None:
+                 sock_buf_bytes: int, max_connections: int = 64, auth_timeout_s: float = AUTH_TIMEOUT_S,
+                 frame_timeout_s: float = FRAME_TIMEOUT_S, max_wait_s: float = MAX_WAIT_S) -> None:
         check_bind(host, token)
         self._token = token
+        self._auth_timeout_s, self._frame_timeout_s = auth_timeout_s, frame_timeout_s
+        self._max_wait_s = max_wait_s
+        self._idle_since: dict[socket.socket, float] = {}  # connections waiting for a request
         self._chunk_bytes = chunk_bytes
         self._sock_buf_bytes = sock_buf_bytes
         self._max_connections = max_connections
@@ -137,7 +154,9 @@ class BlockServer:
             except OSError:
                 return
             with self._lock:
-                if len(self._conns) >= self._max_connections:
+                if len(self._conns) >= self._max_connections and not self._evict_idle():
+                    log.warning("kvbridge block server: %d connections, none idle: refusing one",
+                                len(self._conns))
                     sock.close()
                     continue
                 self.connections_accepted += 1
@@ -145,15 +164,32 @@ class BlockServer:
                 self._conns[sock] = thread
             thread.start()
 
+    def _evict_idle(self) -> bool:
+        """Shuts the longest-idle connection down (its thread then ends); False if none is idle.
+        Caller holds the lock."""
+        if not self._idle_since:
+            return False
+        oldest = min(self._idle_since, key=self._idle_since.__getitem__)
+        del self._idle_since[oldest]
+        with contextlib.suppress(OSError):
+            oldest.shutdown(socket.SHUT_RDWR)
+        return True
+
     def _serve_conn(self, sock: socket.socket) -> None:
         try:
             tune(sock, self._sock_buf_bytes)
-            sock.settimeout(AUTH_TIMEOUT_S)
-            check_hello(recv_message(sock), self._token)
+            hello = recv_message(sock, HELLO_MAX_FRAME_BYTES, time.monotonic() + self._auth_timeout_s)
+            check_hello(hello, self._token)
             sock.sendall(encode_frame(HelloAck("kvbridge-block-server")))
             while not self._closed:
                 sock.settimeout(IDLE_TIMEOUT_S)
-                request = recv_request(sock)
+                with self._lock:
+                    self._idle_since[sock] = time.monotonic()
+                try:
+                    request = recv_request(sock, REQUEST_MAX_FRAME_BYTES, self._frame_timeout_s)
+                finally:
+                    with self._lock:
+                        self._idle_since.pop(sock, None)
                 if isinstance(request, PullRequest):
                     self._serve_pull(sock, request)
                 elif isinstance(request, PinRequest):
@@ -168,6 +204,7 @@ class BlockServer:
         finally:
             with self._lock:
                 self._conns.pop(sock, None)
+                self._idle_since.pop(sock, None)
             sock.close()
 
     def _fail(self, sock: socket.socket, exc: Exception) -> None:
@@ -183,8 +220,8 @@ class BlockServer:
 
     def _serve_pull(self, sock: socket.socket, request: PullRequest) -> None:
         start = time.monotonic()
-        deadline = start + request.timeout_s
-        source = self._source_for(request, deadline, start)
+        deadline = start + min(request.timeout_s, self._max_wait_s)
+        source = self._source_for(sock, request, deadline, start)
         try:
             self._stream(sock, request, source, deadline, start)
             if source.transfer is not None:  # the producer's wait() reports the consumer's receipt
@@ -214,11 +251,12 @@ class BlockServer:
         allocator.pin(request.slots, request.gens)
         try:
             sock.sendall(encode_frame(PinGranted(pool.handle)))
-            sock.settimeout(max(request.timeout_s - (time.monotonic() - start), 1e-3))
+            timeout_s = min(request.timeout_s, self._max_wait_s)
+            sock.settimeout(max(timeout_s - (time.monotonic() - start), 1e-3))
             try:
                 reply = recv_request(sock)
             except TimeoutError:
-                raise TransferTimeout(f"shm pin of {len(request.slots)} slots", request.timeout_s,
+                raise TransferTimeout(f"shm pin of {len(request.slots)} slots", timeout_s,
                                       "the consumer's unpin") from None
             if reply is None:
                 return False
@@ -241,12 +279,16 @@ class BlockServer:
             raise ValueError(f"pool_name: this block server serves pool {pool.handle.name!r}, not {pool_name!r}")
         return pool, allocator
 
-    def _source_for(self, request: PullRequest, deadline: float, start: float) -> _Source:
+    def _source_for(self, sock: socket.socket, request: PullRequest, deadline: float, start: float) -> _Source:
         if request.transfer_id:
-            with self._lock:
-                self._lock.wait_for(lambda: request.transfer_id in self._transfers or self._closed,
-                                    remaining(deadline))
-                transfer = self._transfers.get(request.transfer_id)
+            transfer = None
+            while transfer is None and remaining(deadline) > 0 and not self._closed:
+                with self._lock:
+                    self._lock.wait_for(lambda: request.transfer_id in self._transfers or self._closed,
+                                        min(PEER_POLL_S, remaining(deadline)))
+                    transfer = self._transfers.get(request.transfer_id)
+                if transfer is None and _peer_closed(sock):
+                    raise ProtocolError(f"peer left while its pull of {request.transfer_id} waited")
             if transfer is None:
                 raise TransferTimeout(f"tcp serve {request.transfer_id}", deadline - start, "producer start_send")
             transfer.claim()
@@ -280,3 +322,17 @@ class BlockServer:
             pos += nbytes
             if transfer is not None:
                 transfer.layers_sent(pos // layer_nbytes)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """The peer closed its end (an orderly EOF is readable without consuming anything)."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # a socket with a timeout would wait for data first
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(timeout)
