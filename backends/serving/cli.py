@@ -12,66 +12,140 @@ import time
 from pathlib import Path
 
 from backends.serving import demo
-from backends.serving.deploy import Deployment, load_deployment, write_repository
+from backends.serving.deploy import DEFAULT_MODEL, Deployment, load_deployment, write_repository
 from backends.serving.install import find_triton, python_version_tag, repo_root
 from backends.serving.kv_master import start_master_if_needed
 from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer
 from backends.serving.layout import layout_backend_dir
+from backends.serving.startup import (
+    Note,
+    ServerLog,
+    StartupError,
+    check_ports_free,
+    prepare_sources,
+    repository_plan,
+    timed_note,
+    wait_ready,
+)
+from backends.serving.stub_watch import MODEL_CONTROL_ARGS, ModelControl, StubWatcher
 
-OPTIONAL = ("torch", "flash_mla", "deep_ep", "nixl", "tensorrt_llm", "triton", "tritonclient")
+# What doctor reports, and the modules that provide it (the nixl meta package or a build wheel).
+OPTIONAL = {"torch": ("torch",), "flash_mla": ("flash_mla",), "deep_ep": ("deep_ep",),
+            "nixl": ("nixl", "nixl_cu13", "nixl_cu12"), "tensorrt_llm": ("tensorrt_llm",),
+            "triton": ("triton",), "tritonclient": ("tritonclient",)}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser("serve", help="start tritonserver with the pd backends")
-    serve.add_argument("--model-repository", type=Path, default=None)
-    serve.add_argument("--config", type=Path, default=None, help="deployment YAML (generates a repository)")
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--address", default="127.0.0.1")
-    serve.add_argument("--ready-timeout", type=float, default=600.0)
+    serve = subparsers.add_parser(
+        "serve", help="start tritonserver with the pd backends and serve a model repository "
+        "until Ctrl-C", description="Start tritonserver with the pd backends (and a kvbridge "
+        "master unless KVBRIDGE_MASTER names one) and serve until Ctrl-C or SIGTERM.")
+    serve.add_argument("--model-repository", type=Path, default=None,
+                       help="model repository to serve (default: the shipped model_repository/: "
+                       f"{DEFAULT_MODEL}, 1 prefill + 1 decode worker)")
+    serve.add_argument("--config", type=Path, default=None,
+                       help="deployment YAML; a repository is generated from it (see README)")
+    serve.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default: %(default)s)")
+    serve.add_argument("--metrics-port", type=int, default=8002,
+                       help="Prometheus metrics port (default: %(default)s)")
+    serve.add_argument("--address", default="127.0.0.1",
+                       help="address to bind the three ports to (default: %(default)s)")
+    serve.add_argument("--ready-timeout", type=float, default=600.0,
+                       help="seconds to wait for every model to load (default: %(default)s)")
+    serve.add_argument("--verbose", action="store_true",
+                       help="print tritonserver's own log (default: only triton-pd's progress)")
     serve.set_defaults(func=cmd_serve)
-    doctor = subparsers.add_parser("doctor", help="print what serving found on this machine")
+    doctor = subparsers.add_parser(
+        "doctor", help="check this machine: tritonserver, its Python stub, numpy, torch, CUDA "
+        "and the optional accelerators")
     doctor.set_defaults(func=cmd_doctor)
     build = subparsers.add_parser("build-repo", help="write a model repository from a deployment YAML")
-    build.add_argument("--config", type=Path, default=None)
-    build.add_argument("--out", type=Path, required=True)
+    build.add_argument("--config", type=Path, default=None,
+                       help="deployment YAML (default: the default deployment)")
+    build.add_argument("--out", type=Path, required=True, help="directory to write it into")
     build.set_defaults(func=cmd_build_repo)
     demo.register(subparsers)
 
 
 def cmd_build_repo(args: argparse.Namespace) -> int:
-    dep = load_deployment(args.config) if args.config else Deployment()
+    try:
+        dep = _deployment(args.config) if args.config else Deployment()
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"triton-pd build-repo: {_one_line(exc)}") from None
     print("\n".join(write_repository(dep, args.out)))
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+def _deployment(path: Path) -> Deployment:
+    try:
+        return load_deployment(path)
+    except ValueError as exc:
+        text = str(exc)
+        raise ValueError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    install = find_triton()
+    note = timed_note("triton-pd serve", time.monotonic())
     work = Path(tempfile.mkdtemp(prefix="triton-pd-"))
+    try:
+        return _serve(args, work, note)
+    except (ValueError, OSError, RuntimeError, StartupError) as exc:
+        raise SystemExit(f"triton-pd serve: {_one_line(exc)}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace, work: Path, note: Note) -> int:
+    ports = ServerPorts(args.http_port, args.grpc_port, args.metrics_port, args.address)
+    check_ports_free(ports)
+    install = find_triton()
     repo = args.model_repository
     if args.config is not None:
         repo = work / "models"
-        write_repository(load_deployment(args.config), repo)
+        write_repository(_deployment(args.config), repo)
     repo = repo or repo_root() / "model_repository"
+    plan = repository_plan(repo)
+    prepare_sources(plan.sources, note)
     backend_dir = layout_backend_dir(install, work / "backends")
-    ports = ServerPorts(args.http_port, args.grpc_port, args.metrics_port, args.address)
-    server = TritonServer(LaunchSpec(install, repo, backend_dir, ports))
-    stop = {"now": False}
+    # issue 8: explicit model control lets stub_watch reload a model whose process died;
+    # die_with_parent: a killed launcher takes its tritonserver along (no orphan).
+    server = TritonServer(LaunchSpec(install, repo, backend_dir, ports, extra_args=MODEL_CONTROL_ARGS,
+                                     die_with_parent=True), work / "tritonserver.log")
+    log = ServerLog(work / "tritonserver.log", sys.stdout if args.verbose else None)
+    stop = {"now": False, "ready": False}
+
+    def _stop(*_: object) -> None:
+        stop["now"] = True
+        if not stop["ready"]:
+            raise KeyboardInterrupt  # stops waiting for the models to load
+
     # Both signals stop the server, also when a launching shell left SIGINT ignored.
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.update(now=True))
+        signal.signal(signum, _stop)
     # disagg hook (owner of kv*.py): a loopback kvbridge master unless KVBRIDGE_MASTER names one;
     # it exports KVBRIDGE_MASTER, which tritonserver's workers and orchestrators inherit.
     master = start_master_if_needed()
     server.start()
     status = 0
+    watcher: StubWatcher | None = None
     try:
-        server.wait_ready(args.ready_timeout)
+        wait_ready(server, log, plan, args.ready_timeout, note)
+        stop["ready"] = True
         print(f"triton-pd: serving {repo} on http {args.address}:{args.http_port}, "
               f"grpc :{args.grpc_port}, metrics :{args.metrics_port} (tritonserver pid {server.pid}); "
               "Ctrl-C stops", flush=True)
+        watcher = StubWatcher(server.pid or 0, ModelControl(server.http_url, args.ready_timeout),
+                              lambda: server.poll() is None,
+                              lambda line: print(line, file=sys.stderr, flush=True))
         while not stop["now"] and server.poll() is None:
+            log.poll()
             time.sleep(0.5)
         code = server.poll()
         if not stop["now"] and code is not None:
@@ -81,10 +155,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if watcher is not None:
+            watcher.close()  # first: the stubs are about to exit on purpose
         server.close()
+        log.poll()
         if master is not None:
             master.close()
-        shutil.rmtree(work, ignore_errors=True)
+        note("stopped tritonserver and its model processes")
     return status
 
 
@@ -96,11 +173,27 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"stub (python {python_version_tag()}): {install.stub}")
     except RuntimeError as exc:
         print(f"tritonserver: not found ({exc})")
-    for name in OPTIONAL:
-        found = importlib.util.find_spec(name) is not None
-        print(f"{name}: {'importable' if found else 'missing'}")
+    print(numpy_check())
+    for name, modules in OPTIONAL.items():
+        found = next((m for m in modules if importlib.util.find_spec(m) is not None), None)
+        where = "" if found in (None, name) else f" (as {found})"
+        print(f"{name}: {'missing' if found is None else 'importable' + where}")
     if importlib.util.find_spec("torch") is not None:
         import torch
 
         print(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}")
     return 0
+
+
+def numpy_check() -> str:
+    """One line: whether numpy suits the Python backend stub of nvidia-pytriton 0.7.0, which is
+    built against numpy 1.x (with numpy 2, BYTES tensors such as text_input arrive corrupted)."""
+    try:
+        import numpy
+    except ImportError:
+        return "numpy: missing (the Python backend stub needs numpy < 2)"
+    major = int(numpy.__version__.split(".")[0])
+    if major >= 2:
+        return (f"numpy {numpy.__version__}: TOO NEW for the Python backend stub (built against "
+                "numpy 1.x: text tensors arrive corrupted); pip install 'numpy<2'")
+    return f"numpy {numpy.__version__}: ok for the Python backend stub (< 2)"

@@ -70,10 +70,13 @@ class StreamingClient:
         self._next_id = 0
 
     def generate(self, prompt: str, max_tokens: int, *, ignore_eos: bool = False,
-                 on_delta: OnDelta | None = None, timeout_s: float = 300.0) -> StreamResult:
-        """Greedy streamed generation; raises RuntimeError with the server's message on error."""
+                 chat: bool = False, on_delta: OnDelta | None = None,
+                 timeout_s: float = 300.0) -> StreamResult:
+        """Greedy streamed generation; raises RuntimeError with the server's message on error.
+        ``chat``: the server applies the model's chat template (``llm`` only)."""
         g = self._grpc
-        params = json.dumps({"max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos})
+        sampling = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}
+        params = json.dumps(sampling | ({"apply_chat_template": True} if chat else {}))
         inputs = [_input(g, "text_input", prompt.encode("utf-8"), "BYTES"),
                   _input(g, "stream", True, "BOOL"),
                   _input(g, "sampling_parameters", params.encode(), "BYTES"),

@@ -2,9 +2,10 @@
 
 stdout carries only the reply, printed as the tokens arrive (then a newline); progress goes
 to stderr, each line with the seconds since the demo started. The prompt is sent as a user turn
-of the model's chat template (rendered here, with the same tokenizer the server loads) unless
---no-chat is given or the model has no template. Before the server starts, the model's tokenizer
-is loaded, which converts a GGUF model into the cache on the first run (see gguf_loader.py).
+of the model's chat template unless --no-chat is given: ``llm`` renders it itself
+(``apply_chat_template``); for ``ensemble`` it is rendered here, with the same tokenizer. Before
+the server starts, a GGUF model is converted into the cache on the first run
+(startup.prepare_sources, gguf_loader.py); each model is reported as it loads.
 The server and its stubs are stopped however the demo ends (Ctrl-C, SIGTERM, error).
 """
 
@@ -21,6 +22,7 @@ from types import FrameType
 from backends.serving.client import StreamingClient
 from backends.serving.deploy import DEFAULT_MODEL
 from backends.serving.session import default_repository, running_server
+from backends.serving.startup import StartupError, timed_note
 
 DEFAULT_PROMPT = "What is the capital of France?"
 _START = time.monotonic()
@@ -43,9 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
-def _note(text: str) -> None:
-    print(f"triton-pd demo [{time.monotonic() - _START:5.1f}s]: {text}", file=sys.stderr,
-          flush=True)
+_note = timed_note("triton-pd demo", _START)
 
 
 def chat_prompt(source: str, prompt: str) -> str:
@@ -71,19 +71,28 @@ def _print_delta(text: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.max_tokens <= 0:
-        raise SystemExit(f"--max-tokens must be > 0, got {args.max_tokens}")
+        raise SystemExit(f"triton-pd demo: --max-tokens must be > 0, got {args.max_tokens}")
     signal.signal(signal.SIGTERM, _terminate)
-    _note(f"loading the tokenizer of {DEFAULT_MODEL} (the first run converts the model, "
-          "~10-30 s)")
-    text = args.prompt if args.no_chat else chat_prompt(DEFAULT_MODEL, args.prompt)
+    try:
+        return _demo(args)
+    except (ValueError, OSError, RuntimeError, StartupError) as exc:
+        raise SystemExit(f"triton-pd demo: {exc}") from None
+
+
+def _demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="triton-pd-demo-") as tmp:
         repo = default_repository(Path(tmp))
-        _note(f"starting tritonserver: model repository {repo.path} ({repo.description})")
-        with running_server(repo.path, Path(tmp) / "server", args.ready_timeout) as server:
+        _note(f"model repository {repo.path} ({repo.description})")
+        with running_server(repo.path, Path(tmp) / "server", args.ready_timeout, _note) as server:
             _note(f"tritonserver pid {server.pid} ready; grpc {server.grpc_url}")
-            _note(f"prompt: {args.prompt!r}")
+            # llm applies the chat template itself; for ensemble it is rendered here
+            server_chat = args.model == "llm" and not args.no_chat
+            text = args.prompt if args.no_chat or server_chat else chat_prompt(DEFAULT_MODEL,
+                                                                               args.prompt)
+            _note(f"prompt: {args.prompt!r}" + (" (as a chat turn)" if not args.no_chat else ""))
             with StreamingClient(server.grpc_url, args.model) as client:
-                result = client.generate(text, args.max_tokens, on_delta=_print_delta)
+                result = client.generate(text, args.max_tokens, chat=server_chat,
+                                         on_delta=_print_delta)
             print(flush=True)
             _note(f"{result.num_output_tokens} tokens, finish_reason {result.finish_reason}, "
                   f"TTFT {result.ttft_s * 1e3:.1f} ms, total {result.e2e_s * 1e3:.1f} ms; stopping")

@@ -18,6 +18,7 @@ from backends.serving.deploy import Deployment, write_repository
 from backends.serving.install import find_triton, repo_root
 from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
 from backends.serving.layout import layout_backend_dir
+from backends.serving.startup import Note, ServerLog, prepare_sources, repository_plan, wait_ready
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +72,16 @@ def _kvbridge_master() -> Iterator[None]:
 
 
 @contextmanager
-def running_server(repo: Path, work: Path, ready_timeout_s: float = 600.0) -> Iterator[TritonServer]:
+def running_server(repo: Path, work: Path, ready_timeout_s: float = 600.0,
+                   note: Note | None = None) -> Iterator[TritonServer]:
     """A ready tritonserver serving ``repo`` (with a kvbridge master when the kvbridge path is
-    installed); stopped, stubs and master included, when the block exits."""
+    installed); stopped, stubs and master included, when the block exits. With ``note``, the
+    models are prepared first and loading is reported through it (startup.wait_ready; a failed
+    start is a one-line StartupError)."""
+    plan = None
+    if note is not None:
+        plan = repository_plan(repo)
+        prepare_sources(plan.sources, note)
     install = find_triton()
     work.mkdir(parents=True, exist_ok=True)
     backend_dir = layout_backend_dir(install, work / "backends")
@@ -83,7 +91,10 @@ def running_server(repo: Path, work: Path, ready_timeout_s: float = 600.0) -> It
     with _kvbridge_master() if disaggregation_available() else nullcontext():
         try:
             server.start()
-            server.wait_ready(ready_timeout_s)
+            if note is None or plan is None:
+                server.wait_ready(ready_timeout_s)
+            else:
+                wait_ready(server, ServerLog(work / "tritonserver.log"), plan, ready_timeout_s, note)
             yield server
         finally:
             server.close()

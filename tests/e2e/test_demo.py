@@ -1,5 +1,6 @@
 """``triton-pd demo`` as a user runs it: a subprocess that serves the default model (the real
-SmolLM2-135M-Instruct), streams one reply to a chat prompt and stops."""
+SmolLM2-135M-Instruct), streams one reply to a chat prompt (which ``llm`` renders with the model's template) and stops,
+saying what it does on stderr."""
 
 from __future__ import annotations
 
@@ -40,5 +41,11 @@ def test_demo_streams_the_greedy_reply_and_leaves_no_process() -> None:
     assert proc.stdout == "The capital of France is Paris.\n"
     assert f"{len(ref.output_token_ids)} tokens, finish_reason stop" in proc.stderr
     assert re.search(r"triton-pd demo \[ *[0-9.]+s\]: stopped$", proc.stderr.rstrip())
+    # progress with elapsed times; neither tritonserver's log nor its CPU-only CUDA error
+    assert "loading 2 worker(s) (decode, prefill) and 2 public model(s) (ensemble, llm)" in proc.stderr
+    for model in ("prefill", "decode", "llm", "ensemble"):
+        assert re.search(rf"\[ *[0-9.]+s\]: loaded {model} \([1-4]/4, [0-9.]+ s\)", proc.stderr), model
+    assert not re.search(r"^[IWE]\d{4} ", proc.stderr, re.MULTILINE)
+    assert "CudaDriverHelper" not in proc.stderr
     [pid] = re.findall(r"tritonserver pid (\d+) ready", proc.stderr)
     assert group_members(int(pid)) == []
