@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.tokenizer import byte_level_tokenizer
@@ -19,6 +20,18 @@ from backends.serving.kv import build_worker
 
 PROMPT = byte_level_tokenizer().encode("The quick brown fox jumps over the lazy dog, twice")
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def prefill_publish(worker: tuple[Any, Any], rid: str) -> tuple[int, bytes]:
+    """(first token, handle bytes) of a prefill-only run of PROMPT; the engine's blocks are freed."""
+    engine, transfer = worker
+    engine.add_request(rid, PROMPT, GREEDY, prefill_only=True)
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    published = transfer.publish(engine.export_kv(rid), PROMPT)
+    engine.release_kv(rid)
+    return outs[-1].new_token_ids[0], published.handle
 
 
 def main() -> None:
@@ -30,13 +43,8 @@ def main() -> None:
             command, _, arg = line.strip().partition(" ")
             answer: dict[str, object] = {}
             if command == "publish":
-                engine.add_request(arg, PROMPT, GREEDY, prefill_only=True)
-                outs = []
-                while engine.has_unfinished():
-                    outs.extend(engine.step())
-                published = transfer.publish(engine.export_kv(arg), PROMPT)
-                engine.release_kv(arg)
-                answer = {"first": outs[-1].new_token_ids[0], "handle": published.handle.hex()}
+                first, handle = prefill_publish((engine, transfer), arg)
+                answer = {"first": first, "handle": handle.hex()}
             elif command == "reuse":
                 bm = engine.block_manager
                 taken = bm.allocate(bm.num_free_blocks)

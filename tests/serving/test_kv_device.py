@@ -20,11 +20,10 @@ from typing import Any
 
 import pytest
 import torch
+from kv_device_producer import GREEDY, PROMPT, prefill_publish
 
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
-from backends.engine.sampling_params import SamplingParams
-from backends.engine.tokenizer import byte_level_tokenizer
 from backends.serving.deploy import EngineSpec
 from backends.serving.kv import NodeTransfer, build_worker
 from backends.serving.kv_source import DeviceKVSource, PulledKVSource
@@ -32,8 +31,6 @@ from kvbridge.handle import KVHandle
 from kvbridge.transport.cuda_ipc import DeviceRef
 
 ROOT = Path(__file__).resolve().parents[2]
-PROMPT = byte_level_tokenizer().encode("The quick brown fox jumps over the lazy dog, twice")
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a CUDA GPU")
 
 Worker = tuple[LLMEngine, NodeTransfer]
@@ -57,17 +54,6 @@ def decode(worker: Worker, rid: str, first: int, source: Any) -> list[int]:
     while engine.has_unfinished():
         tokens += [t for out in engine.step() for t in out.new_token_ids]
     return tokens
-
-
-def prefill_publish(worker: Worker, rid: str) -> tuple[int, bytes]:
-    engine, transfer = worker
-    engine.add_request(rid, PROMPT, GREEDY, prefill_only=True)
-    outs = []
-    while engine.has_unfinished():
-        outs.extend(engine.step())
-    published = transfer.publish(engine.export_kv(rid), PROMPT)
-    engine.release_kv(rid)
-    return outs[-1].new_token_ids[0], published.handle
 
 
 @pytest.fixture(scope="module")
