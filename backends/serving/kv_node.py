@@ -92,10 +92,11 @@ class NotifyingSlotAllocator(SlotAllocator):
         self._on_unpin(slots)
 
 
-def pool_name(pgid: int) -> str:
-    """A fresh pool name tagged with the server's process group: a worker stub runs in
-    tritonserver's group, so the launcher can unlink what a killed stub left behind."""
-    return f"kvb-pool-g{pgid}-{secrets.token_hex(6)}"
+def pool_name(pgid: int, pid: int) -> str:
+    """A fresh pool name tagged with the server's process group and the stub's pid: a worker
+    stub runs in tritonserver's group, so the launcher can unlink what a killed stub left
+    behind (shm_cleanup.py), all of the group's at the end or one dead stub's at once."""
+    return f"kvb-pool-g{pgid}-p{pid}-{secrets.token_hex(6)}"
 
 
 class KVNode:
@@ -107,7 +108,7 @@ class KVNode:
         self.layout = layout
         self.leases = LeaseTable()
         self.pool = HostBlockPool.create(PoolLayout(layout.num_layers, config.pool_blocks, layout.block_bytes),
-                                         name=pool_name(os.getpgrp()))
+                                         name=pool_name(os.getpgrp(), os.getpid()))
         self.allocator = NotifyingSlotAllocator(config.pool_blocks, self.leases.pulled)
         connect_s = min(config.pull_timeout_s, 5.0)
         self.tcp = TcpTransport(config.host, 0, timeout_s=config.pull_timeout_s, connect_timeout_s=connect_s)

@@ -3,11 +3,15 @@
 The server runs in its own process group (``start_new_session``), so ``stop()`` can signal
 the server and every ``triton_python_backend_stub`` it spawned: SIGTERM to the group, wait
 for the grace period, then SIGKILL to the group. Every wait has a deadline.
+With ``LaunchSpec.die_with_parent`` (``triton-pd serve``) the server gets SIGTERM from the
+kernel when the thread that started it exits (PR_SET_PDEATHSIG), so a launcher that is killed,
+SIGKILL included, never leaves a serving tritonserver behind; the stubs follow their server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -16,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -43,6 +48,7 @@ class LaunchSpec:
     log_verbose: int = 0
     extra_env: tuple[tuple[str, str], ...] = ()
     extra_args: tuple[str, ...] = field(default=())
+    die_with_parent: bool = False
 
 
 def free_ports(count: int, address: str = "127.0.0.1") -> list[int]:
@@ -121,7 +127,8 @@ class TritonServer:
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
         self._proc = subprocess.Popen(
             server_command(self.spec), env=server_env(self.spec), start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT if self._log else None)
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+            preexec_fn=_parent_death_signal(os.getpid()) if self.spec.die_with_parent else None)
 
     def poll(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
@@ -177,6 +184,22 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal(parent_pid: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when the thread that forked it exits, and exits
+    at once if its parent is already gone. prctl is looked up before the fork."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
 
 
 def _signal_pid(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -5,7 +5,9 @@ second command-line argument) and, for pd_worker, its kvbridge pool (named with 
 process group, see kv_node.pool_name). A stub killed at shutdown (the server's exit timeout
 ran out, e.g. while a client held an HTTP keep-alive connection) leaves them behind. The
 launcher collects the region names while the stubs live and, once the whole group is gone,
-unlinks whatever is left: no live process can map them any more.
+unlinks whatever is left: no live process can map them any more. A stub that dies while the
+server runs leaves the same two (``dead_stub_leftovers``): the stub watcher unlinks them when
+it reloads that model (stub_watch.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 SHM_DIR = Path("/dev/shm")
 STUB_NAME = "triton_python_backend_stub"
@@ -28,17 +31,51 @@ def _pgid_of(pid_dir: Path) -> int | None:
     return int(fields[2]) if len(fields) > 2 else None
 
 
-def stub_regions(pgid: int) -> list[str]:
-    """The python_backend shared-memory region of every stub now running in group ``pgid``."""
-    regions = []
+class Stub(NamedTuple):
+    """One python_backend stub process: its model (from the model file's path,
+    ``<repository>/<model>/<version>/model.py``) and its shared-memory region."""
+
+    pid: int
+    model: str
+    region: str
+
+
+def stubs(pgid: int) -> list[Stub]:
+    """Every live stub of group ``pgid`` (zombies, whose command line is empty, excluded)."""
+    found = []
     for pid_dir in Path("/proc").glob("[0-9]*"):
         if _pgid_of(pid_dir) != pgid:
             continue
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
             argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
             if len(argv) > 2 and os.path.basename(argv[0].decode()) == STUB_NAME:
-                regions.append(argv[2].decode())
-    return sorted(regions)
+                model = Path(argv[1].decode()).parent.parent.name
+                found.append(Stub(int(pid_dir.name), model, argv[2].decode()))
+    return sorted(found)
+
+
+def stub_regions(pgid: int) -> list[str]:
+    """The python_backend shared-memory region of every stub now running in group ``pgid``."""
+    return sorted(s.region for s in stubs(pgid))
+
+
+def dead_stub_leftovers(pgid: int, stub: Stub) -> list[Path]:
+    """What the dead ``stub`` of group ``pgid`` left: its python_backend region (python_backend
+    does not remove it, not even when the model is reloaded) and its kvbridge pool."""
+    names = set(SHM_DIR.glob(f"kvb-*pool-g{pgid}-p{stub.pid}-*"))
+    if "/" not in stub.region and (SHM_DIR / stub.region).exists():
+        names.add(SHM_DIR / stub.region)
+    return sorted(names)
+
+
+def unlink(paths: list[Path]) -> list[Path]:
+    """Unlinks ``paths``; returns those it removed."""
+    removed = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def leftovers(pgid: int, regions: list[str]) -> list[Path]:
@@ -52,9 +89,4 @@ def leftovers(pgid: int, regions: list[str]) -> list[Path]:
 def unlink_leftovers(pgid: int, regions: list[str]) -> list[Path]:
     """Unlinks ``leftovers(pgid, regions)``; call only once no process of ``pgid`` is left.
     Returns what it removed."""
-    removed = []
-    for path in leftovers(pgid, regions):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
-    return removed
+    return unlink(leftovers(pgid, regions))
