@@ -54,26 +54,33 @@ def llm_tensors(req: GenerateRequest, chunk: Chunk) -> dict[str, np.ndarray]:
     return out
 
 
-def ensemble_tensors(chunk: Chunk, block_size: int) -> dict[str, np.ndarray]:
+def ensemble_tensors(req: GenerateRequest, chunk: Chunk, block_size: int) -> dict[str, np.ndarray]:
+    """text_output, finish_reason and the token counts always; log probs, KV reuse stats and
+    perf timestamps only when ``req`` asked for them (perf_analyzer, which requests every
+    output, would otherwise get FP32 and INT64 tensors its JSON export cannot write)."""
     t = chunk.timing
 
     def one(value: int, dtype: type) -> np.ndarray:
         return np.array([[value]], dtype=dtype)
 
-    reused = t.num_cached_tokens // block_size
-    total_blocks = -(-(t.num_prompt_tokens + t.num_output_tokens) // block_size)
-    return {
+    out = {
         "text_output": _strings([chunk.text], True),
         "finish_reason": _strings([chunk.finish_reason], True),
         "num_input_tokens": one(t.num_prompt_tokens, np.int32),
         "num_output_tokens": one(chunk.num_output_tokens, np.int32),
-        "cum_log_probs": np.array([[sum(chunk.logprobs)]], dtype=np.float32),
-        "output_log_probs": np.asarray(chunk.logprobs, dtype=np.float32).reshape(1, 1, -1),
-        "kv_cache_reused_blocks": one(reused, np.int32),
-        "kv_cache_alloc_new_blocks": one(max(total_blocks - reused, 0), np.int32),
-        "kv_cache_hit_rate": np.array([[t.num_cached_tokens / max(t.num_prompt_tokens, 1)]], np.float32),
-        "arrival_time_ns": one(t.arrival_ns, np.int64),
-        "first_scheduled_time_ns": one(t.arrival_ns, np.int64),
-        "first_token_time_ns": one(t.first_token_ns, np.int64),
-        "last_token_time_ns": one(t.last_token_ns, np.int64),
     }
+    if req.return_logprobs:
+        out["cum_log_probs"] = np.array([[sum(chunk.logprobs)]], dtype=np.float32)
+        out["output_log_probs"] = np.asarray(chunk.logprobs, dtype=np.float32).reshape(1, 1, -1)
+    if req.return_kv_cache_reuse_stats:
+        reused = t.num_cached_tokens // block_size
+        total_blocks = -(-(t.num_prompt_tokens + t.num_output_tokens) // block_size)
+        out["kv_cache_reused_blocks"] = one(reused, np.int32)
+        out["kv_cache_alloc_new_blocks"] = one(max(total_blocks - reused, 0), np.int32)
+        out["kv_cache_hit_rate"] = np.array([[t.num_cached_tokens / max(t.num_prompt_tokens, 1)]], np.float32)
+    if req.return_perf_metrics:
+        out["arrival_time_ns"] = one(t.arrival_ns, np.int64)
+        out["first_scheduled_time_ns"] = one(t.arrival_ns, np.int64)
+        out["first_token_time_ns"] = one(t.first_token_ns, np.int64)
+        out["last_token_time_ns"] = one(t.last_token_ns, np.int64)
+    return out

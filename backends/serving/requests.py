@@ -47,8 +47,10 @@ class Limits:
 class GenerateRequest:
     """One parsed generation request, whichever public model it came through.
 
-    ``return_*`` flags say which optional outputs the llm model sends; the ensemble model
-    always sends every output (Triton drops those the client did not request). ``bad_words``
+    ``return_*`` flags say which optional outputs a public model sends. The ensemble always
+    sends text_output, finish_reason, num_input_tokens and num_output_tokens, and, as
+    tensorrtllm_backend does, the log probs, KV reuse stats and perf timestamps only when asked
+    (return_log_probs, return_kv_cache_reuse_stats, return_perf_metrics). ``bad_words``
     are the client's words, not yet tokenized: ``with_bad_words_ids`` turns them into
     ``params.bad_words_ids`` once the model's tokenizer is at hand. ``chat``: ``prompt`` is a
     conversation still to be rendered with the model's chat template (serving/chat.py).
@@ -63,6 +65,8 @@ class GenerateRequest:
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
     return_logprobs: bool = False
+    return_kv_cache_reuse_stats: bool = False
+    return_perf_metrics: bool = False
     bad_words: tuple[str, ...] = ()
     chat: bool = False
 
@@ -348,4 +352,6 @@ def parse_ensemble(inputs: Inputs, limits: Limits) -> GenerateRequest:
         exclude_input_in_output=_exclude_input(stream, _bool(inputs, "exclude_input_in_output"),
                                                "ensemble"),
         return_finish_reason=True, return_num_input_tokens=True, return_num_output_tokens=True,
-        return_logprobs=params.logprobs, bad_words=_strings(inputs, "bad_words"))
+        return_logprobs=params.logprobs,
+        return_kv_cache_reuse_stats=bool(_bool(inputs, "return_kv_cache_reuse_stats")),
+        return_perf_metrics=bool(_bool(inputs, "return_perf_metrics")), bad_words=_strings(inputs, "bad_words"))
