@@ -38,6 +38,7 @@ from backends.engine.engine_config import EngineConfig
 from backends.engine.loader import LoadedModel, load_model
 from backends.engine.presets import PRESETS
 from backends.engine.sampling_params import SamplingParams
+from backends.engine.sources import PACKAGED_MODELS
 
 H200_GBS = 4800.0
 
@@ -182,7 +183,7 @@ def decode_limit(loaded: LoadedModel, batch: int, prompt_len: int, new_tokens: i
 def bench_model(name: str, args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
     dtype = EngineConfig(dtype=args.dtype).torch_dtype
     elem = torch.empty((), dtype=dtype).element_size()
-    if name in PRESETS:
+    if name in PRESETS or name in PACKAGED_MODELS:
         loaded = load_model(name, dtype=dtype, device=args.device)
     else:
         loaded = random_shape_model(name, dtype, args.device)
@@ -253,8 +254,10 @@ def _format(r: Row) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", "--presets", nargs="+", default=["tiny-llama", "tiny-mla"],
-                        help=f"presets ({', '.join(PRESETS)}) or shapes ({', '.join(SHAPES)})")
+    parser.add_argument("--models", "--model", "--presets", nargs="+",
+                        default=["tiny-llama", "tiny-mla"],
+                        help=f"presets ({', '.join(PRESETS)}), real models "
+                        f"({', '.join(PACKAGED_MODELS)}) or shapes ({', '.join(SHAPES)})")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     for name in args.models:
-        if name not in PRESETS and name not in SHAPES:
+        if name not in PRESETS and name not in SHAPES and name not in PACKAGED_MODELS:
             parser.error(f"--models: unknown model {name!r} "
                          f"(presets {', '.join(PRESETS)}; shapes {', '.join(SHAPES)})")
     cuda = args.device.startswith("cuda")

@@ -2,7 +2,8 @@
 device (an 8B checkpoint written to disk in fp32 would take most of a device lease), and
 transformers' model on the same weights.
 
-Shapes use a byte vocabulary: llama-1b is Llama-3.2-1B's, llama-8b Llama-3.1-8B's.
+Shapes use a byte vocabulary: llama-1b is Llama-3.2-1B's, llama-8b Llama-3.1-8B's. A packaged
+model (smollm2-135m-instruct) is the real thing: the engine loads its GGUF, HF its own GGUF load.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from backends.engine.config import parse_model_config
 from backends.engine.loader import LoadedModel, build_model, export_preset
 from backends.engine.presets import PRESETS
+from backends.engine.sources import PACKAGED_MODELS, packaged_model_path
 from backends.engine.tokenizer import byte_level_tokenizer
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -52,6 +54,10 @@ def hf_model(name: str, loaded: LoadedModel, dtype: torch.dtype, device: str) ->
     """transformers' model with the engine's weights (state dict names are HF's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if name in PACKAGED_MODELS:  # transformers' own GGUF load of the same file
+        path = packaged_model_path(name)
+        return AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype).to(device).eval()
     if name in PRESETS:
         with tempfile.TemporaryDirectory() as directory:
             export_preset(name, directory)
