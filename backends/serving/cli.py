@@ -13,6 +13,7 @@ from pathlib import Path
 
 from backends.serving import demo
 from backends.serving.deploy import DEFAULT_MODEL, Deployment, load_deployment, write_repository
+from backends.serving.guard import Guard
 from backends.serving.install import find_triton, python_version_tag, repo_root
 from backends.serving.kv_master import start_master_if_needed
 from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer
@@ -133,6 +134,7 @@ def _serve(args: argparse.Namespace, work: Path, note: Note) -> int:
     # it exports KVBRIDGE_MASTER, which tritonserver's workers and orchestrators inherit.
     master = start_master_if_needed()
     server.start()
+    guard = Guard.start(server.pid or 0)  # stops the server and cleans /dev/shm if we die
     status = 0
     watcher: StubWatcher | None = None
     try:
@@ -159,6 +161,7 @@ def _serve(args: argparse.Namespace, work: Path, note: Note) -> int:
             watcher.close()  # first: the stubs are about to exit on purpose
         server.close()
         log.poll()
+        guard.close()
         if master is not None:
             master.close()
         note("stopped tritonserver and its model processes")

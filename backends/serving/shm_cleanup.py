@@ -31,6 +31,19 @@ def _pgid_of(pid_dir: Path) -> int | None:
     return int(fields[2]) if len(fields) > 2 else None
 
 
+def live_members(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` that are not zombies (a zombie maps nothing any more;
+    it is gone but for its exit status, which its parent may never collect)."""
+    pids = []
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            stat = (pid_dir / "stat").read_text()
+            fields = stat[stat.rfind(")") + 2:].split()
+            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                pids.append(int(pid_dir.name))
+    return sorted(pids)
+
+
 class Stub(NamedTuple):
     """One python_backend stub process: its model (from the model file's path,
     ``<repository>/<model>/<version>/model.py``) and its shared-memory region."""
