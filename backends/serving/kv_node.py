@@ -125,7 +125,7 @@ class KVNode:
     def attach_device(self, block_manager: Any, kv_caches: list[torch.Tensor]) -> None:
         """Shares a CUDA engine's cache and block generations (see the module docstring)."""
         device = kv_caches[0].device
-        table = cuda_ipc.GenerationTable(cuda_ipc.table_name(os.getpgrp()),
+        table = cuda_ipc.GenerationTable(cuda_ipc.table_name(os.getpgrp(), os.getpid()),
                                          block_manager.num_total_blocks, create=True)
         try:
             block_manager.use_generations(table.array)

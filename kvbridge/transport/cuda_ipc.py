@@ -11,8 +11,9 @@ kernels), so the copy is exact; changed means the producer reused a block and th
 get that layer elsewhere (the host path). The producer frees blocks to the end of a FIFO list,
 so a reuse within a copy's lifetime needs the whole free list to turn over first.
 
-Region names: ``kvb-genpool-g<pgid>-<hex>``, so the launcher's leftover sweep of a process
-group's ``kvb-*pool-g<pgid>-*`` files covers a killed producer's table.
+Region names: ``kvb-genpool-g<pgid>-p<pid>-<hex>``, like the worker's pool, so the launcher's
+sweeps (``kvb-*pool-g<pgid>-*`` for a stopped server, ``...-p<pid>-*`` for one dead stub) cover a
+killed producer's table.
 Wire form of a DeviceRef: msgpack of plain types; ``from_bytes`` raises ValueError naming the
 field (``device_ref.<field>``).
 """
@@ -37,8 +38,8 @@ _NAME_RE = re.compile(r"^kvb-genpool-[A-Za-z0-9._-]{1,180}$")
 MAX_LAYERS = 4096
 
 
-def table_name(pgid: int) -> str:
-    return f"kvb-genpool-g{pgid}-{secrets.token_hex(6)}"
+def table_name(pgid: int, pid: int) -> str:
+    return f"kvb-genpool-g{pgid}-p{pid}-{secrets.token_hex(6)}"
 
 
 class GenerationTable:

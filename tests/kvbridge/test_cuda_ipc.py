@@ -14,7 +14,8 @@ from kvbridge.transport.cuda_ipc import SHM_DIR, DeviceRef, GenerationTable, tab
 
 
 def test_generation_table_is_shared_and_unlinked_by_its_creator() -> None:
-    name = table_name(os.getpgrp())
+    name = table_name(os.getpgrp(), os.getpid())
+    assert name.startswith(f"kvb-genpool-g{os.getpgrp()}-p{os.getpid()}-")
     owner = GenerationTable(name, 8, create=True)
     reader = GenerationTable(name, 8, create=False)
     manager = BlockManager(8, 4)
