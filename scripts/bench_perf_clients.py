@@ -120,12 +120,14 @@ def bench_mode(mode: str, tool: PerfAnalyzer, args: argparse.Namespace, work: Pa
         print(f"[{mode}] starting tritonserver on {repo.path} ({repo.description})", file=sys.stderr)
         with running_server(repo.path, work / f"server-{mode}", args.ready_timeout) as server:
             rows = []
+            runs = work / f"runs-{mode}"
+            runs.mkdir()
             for name, api, c in levels:
                 try:
                     if name == "perf_analyzer":
-                        summary = perf_analyzer_row(tool, server.grpc_url, api, c, args, work)
+                        summary = perf_analyzer_row(tool, server.grpc_url, api, c, args, runs)
                     else:
-                        summary = genai_perf_row(tool, server.grpc_url, api, c, args, tokenizer, work)
+                        summary = genai_perf_row(tool, server.grpc_url, api, c, args, tokenizer, runs)
                     rows.append(Row(mode, name, api, c, summary))
                 except Exception as exc:  # reported in its row; the other levels still run
                     rows.append(Row(mode, name, api, c, None, f"{type(exc).__name__}: {exc}"))
