@@ -15,9 +15,9 @@ from backends.serving import demo
 from backends.serving.deploy import DEFAULT_MODEL, Deployment, load_deployment, write_repository
 from backends.serving.guard import Guard
 from backends.serving.install import find_triton, python_version_tag, repo_root
-from backends.serving.kv_master import start_master_if_needed
 from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer
 from backends.serving.layout import layout_backend_dir
+from backends.serving.master_process import MasterProcess
 from backends.serving.startup import (
     Note,
     ServerLog,
@@ -131,8 +131,9 @@ def _serve(args: argparse.Namespace, work: Path, note: Note) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop)
     # disagg hook (owner of kv*.py): a loopback kvbridge master unless KVBRIDGE_MASTER names one;
-    # it exports KVBRIDGE_MASTER, which tritonserver's workers and orchestrators inherit.
-    master = start_master_if_needed()
+    # it exports KVBRIDGE_MASTER, which tritonserver's workers and orchestrators inherit. Its own
+    # process, restarted when it dies (issue 8: master_process.py).
+    master = MasterProcess.start_if_needed(lambda line: print(line, file=sys.stderr, flush=True))
     server.start()
     guard = Guard.start(server.pid or 0)  # stops the server and cleans /dev/shm if we die
     status = 0

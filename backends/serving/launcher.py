@@ -128,7 +128,7 @@ class TritonServer:
         self._proc = subprocess.Popen(
             server_command(self.spec), env=server_env(self.spec), start_new_session=True,
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
-            preexec_fn=_parent_death_signal(os.getpid()) if self.spec.die_with_parent else None)
+            preexec_fn=parent_death_signal(os.getpid()) if self.spec.die_with_parent else None)
 
     def poll(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
@@ -189,7 +189,7 @@ class TritonServer:
 PR_SET_PDEATHSIG = 1
 
 
-def _parent_death_signal(parent_pid: int) -> Callable[[], None]:
+def parent_death_signal(parent_pid: int) -> Callable[[], None]:
     """A ``preexec_fn``: the child gets SIGTERM when the thread that forked it exits, and exits
     at once if its parent is already gone. prctl is looked up before the fork."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl

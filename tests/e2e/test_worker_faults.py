@@ -1,7 +1,7 @@
 """SIGKILL of a worker's process under ``triton-pd serve`` with requests in flight (issue 8).
 
 One ``serve`` (tiny-llama, 1 prefill + 1 decode, kvbridge master) for the module; the tests
-run in file order and the last one kills the launcher itself. Each fault test checks: every
+run in file order: the workers' stubs, then the kvbridge master, then the launcher itself. Each fault test checks: every
 request in flight ends (here: completes, resumed on the live worker) and its stream moves again
 within the orchestrator's bound (worker_silence_s + worker_probe_timeout_s, 2 + 8 s); the
 server reports not ready until the launcher has reloaded the model and ready after; later
@@ -239,13 +239,68 @@ def test_killed_worker_in_flight_requests_end_and_model_comes_back(serve: Serve,
     _after_recovery(serve, model, dead, model)
 
 
+def _master(serve: Serve) -> tuple[int, int]:
+    """The pid and port of serve's kvbridge master now (its latest start line)."""
+    found = [re.findall(r"kvbridge master \(pid (\d+)\) on 127\.0\.0\.1:(\d+)$", line.strip())
+             for line in serve.output]
+    pid, port = [f for f in found if f][-1][0]
+    return int(pid), int(port)
+
+
+def _registered(port: int) -> list[str]:
+    from kvbridge.master.client import MasterClient
+
+    try:
+        with MasterClient("127.0.0.1", port, node_id="e2e-observer", timeout_s=2.0) as client:
+            return sorted(n.node_id for n in client.nodes())
+    except OSError:
+        return []
+
+
+def test_killed_master_is_restarted_and_workers_register_again(serve: Serve) -> None:
+    pid, port = _master(serve)
+    assert _registered(port) == ["decode", "prefill"]
+    streams = Streams(serve)
+    ids = [f"master-{i}" for i in range(4)]
+    try:
+        for request_id in ids:
+            streams.send(request_id)
+        streams.wait(ids, 60, started=3)
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        streams.wait(ids, 120)
+    finally:
+        streams.close()
+    assert streams.errors == {}
+    assert {i: streams.tokens[i] for i in ids} == dict.fromkeys(ids, MAX_TOKENS)
+    deadline = time.monotonic() + 30
+    while _registered(port) != ["decode", "prefill"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _registered(port) == ["decode", "prefill"]
+    new_pid, new_port = _master(serve)
+    print(f"\nmaster SIGKILL: both workers registered with the restarted master after "
+          f"{time.monotonic() - killed:.1f} s")
+    assert new_port == port and new_pid != pid
+    assert any(f"kvbridge master (pid {pid}) exited with status -9; restarting it" in line
+               for line in serve.output)
+
+
 def test_killed_launcher_takes_tritonserver_and_its_shared_memory_along(serve: Serve) -> None:
     regions = stub_regions(serve.server_pid)
     assert len(regions) == 4
+    master_pid, _ = _master(serve)
     os.kill(serve.proc.pid, signal.SIGKILL)
     serve.proc.wait(10)
     deadline = time.monotonic() + 60
-    while group_members(serve.server_pid) and time.monotonic() < deadline:
+    while (group_members(serve.server_pid) or _alive(master_pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert group_members(serve.server_pid) == []
+    assert not _alive(master_pid)
     assert leftovers(serve.server_pid, regions) == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
