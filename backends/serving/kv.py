@@ -17,12 +17,13 @@ from typing import Any
 
 from backends.engine.outputs import KVExport
 from backends.serving.deploy import EngineSpec
-from backends.serving.kv_master import MasterLink, connect, start_master_if_needed
+from backends.serving.kv_master import MasterLink, connect, start_master_if_needed, worker_node_id
 from backends.serving.kv_node import KVNode, KVNodeConfig
+from backends.serving.kv_remote import LOOKUP_TIMEOUT_S, PrefixSource, RemoteFinder
 from backends.serving.kv_source import DeviceKVSource, PulledKVSource
 from backends.serving.worker import PublishedKV
 from kvbridge.handle import KVLayoutSpec
-from kvbridge.master.messages import LoadReport
+from kvbridge.master.messages import LoadReport, NodeMatch
 
 POOL_BLOCKS_ENV = "PD_KV_POOL_BLOCKS"
 __all__ = ["NodeTransfer", "build_worker", "make_transfer", "start_master_if_needed"]
@@ -41,9 +42,21 @@ class NodeTransfer:
     """The worker's KVTransfer over a KVNode (+ an optional MasterLink). Engine thread only,
     except ``start_heartbeats`` and ``close``."""
 
-    def __init__(self, node: KVNode, link: MasterLink | None) -> None:
+    def __init__(self, node: KVNode, link: MasterLink | None, finder: RemoteFinder | None = None) -> None:
         self.node = node
         self.link = link
+        self.finder = finder
+
+    def find_remote(self, prompt_ids: Sequence[int]) -> NodeMatch | None:
+        """Another node holding a longer usable prefix of the prompt, per the master (any
+        thread; bounded by the finder's deadline). None without a master."""
+        if self.finder is None:
+            return None
+        usable = (len(prompt_ids) - 1) // self.node.layout.block_size
+        return self.finder.find(self.node.hashes(prompt_ids[:usable * self.node.layout.block_size]))
+
+    def prefix_source(self, request_id: str, prompt_ids: Sequence[int], remote: NodeMatch) -> PrefixSource | None:
+        return self.node.prefix_source(request_id, prompt_ids, remote)
 
     def publish(self, export: KVExport, prompt_ids: Sequence[int]) -> PublishedKV:
         published = self.node.publish(export, prompt_ids)
@@ -68,6 +81,8 @@ class NodeTransfer:
             self.link.start(self.node.endpoint, lambda: LoadReport(*_fields(load())))
 
     def close(self) -> None:
+        if self.finder is not None:
+            self.finder.close()
         if self.link is not None:
             self.link.close()
         self.node.close()
@@ -86,20 +101,22 @@ def layout_of(loaded: Any, spec: EngineSpec) -> KVLayoutSpec:
     return KVLayoutSpec(spec.dtype, mc.num_layers, spec.block_size, mc.kv_width, mc.kv_width * elem)
 
 
-def node_config(model_name: str, model_id: str, engine_blocks: int) -> KVNodeConfig:
+def node_config(node_id: str, model_id: str, engine_blocks: int) -> KVNodeConfig:
     raw = os.environ.get(POOL_BLOCKS_ENV, "")
     if raw and not raw.isdigit():
         raise ValueError(f"{POOL_BLOCKS_ENV}: expected a positive integer, got {raw!r}")
     pool_blocks = int(raw) if raw else max(2 * engine_blocks, 64)
-    return KVNodeConfig(model_name, model_id, pool_blocks, pool_blocks // 2)
+    return KVNodeConfig(node_id, model_id, pool_blocks, pool_blocks // 2)
 
 
 def _node(model_name: str, model_id: str, engine_blocks: int, layout: KVLayoutSpec) -> NodeTransfer:
-    client = connect(model_name)
+    node_id = worker_node_id(model_name)
+    client = connect(node_id)
     link = MasterLink(client) if client is not None else None
-    node = KVNode(node_config(model_name, model_id, engine_blocks), layout,
+    node = KVNode(node_config(node_id, model_id, engine_blocks), layout,
                   listener=link.on_event if link is not None else None)
-    return NodeTransfer(node, link)
+    lookups = connect(node_id, LOOKUP_TIMEOUT_S)
+    return NodeTransfer(node, link, RemoteFinder(lookups, node_id) if lookups is not None else None)
 
 
 def build_worker(spec: EngineSpec, model_name: str) -> tuple[Any, NodeTransfer]:

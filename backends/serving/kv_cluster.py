@@ -2,7 +2,8 @@
 
 ``ClusterView.snapshot(prompt_ids)`` hashes the prompt's full blocks (the workers' hashing:
 block size and model id as extra key), asks the master for the longest match per node and
-for the nodes' load reports (cached for ``nodes_ttl_s``). Blocking (run it off the event
+for the nodes' load reports (cached for ``nodes_ttl_s``), both for this server's workers
+(keyed by model name; other servers' nodes are the workers' business: kv_remote). Blocking (run it off the event
 loop); any master failure yields an empty snapshot, so planning degrades to load only.
 """
 
@@ -13,7 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from backends.serving.kv_master import connect
+from backends.serving.kv_master import connect, local_model
 from backends.serving.supervisor import ClusterSnapshot
 from kvbridge.errors import KVBridgeError
 from kvbridge.hashing import hash_blocks
@@ -46,13 +47,15 @@ class ClusterView:
         except (KVBridgeError, OSError) as exc:
             LOG.info("kvbridge master unavailable for planning: %s", exc)
             return ClusterSnapshot(len(hashes))
-        return ClusterSnapshot(len(hashes), queue_len, {m.node_id: m.num_blocks for m in matches})
+        matched = {model: m.num_blocks for m in matches if (model := local_model(m.node_id))}
+        return ClusterSnapshot(len(hashes), queue_len, matched)
 
     def _loads(self) -> dict[str, int]:
         with self._lock:
             now = time.monotonic()
             if now - self._nodes_at >= self._ttl_s:
-                self._queue_len = {n.node_id: n.load.queue_len for n in self._client.nodes()}
+                self._queue_len = {model: n.load.queue_len for n in self._client.nodes()
+                                   if (model := local_model(n.node_id))}
                 self._nodes_at = now
             return self._queue_len
 

@@ -3,6 +3,11 @@
 - ``master_address()``: the master's "host:port" from ``KVBRIDGE_MASTER`` (None: no master);
   ``KVBRIDGE_TOKEN`` is its token. ``start_master_if_needed()`` runs one in-process (loopback,
   free port) and exports KVBRIDGE_MASTER for children unless one is configured.
+- Node ids are unique in the cluster: ``worker_node_id(model)`` is ``<server>/<model>#<pid>``,
+  ``<server>`` being ``TRITON_PD_SERVER_ID`` or, by default, this host's name and the process
+  group of its tritonserver (the stubs and the orchestrator share it), ``<pid>`` the worker
+  stub's (a reloaded worker is a new node: it never inherits its predecessor's entries).
+  ``local_model(node_id)`` maps a node of this server back to its model name.
 - ``MasterLink`` (worker side): registers the node, sends heartbeats with its load report, and
   forwards the store's radix events (batch insert on store, removal on eviction) in order from
   its own thread, so the engine thread never waits on the network. A missing or failing master
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 from collections.abc import Callable
 
@@ -29,6 +35,25 @@ MASTER_ENV = "KVBRIDGE_MASTER"
 TOKEN_ENV = "KVBRIDGE_TOKEN"
 HEARTBEAT_S = 1.0
 CLIENT_TIMEOUT_S = 2.0
+
+
+SERVER_ENV = "TRITON_PD_SERVER_ID"
+
+
+def server_id() -> str:
+    return os.environ.get(SERVER_ENV) or f"{socket.gethostname()}-{os.getpgrp()}"
+
+
+def worker_node_id(model_name: str) -> str:
+    return f"{server_id()}/{model_name}#{os.getpid()}"
+
+
+def local_model(node_id: str) -> str | None:
+    """The model name of ``node_id`` when it is a worker of this server, else None."""
+    server, sep, rest = node_id.partition("/")
+    if not sep or server != server_id():
+        return None
+    return rest.rpartition("#")[0] or None
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -55,11 +80,11 @@ def start_master_if_needed(heartbeat_timeout_s: float = 10.0) -> MasterThread | 
     return master
 
 
-def connect(node_id: str) -> MasterClient | None:
+def connect(node_id: str, timeout_s: float = CLIENT_TIMEOUT_S) -> MasterClient | None:
     address = master_address()
     if address is None:
         return None
-    return MasterClient(*address, node_id=node_id, token=os.environ.get(TOKEN_ENV), timeout_s=CLIENT_TIMEOUT_S)
+    return MasterClient(*address, node_id=node_id, token=os.environ.get(TOKEN_ENV), timeout_s=timeout_s)
 
 
 class MasterLink:

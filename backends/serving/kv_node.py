@@ -33,10 +33,12 @@ import torch
 
 from backends.engine.outputs import KVExport
 from backends.serving.kv_leases import Lease, LeaseId, LeaseTable
+from backends.serving.kv_remote import LockedHooks, PrefixSource
 from backends.serving.kv_source import DeviceKVSource, PulledKVSource, open_handle
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.hashing import BlockHash, hash_blocks
 from kvbridge.hooks import StoreKVHooks
+from kvbridge.master.messages import NodeMatch
 from kvbridge.pool import HostBlockPool, PoolLayout
 from kvbridge.slots import SlotAllocator
 from kvbridge.store import BlockStore
@@ -113,13 +115,15 @@ class KVNode:
         connect_s = min(config.pull_timeout_s, 5.0)
         self.tcp = TcpTransport(config.host, 0, timeout_s=config.pull_timeout_s, connect_timeout_s=connect_s)
         self.shm = ShmTransport(timeout_s=config.pull_timeout_s, connect_timeout_s=connect_s)
-        self.tcp.serve_pool(self.pool, self.allocator)
+        self._lock = threading.RLock()  # the store: the engine thread, and resolves from peers
+        self.tcp.serve_pool(self.pool, self.allocator, self.resolve)
         self.store = BlockStore(
             StoreConfig(config.hot_capacity_blocks, 0, layout.num_layers * layout.block_bytes),
             self.allocator, listener=listener)
-        self.hooks = StoreKVHooks(self.store, self.pool, layout.block_size, extra_key=config.model_id)
+        self.hooks = LockedHooks(StoreKVHooks(self.store, self.pool, layout.block_size,
+                                              extra_key=config.model_id), self._lock)
         self._device: _DeviceShare | None = None
-        self.import_counts = {"device": 0, "host": 0}  # KV imports completed, by path
+        self.import_counts = {"device": 0, "host": 0, "remote": 0}  # KV imports completed, by path
         self._counts_lock = threading.Lock()
 
     def attach_device(self, block_manager: Any, kv_caches: list[torch.Tensor]) -> None:
@@ -142,7 +146,46 @@ class KVNode:
     def hashes(self, token_ids: Sequence[int]) -> list[BlockHash]:
         return hash_blocks(token_ids, self.layout.block_size, self.config.model_id)
 
+    def resolve(self, hashes: Sequence[bytes]) -> list[int]:
+        """Pool slots of the longest prefix of chain ``hashes`` this node holds in its hot pool
+        (the block server's threads ask, for peers reusing our prefixes)."""
+        with self._lock:
+            match = self.store.lookup([BlockHash(h) for h in hashes])
+        slots = []
+        for tier, slot in zip(match.tiers, match.slots, strict=True):
+            if tier == "cold":
+                break
+            slots.append(slot)
+        return slots
+
+    def prefix_source(self, request_id: str, prompt_ids: Sequence[int], remote: NodeMatch) -> PrefixSource | None:
+        """A KVSource for the prompt's prefix held by ``remote`` (blocks this node's store holds
+        come from here), or None when the local store holds at least as much (engine thread)."""
+        bs = self.layout.block_size
+        usable = min(remote.num_blocks, (len(prompt_ids) - 1) // bs)
+        if usable <= 0:
+            return None
+        chain = self.hashes(prompt_ids[:usable * bs])
+        lease_id = LeaseId(f"{request_id}#prefix")
+        with self._lock:
+            held = self.store.lookup(chain).num_blocks
+            if held >= usable:
+                return None
+            local = self.store.acquire(lease_id, chain[:held]) if held else []
+
+        def release() -> None:
+            if local:
+                with self._lock:
+                    self.store.release(lease_id)
+
+        return PrefixSource(request_id, self.layout, self.pool, local, chain, remote, (self.shm, self.tcp),
+                            self.config.pull_timeout_s, release, self._imported)
+
     def publish(self, export: KVExport, prompt_ids: Sequence[int]) -> Published:
+        with self._lock:
+            return self._publish(export, prompt_ids)
+
+    def _publish(self, export: KVExport, prompt_ids: Sequence[int]) -> Published:
         """Copies the export into the pool under a lease; RuntimeError when the pool is full."""
         start = time.perf_counter_ns()
         layout = self.layout
@@ -230,9 +273,10 @@ class KVNode:
         return lease is not None
 
     def _release(self, lease: Lease) -> None:
-        self.store.release(lease.lease_id)
-        if lease.partial_slot is not None:
-            self.store.abandon_slots([lease.partial_slot])
+        with self._lock:
+            self.store.release(lease.lease_id)
+            if lease.partial_slot is not None:
+                self.store.abandon_slots([lease.partial_slot])
 
     def check_integrity(self) -> None:
         """RuntimeError unless the pool allocator and the store agree (free + used == total)."""

@@ -5,7 +5,7 @@ pd_prompt_tokens_total, pd_generation_tokens_total, pd_prefix_hit_tokens_total,
 pd_kv_transfer_bytes_total (counters), pd_kv_transfer_seconds (histogram) — from the
 orchestrator; pd_kv_blocks_used / pd_kv_blocks_free (gauges) and pd_kv_imports_total (counter,
 label ``path``: "device" when a decode read a same-GPU prefill's cache directly, "host" over the
-shared-memory or tcp pool) — from each worker.
+shared-memory or tcp pool, "remote" a prompt prefix pulled from another node) — from each worker.
 """
 
 from __future__ import annotations

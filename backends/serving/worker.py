@@ -50,6 +50,8 @@ class KVTransfer(Protocol):
     def source(self, handle: bytes) -> Any: ...  # an engine KVSource with elapsed_ns, close()
     def maintain(self) -> None: ...
     def discard(self, request_id: str) -> None: ...
+    def find_remote(self, prompt_ids: Sequence[int]) -> Any: ...  # any thread; None: no remote prefix
+    def prefix_source(self, request_id: str, prompt_ids: Sequence[int], remote: Any) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,7 @@ class _Active:
     job: WorkerJob
     sink: ResponseSink
     kv_source: Any = None
+    remote: Any = None  # another node holding a longer prefix of the prompt (kv_remote)
 
 
 class WorkerService:
@@ -90,7 +93,10 @@ class WorkerService:
             self._commands.put(("abort", job.request_id))
             self._responder.send(job.request_id, sink, WorkerUpdate((), (), True, "", 0, 0, 0))
             return
-        self._commands.put(("add", _Active(job, sink)))
+        remote = None
+        if self._kv is not None and job.request_type != "generation_only":
+            remote = self._kv.find_remote(job.prompt_ids)  # the master's answer, off the engine thread
+        self._commands.put(("add", _Active(job, sink, remote=remote)))
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._commands.put(("close", None))
@@ -145,6 +151,8 @@ class WorkerService:
                 if self._kv is None:
                     raise WorkerUnavailable("generation_only needs a KV transport; none is configured")
                 kv_source = self._kv.source(job.kv_handle)
+            elif active.remote is not None and self._kv is not None:
+                kv_source = self._kv.prefix_source(job.request_id, job.prompt_ids, active.remote)
             self._engine.add_request(
                 job.request_id, list(job.prompt_ids), job.params,
                 prefill_only=job.request_type == "context_only", kv_source=kv_source,

@@ -17,6 +17,11 @@ Slots are pinned by (slot, generation) when the request carries ``gens`` (a KV h
 server answers ErrorReply("stale", ...) having pinned nothing. A pull or pin by slot always
 carries them.
 
+- resolve (cross-node prefix reuse): client ResolveRequest with a chain of block hashes; the
+  server answers ResolveReply with the pool slots and generations of the longest prefix of that
+  chain its node holds in the served pool (none: empty), pinning nothing. The client then pulls
+  or pins those slots by generation like any others: a slot reused meanwhile is refused as stale.
+
 The server may answer ErrorReply instead of any ChunkHeader or PinGranted; it then closes.
 """
 
@@ -114,3 +119,29 @@ class PinGranted:
 @dataclass(frozen=True, slots=True)
 class Unpin:
     num_slots: int
+
+
+MAX_RESOLVE_BLOCKS = 65536
+
+
+@message("resolve")
+@dataclass(frozen=True, slots=True)
+class ResolveRequest:
+    block_hashes: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.block_hashes) <= MAX_RESOLVE_BLOCKS:
+            raise ValueError(f"block_hashes: expected 1..{MAX_RESOLVE_BLOCKS} hashes, got {len(self.block_hashes)}")
+
+
+@message("resolved")
+@dataclass(frozen=True, slots=True)
+class ResolveReply:
+    """The longest held prefix: its pool (empty when nothing is held), slots and generations."""
+
+    pool_name: str
+    slots: tuple[int, ...]
+    gens: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_gens(self.gens, self.slots)

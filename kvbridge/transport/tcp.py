@@ -14,14 +14,17 @@ server.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from kvbridge.handle import KVHandle
 from kvbridge.pool import HostBlockPool
+from kvbridge.protocol import encode_frame, recv_message
 from kvbridge.slots import SlotAllocator
 from kvbridge.transport.base import LayerBuffers, RecvHandle, SendHandle, TransferSpec, Transport
-from kvbridge.transport.tcp_conn import ConnectionPool
+from kvbridge.transport.messages import ResolveReply, ResolveRequest
+from kvbridge.transport.tcp_conn import ConnectionPool, expect_reply
 from kvbridge.transport.tcp_recv import Receiver, TcpRecvHandle
-from kvbridge.transport.tcp_server import BlockServer, PublishedTransfer
+from kvbridge.transport.tcp_server import BlockServer, PublishedTransfer, Resolver
 
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 DEFAULT_SOCK_BUF_BYTES = 4 * 1024 * 1024
@@ -77,9 +80,24 @@ class TcpTransport(Transport):
             raise ValueError("transfer_id: must be non-empty for a published transfer")
         return TransferSpec(transfer_id, num_layers, layer_nbytes, endpoint=self.endpoint, source_slots=source_slots)
 
-    def serve_pool(self, pool: HostBlockPool, allocator: SlotAllocator) -> None:
-        """Lets peers pull (tcp) or pin and map (shm) slots of ``pool`` by KV handle."""
-        self.server.serve_pool(pool, allocator)
+    def serve_pool(self, pool: HostBlockPool, allocator: SlotAllocator, resolver: Resolver | None = None) -> None:
+        """Lets peers pull (tcp) or pin and map (shm) slots of ``pool`` by KV handle, and with
+        ``resolver`` find the slots of a chain of block hashes (``resolve``)."""
+        self.server.serve_pool(pool, allocator, resolver)
+
+    def resolve(self, endpoint: str, block_hashes: Sequence[bytes], timeout_s: float) -> ResolveReply:
+        """The slots and generations of the longest prefix of ``block_hashes`` that the node at
+        ``endpoint`` holds (nothing pinned). Errors: KVBridgeError or OSError."""
+        sock = self.connections.acquire(endpoint)
+        try:
+            sock.settimeout(timeout_s)
+            sock.sendall(encode_frame(ResolveRequest(tuple(block_hashes))))
+            reply = expect_reply(recv_message(sock), ResolveReply)
+        except BaseException:
+            sock.close()
+            raise
+        self.connections.release(endpoint, sock)
+        return reply
 
     def start_send(self, spec: TransferSpec, source: LayerBuffers, pins: SlotAllocator | None = None) -> SendHandle:
         if not spec.transfer_id:

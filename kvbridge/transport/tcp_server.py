@@ -40,6 +40,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 
 from kvbridge.auth import HelloAck, check_bind, check_hello
 from kvbridge.errors import (
@@ -60,6 +61,8 @@ from kvbridge.transport.messages import (
     PinRequest,
     PullDone,
     PullRequest,
+    ResolveReply,
+    ResolveRequest,
     Unpin,
 )
 from kvbridge.transport.regions import PoolRegion, span_views
@@ -67,6 +70,7 @@ from kvbridge.transport.tcp_conn import checksum, recv_request, send_buffers, tu
 from kvbridge.transport.tcp_publish import PublishedTransfer
 
 log = logging.getLogger(__name__)
+Resolver = Callable[[Sequence[bytes]], Sequence[int]]
 AUTH_TIMEOUT_S = 5.0
 IDLE_TIMEOUT_S = 300.0
 FRAME_TIMEOUT_S = 10.0
@@ -105,6 +109,7 @@ class BlockServer:
         self._lock = threading.Condition()
         self._transfers: dict[str, PublishedTransfer] = {}
         self._pool: tuple[HostBlockPool, SlotAllocator] | None = None
+        self._resolver: Resolver | None = None
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._listener = socket.create_server((host, port), backlog=max_connections)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
@@ -129,9 +134,12 @@ class BlockServer:
             if self._transfers.get(transfer_id) is transfer:
                 del self._transfers[transfer_id]
 
-    def serve_pool(self, pool: HostBlockPool, allocator: SlotAllocator) -> None:
-        """Lets receivers pull (pinned) slots of ``pool`` by slot number."""
+    def serve_pool(self, pool: HostBlockPool, allocator: SlotAllocator,
+                   resolver: Resolver | None = None) -> None:
+        """Lets receivers pull (pinned) slots of ``pool`` by slot number; with ``resolver``
+        (block hashes -> the slots of the longest prefix held, any thread), by chain too."""
         self._pool = (pool, allocator)
+        self._resolver = resolver
 
     def close(self) -> None:
         self._closed = True
@@ -195,10 +203,13 @@ class BlockServer:
                 elif isinstance(request, PinRequest):
                     if not self._serve_pin(sock, request):
                         return
+                elif isinstance(request, ResolveRequest):
+                    sock.sendall(encode_frame(self._resolve(request)))
                 elif request is None:
                     return
                 else:
-                    raise ProtocolError(f"expected PullRequest or PinRequest, got {type(request).__name__}")
+                    raise ProtocolError(f"expected PullRequest, PinRequest or ResolveRequest, "
+                                        f"got {type(request).__name__}")
         except (KVBridgeError, ValueError, OSError) as exc:
             self._fail(sock, exc)
         finally:
@@ -270,6 +281,14 @@ class BlockServer:
             return False
         finally:
             allocator.unpin(request.slots)
+
+    def _resolve(self, request: ResolveRequest) -> ResolveReply:
+        if self._pool is None or self._resolver is None:
+            raise ValueError("block_hashes: this block server resolves no chains")
+        allocator = self._pool[1]
+        slots = tuple(self._resolver(request.block_hashes))
+        name = self._pool[0].handle.name if slots else ""
+        return ResolveReply(name, slots, allocator.generations(slots))
 
     def _served_pool(self, pool_name: str) -> tuple[HostBlockPool, SlotAllocator]:
         if self._pool is None:

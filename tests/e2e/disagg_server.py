@@ -42,6 +42,11 @@ class DisaggServer:
         return MasterClient(host, port, node_id="e2e-observer")
 
 
+def model_of(node_id: str) -> str:
+    """The Triton model of a worker's node id (``<server>/<model>#<pid>``, kv_master)."""
+    return node_id.partition("/")[2].rpartition("#")[0]
+
+
 def _stub_pids(pgid: int) -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,pgid,comm"], capture_output=True, text=True, check=True)
     return [int(line.split()[0]) for line in out.stdout.splitlines()[1:]

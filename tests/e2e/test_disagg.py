@@ -22,6 +22,7 @@ from disagg_server import (
     grpc_stream,
     is_final,
     metric,
+    model_of,
     wait_blocks_free,
 )
 
@@ -142,10 +143,10 @@ def test_first_token_streams_from_prefill_before_decode_finishes(
 def test_workers_register_with_the_master(served: DisaggServer) -> None:
     with served.master_client() as client:
         deadline = time.monotonic() + 10
-        nodes = {n.node_id: n for n in client.nodes()}
+        nodes = {model_of(n.node_id): n for n in client.nodes()}
         while time.monotonic() < deadline and nodes["decode"].load != LoadReport(0, 0, NUM_BLOCKS):
             time.sleep(0.2)  # heartbeats carry the load once a second
-            nodes = {n.node_id: n for n in client.nodes()}
+            nodes = {model_of(n.node_id): n for n in client.nodes()}
         assert sorted(nodes) == ["decode", "prefill"]
         assert nodes["decode"].load == LoadReport(queue_len=0, num_running=0, num_free_blocks=NUM_BLOCKS)
         generate(served, "llm", {"text_input": PROMPT, "sampling_parameters": greedy(2)})
@@ -153,7 +154,7 @@ def test_workers_register_with_the_master(served: DisaggServer) -> None:
         deadline = time.monotonic() + 10
         matches: dict[str, int] = {}
         while time.monotonic() < deadline and matches.get("prefill") != len(hashes):
-            matches = {m.node_id: m.num_blocks for m in client.lookup(hashes)}
+            matches = {model_of(m.node_id): m.num_blocks for m in client.lookup(hashes)}
             time.sleep(0.1)
         assert matches.get("prefill") == len(hashes) == 3
 

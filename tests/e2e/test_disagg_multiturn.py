@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from disagg_server import NUM_BLOCKS, DisaggServer, metric
+from disagg_server import NUM_BLOCKS, DisaggServer, metric, model_of
 
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
@@ -86,7 +86,7 @@ def _wait_master_holds(served: DisaggServer, token_ids: list[int], expected: dic
     with served.master_client() as client:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and matches != expected:
-            matches = {m.node_id: m.num_blocks for m in client.lookup(hashes) if m.num_blocks}
+            matches = {model_of(m.node_id): m.num_blocks for m in client.lookup(hashes) if m.num_blocks}
             time.sleep(0.05)
     return matches
 

@@ -252,7 +252,7 @@ def _registered(port: int) -> list[str]:
 
     try:
         with MasterClient("127.0.0.1", port, node_id="e2e-observer", timeout_s=2.0) as client:
-            return sorted(n.node_id for n in client.nodes())
+            return sorted(n.node_id.partition("/")[2].rpartition("#")[0] for n in client.nodes())
     except OSError:
         return []
 

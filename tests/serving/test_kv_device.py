@@ -90,7 +90,7 @@ def test_unopenable_device_ref_imports_over_the_host_pool(cpu_pair: tuple[Worker
     source = DeviceKVSource(_unopenable_ref(4), torch.device("cpu"), pulled, node._imported)
     assert decode(dec, "fallback", first, source) == expected("cpu")
     assert source.path == "host" and source.elapsed_ns > 0
-    assert node.import_counts == {"device": before["device"], "host": before["host"] + 1}
+    assert node.import_counts == {**before, "host": before["host"] + 1}
     prefill[1].maintain()
     assert len(prefill[1].node.leases) == 0
 
