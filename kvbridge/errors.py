@@ -18,6 +18,10 @@ class ProtocolError(KVBridgeError):
     """A malformed, oversized, wrong-version or unexpected frame."""
 
 
+class PeerClosed(ProtocolError):
+    """The peer closed the connection at a frame boundary (a normal end, not a fault)."""
+
+
 class ChecksumMismatch(ProtocolError):
     """Bytes received do not hash to what the sender said: corrupted on the way; never use them."""
 

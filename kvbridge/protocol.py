@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from kvbridge.errors import ProtocolError
+from kvbridge.errors import PeerClosed, ProtocolError
 
 MAGIC = b"KVBR"
 PROTOCOL_VERSION = 1
@@ -270,6 +270,11 @@ async def read_message(
     """Reads one frame; TimeoutError past ``timeout_s``, ProtocolError on a bad frame or EOF."""
     try:
         header = await asyncio.wait_for(reader.readexactly(HEADER.size), timeout_s)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise PeerClosed("the peer closed the connection between frames") from exc
+        raise ProtocolError(f"connection closed mid-frame after {len(exc.partial)} bytes") from exc
+    try:
         length = decode_header(header, max_frame_bytes)
         body = await asyncio.wait_for(reader.readexactly(length), timeout_s)
     except asyncio.IncompleteReadError as exc:

@@ -38,13 +38,21 @@ class ClusterIndex:
         self._blocks: dict[bytes, set[tuple[NodeId, str]]] = {}
         self._by_node: dict[NodeId, set[tuple[bytes, str]]] = {}
 
-    def register(self, node_id: str, endpoint: str, load: LoadReport, now: float) -> None:
-        """Adds a node, or refreshes its endpoint and load if known (its entries are kept)."""
+    def register(self, node_id: str, endpoint: str, load: LoadReport, now: float,
+                 live_s: float = float("inf")) -> bool:
+        """Adds a node (True), or refreshes its load if known (False; its entries are kept).
+        ValueError when another live node (heard from within ``live_s``) has this id at
+        another endpoint: ids must be unique, a second node would steal the first's entries."""
         if not node_id:
             raise ValueError("node_id: must be non-empty")
         node = NodeId(node_id)
+        known = self._nodes.get(node)
+        if known is not None and known.endpoint != endpoint and now - known.last_seen < live_s:
+            raise ValueError(f"node_id: {node_id!r} is already registered by a live node at "
+                             f"{known.endpoint} (this one is at {endpoint}); each node needs its own id")
         self._nodes[node] = _Node(endpoint, load, now)
         self._by_node.setdefault(node, set())
+        return known is None
 
     def heartbeat(self, node_id: str, load: LoadReport, now: float) -> None:
         state = self._node(node_id)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from kvbridge.auth import HelloAck, check_bind, check_hello
-from kvbridge.errors import AuthError, ProtocolError
+from kvbridge.errors import AuthError, PeerClosed, ProtocolError
 from kvbridge.master.index import UNKNOWN_NODE, ClusterIndex, UnknownNode
 from kvbridge.master.messages import (
     Heartbeat,
@@ -112,6 +112,8 @@ class MasterServer:
             self._conns.add(task)
         try:
             await self._serve(reader, writer)
+        except PeerClosed:
+            log.info("kvbridge master: a peer disconnected")
         except (ProtocolError, AuthError) as exc:
             code = "auth" if isinstance(exc, AuthError) else "protocol"
             log.info("kvbridge master closing connection: %s", exc)
@@ -156,7 +158,13 @@ class MasterServer:
             elif isinstance(request, Heartbeat):
                 index.heartbeat(request.node_id, request.load, now)
             elif isinstance(request, RegisterNode):
-                index.register(request.node_id, request.endpoint, request.load, now)
+                known = {n.node_id: n.num_blocks for n in index.nodes(now)}
+                if index.register(request.node_id, request.endpoint, request.load, now,
+                                  self.config.heartbeat_timeout_s):
+                    log.info("kvbridge master: node %s joined at %s", request.node_id, request.endpoint)
+                else:
+                    log.info("kvbridge master: node %s registered again at %s (%d blocks kept)",
+                             request.node_id, request.endpoint, known.get(request.node_id, 0))
             elif isinstance(request, ListNodes):
                 return NodesReply(index.nodes(now))
             else:

@@ -192,8 +192,45 @@ def test_cli_serves_and_refuses_exposed_bind_without_token() -> None:
             except OSError:
                 assert time.monotonic() < deadline, "master CLI did not start"
                 time.sleep(0.1)
+        with MasterClient("127.0.0.1", port, node_id="srv/decode#7", timeout_s=2.0) as node:
+            node.register("127.0.0.1:9999", LoadReport(2, 1, 30))
+            node.insert("hot", H[:3])
+            status = subprocess.run([sys.executable, "-c", code, "master", "status", "--address",
+                                     f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        lines = status.stdout.splitlines()
+        assert lines[0] == f"master 127.0.0.1:{port}: 1 node(s), 3 block entries"
+        assert lines[2].split()[:6] == ["srv/decode#7", "127.0.0.1:9999", "3", "1", "2", "30"]
     finally:
         proc.terminate()
         proc.wait(10)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_status_of_a_master_that_does_not_answer() -> None:
+    code = "import argparse,sys; from kvbridge.cli import register; p=argparse.ArgumentParser(); " \
+           "register(p.add_subparsers()); a=p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    status = subprocess.run([sys.executable, "-c", code, "master", "status", "--address", f"127.0.0.1:{port}"],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1
+    assert status.stderr.startswith(f"triton-pd master status: no answer from 127.0.0.1:{port}: ")
+    assert len(status.stderr.strip().splitlines()) == 1
+
+
+def test_duplicate_node_ids_are_refused_while_the_first_lives(master: MasterThread) -> None:
+    with client(master, "same") as first, client(master, "same") as second:
+        first.register("10.0.0.1:1")
+        first.insert("hot", H[:2])
+        with pytest.raises(RemoteError, match=r"\[invalid\]: node_id: 'same' is already registered by a live "
+                                              r"node at 10.0.0.1:1 \(this one is at 10.0.0.2:1\); each node "
+                                              r"needs its own id"):
+            second.register("10.0.0.2:1")
+        first.register("10.0.0.1:1")  # the same node again: fine, its entries kept
+        assert first.lookup(H[:2]) == (NodeMatch("same", "10.0.0.1:1", 2),)
+        time.sleep(0.7)  # silent past the heartbeat timeout (0.6 s): the id is free again
+        second.register("10.0.0.2:1")
+        assert [m.endpoint for m in second.nodes()] == ["10.0.0.2:1"]
