@@ -21,7 +21,7 @@ import numpy as np
 
 from backends.serving import specs
 from backends.serving.daemon_executor import DaemonExecutor
-from backends.serving.errors import WorkerError, code_name, triton_error
+from backends.serving.errors import WorkerError, code_name, split_worker_message, triton_error
 from backends.serving.pb_lifetimes import CancelCheck, Keeper, requested_outputs
 from backends.serving.public_io import Chunk, ensemble_tensors, llm_tensors
 from backends.serving.requests import GenerateRequest
@@ -75,7 +75,8 @@ class BlsWorkers:
                     return
                 if response.has_error():
                     err = response.error()
-                    raise WorkerError(f"{model}: {err.message()}", code_name(self._pb, err))
+                    message, code = split_worker_message(err.message(), code_name(self._pb, err))
+                    raise WorkerError(f"{model}: {message}", code)
                 outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
                 if not outputs:
                     continue  # the empty flag-only final response

@@ -3,6 +3,12 @@
 Caller mistakes are ValueError (INVALID_ARG); a cancelled request is RequestCancelled
 (CANCELLED); a worker that cannot serve is WorkerUnavailable (UNAVAILABLE); anything else is
 INTERNAL. ``triton_error`` is the only place that builds a ``pb_utils.TritonError``.
+
+A worker's error crosses BLS without its code: python_backend 2.51 rebuilds a BLS response's
+error from the message alone (request_executor.cc ``PbError(pb_exception.what())``), so every
+worker error read INTERNAL and a caller's INVALID_ARG was retried as a fault (issue 8). Workers
+therefore also carry the code in the message (``worker_error``: "[INVALID_ARG] ..."), and
+``split_worker_message`` takes it back out on the orchestrator's side.
 """
 
 from __future__ import annotations
@@ -48,6 +54,22 @@ def triton_error(pb_utils: Any, exc: BaseException) -> Any:
     """A ``pb_utils.TritonError`` carrying ``exc``'s message and code."""
     code = error_code(exc)
     return pb_utils.TritonError(str(exc) or type(exc).__name__, getattr(pb_utils.TritonError, code))
+
+
+def worker_error(pb_utils: Any, exc: BaseException) -> Any:
+    """``triton_error`` for a worker's response, its code also at the head of the message."""
+    code = error_code(exc)
+    return pb_utils.TritonError(f"[{code}] {str(exc) or type(exc).__name__}", getattr(pb_utils.TritonError, code))
+
+
+def split_worker_message(message: str, code: str) -> tuple[str, str]:
+    """(message, code) of a worker error as sent: the code at the head of ``message`` (see
+    ``worker_error``) wins over ``code``, which BLS reports as INTERNAL whatever was sent."""
+    for name in (INVALID_ARG, CANCELLED, UNAVAILABLE, INTERNAL):
+        tag = f"[{name}] "
+        if message.startswith(tag):
+            return message[len(tag):], name
+    return message, code
 
 
 def code_name(pb_utils: Any, error: Any) -> str:

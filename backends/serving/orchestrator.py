@@ -171,11 +171,11 @@ class Orchestrator:
             raise
         except WorkerError as exc:
             dead = await self._went_down(plan.decode, exc)
-            if exc.code == CANCELLED or (len(run.output_ids) > first_tokens and not dead):
-                raise
+            await self._workers.cancel(plan.prefill, prefill_rid)  # drops the hand-off if never pulled
+            if exc.code in (CANCELLED, INVALID_ARG) or (len(run.output_ids) > first_tokens and not dead):
+                raise  # a caller's mistake is never retried
             LOG.warning("decode %s failed (%s) after %d tokens: recomputing", plan.decode, exc,
                         len(run.output_ids))
-            await self._workers.cancel(plan.prefill, prefill_rid)
             await self._decode(run, plan.decode, replace(
                 recompute, request_id=f"{rid}.r", prior_output_ids=tuple(run.output_ids)), client)
 

@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from backends.engine.sampling_params import SamplingParams
+from backends.serving import wire_bounds
 
 Inputs = Mapping[str, np.ndarray]
 Api = Literal["llm", "ensemble"]
@@ -199,6 +200,8 @@ def parse_sampling_parameters(raw: str | None, limits: Limits) -> SamplingParams
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"sampling_parameters: not valid JSON ({exc.msg} at {exc.pos})") from None
+    except RecursionError:
+        raise ValueError("sampling_parameters: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"sampling_parameters: expected a JSON object, got {type(data).__name__}")
     for key, value in data.items():
@@ -276,13 +279,15 @@ def _params_from_json(data: dict[str, Any], limits: Limits) -> SamplingParams:
     return _checked(params, "sampling_parameters.")
 
 
-def _checked(params: SamplingParams, prefix: str) -> SamplingParams:
-    """Runs the engine's own field checks (prompt checks come later, with the tokens)."""
+def _checked(params: SamplingParams, prefix: str, names: dict[str, str] | None = None) -> SamplingParams:
+    """Runs the engine's own field checks (prompt checks come later, with the tokens), then
+    the worker wire's ranges (wire_bounds.py); ``names`` maps fields the caller calls otherwise."""
     try:
         params.validate(max_model_len=1 << 30, prompt_len=1)
     except ValueError as exc:
         raise ValueError(f"{prefix}{exc}") from None
-    return params
+    aliases = names or {}
+    return wire_bounds.check(params, lambda field: prefix + aliases.get(field, field))
 
 
 def parse_llm(inputs: Inputs, limits: Limits) -> GenerateRequest:
@@ -348,7 +353,9 @@ def parse_ensemble(inputs: Inputs, limits: Limits) -> GenerateRequest:
         frequency_penalty=_float(inputs, "frequency_penalty", 0.0))
     stream = bool(_bool(inputs, "stream"))
     return GenerateRequest(
-        api="ensemble", prompt=prompt, params=_checked(params, ""), stream=stream,
+        api="ensemble", prompt=prompt, stream=stream,
+        params=_checked(params, "", {"min_tokens": min_name, "stop_token_ids": "end_id",
+                                     "seed": "seed" if seed is not None else "random_seed"}),
         exclude_input_in_output=_exclude_input(stream, _bool(inputs, "exclude_input_in_output"),
                                                "ensemble"),
         return_finish_reason=True, return_num_input_tokens=True, return_num_output_tokens=True,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.serving.errors import triton_error
+from backends.serving.errors import worker_error
 from backends.serving.pb_lifetimes import CancelCheck, Keeper, requested_outputs
 from backends.serving.worker_io import WorkerUpdate, update_tensors
 
@@ -74,7 +74,7 @@ class TritonSink:
                 self._keeper.hold(self._request, self._sender)
 
     def fail(self, exc: BaseException) -> None:
-        response = self._pb.InferenceResponse(output_tensors=[], error=triton_error(self._pb, exc))
+        response = self._pb.InferenceResponse(output_tensors=[], error=worker_error(self._pb, exc))
         try:
             self._sender.send(response, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         finally:
