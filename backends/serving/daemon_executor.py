@@ -20,9 +20,11 @@ _Work = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 class DaemonExecutor(Executor):
     """Runs submitted calls on up to ``max_threads`` daemon threads, started as needed.
 
-    A thread is started only when no started thread is idle. ``shutdown`` stops idle threads,
-    cancels queued calls with ``cancel_futures`` and never waits; ``submit`` after it is a
-    RuntimeError.
+    A thread is started when the calls waiting for a thread outnumber the threads waiting for
+    a call (counted under one lock: a thread that just finished a call but has not yet come
+    back for the next is not counted idle, so a call never queues behind a busy thread while
+    there is room for another). ``shutdown`` stops idle threads, cancels queued calls with
+    ``cancel_futures`` and never waits; ``submit`` after it is a RuntimeError.
     """
 
     def __init__(self, max_threads: int, name: str) -> None:
@@ -31,7 +33,8 @@ class DaemonExecutor(Executor):
         self._max_threads = max_threads
         self._name = name
         self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
+        self._pending = 0  # calls queued and not yet taken by a thread
+        self._waiting = 0  # threads waiting for a call
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._written_off = 0
@@ -43,10 +46,12 @@ class DaemonExecutor(Executor):
                 raise RuntimeError(f"{self._name}: submit after shutdown")
             future: Future[Any] = Future()
             self._work.put((future, fn, args, kwargs))
-            busy_or_idle = len(self._threads) - self._written_off
-            if not self._idle.acquire(timeout=0) and busy_or_idle < self._max_threads:
+            self._pending += 1
+            counted = len(self._threads) - self._written_off
+            if self._pending > self._waiting and counted < self._max_threads:
                 thread = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
+                self._waiting += 1
                 thread.start()
             return future
 
@@ -75,6 +80,9 @@ class DaemonExecutor(Executor):
             if work is None:
                 self._work.put(None)  # wakes the next thread to stop too
                 return
+            with self._lock:
+                self._pending -= 1
+                self._waiting -= 1
             future, fn, args, kwargs = work
             del work
             if future.set_running_or_notify_cancel():
@@ -85,4 +93,5 @@ class DaemonExecutor(Executor):
                 else:
                     future.set_result(result)
             del future, fn, args, kwargs
-            self._idle.release()
+            with self._lock:
+                self._waiting += 1

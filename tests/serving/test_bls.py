@@ -142,10 +142,12 @@ def test_a_stream_abandoned_for_a_dead_worker_is_kept_without_draining() -> None
     (it would block a second thread for good); the iterator is kept and the blocked thread is
     written off, so the next call gets a thread of its own."""
     dead = threading.Event()
+    blocked = threading.Event()
     transport = _Transport([7, 8])
 
     def responses() -> Iterator[_Response]:
         yield _Response(WorkerUpdate((7,), (), False, "", 3, 1, 0))
+        blocked.set()
         dead.wait(10)  # the worker died: its next response never comes
         yield _Response(WorkerUpdate((8,), (), True, "length", 3, 2, 0))
 
@@ -155,7 +157,8 @@ def test_a_stream_abandoned_for_a_dead_worker_is_kept_without_draining() -> None
         stream: Any = workers.stream("worker", WorkerJob("r3", "context_and_generation", (1,)))
         first = await stream.__anext__()
         pending = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0.05)
+        while not blocked.is_set():  # its next() is inside the worker's silence
+            await asyncio.sleep(0.01)
         pending.cancel(ABANDON)
         await asyncio.gather(pending, return_exceptions=True)
         name = await asyncio.get_running_loop().run_in_executor(
