@@ -4,6 +4,7 @@ The session-scoped fixture over it lives in disagg_plugin.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -53,8 +54,10 @@ def _stub_pids(pgid: int) -> list[int]:
             if line.split()[1] == str(pgid) and "triton" in line]
 
 
-def serve_disaggregated(root: Path, model: str = "tiny-llama") -> Iterator[DisaggServer]:
-    """Starts the server (skips when no tritonserver), yields it, stops it; no stub survives."""
+def serve_disaggregated(root: Path, model: str = "tiny-llama",
+                        master: MasterThread | None = None) -> Iterator[DisaggServer]:
+    """Starts the server (skips when no tritonserver), yields it, stops it; no stub survives.
+    Its kvbridge master is ``master`` (another server's: one cluster), else a new one."""
     try:
         install = find_triton()
     except RuntimeError as exc:
@@ -64,7 +67,8 @@ def serve_disaggregated(root: Path, model: str = "tiny-llama") -> Iterator[Disag
     write_repository(deployment, root / "models")
     backend_dir = layout_backend_dir(install, root / "backends")
     http_port, grpc_port, metrics_port = free_ports(3)
-    with MasterThread(MasterConfig(heartbeat_timeout_s=10.0)) as master:
+    with contextlib.nullcontext(master) if master is not None else \
+            MasterThread(MasterConfig(heartbeat_timeout_s=10.0)) as master:
         host, port = master.address
         spec = LaunchSpec(install, root / "models", backend_dir, ServerPorts(http_port, grpc_port, metrics_port),
                           extra_env=(("KVBRIDGE_MASTER", f"{host}:{port}"),))
