@@ -18,6 +18,7 @@ import json
 import pytest
 import requests
 from disagg_server import NUM_BLOCKS, DisaggServer, wait_blocks_free
+from expected_text import finished_text
 from procs import group_members
 
 from backends.engine.engine import LLMEngine
@@ -43,7 +44,7 @@ def engine_texts() -> dict[str, str]:
     prompts = (*PROMPTS, FRESH)
     results = engine.generate([TOK.encode(p) for p in prompts],
                               SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
-    return {p: TOK.decode(list(r.output_token_ids)) for p, r in zip(prompts, results, strict=True)}
+    return {p: finished_text(TOK.decode(list(r.output_token_ids))) for p, r in zip(prompts, results, strict=True)}
 
 
 def stub_pids(served: DisaggServer) -> list[int]:

@@ -1,7 +1,8 @@
 """Client paths against the real server, with HF transformers as the oracle.
 
 Greedy output through ``llm`` and ``ensemble`` equals HF ``generate`` (do_sample=False) on the
-preset's exported weights, for tiny-llama and tiny-mla; gRPC ``stream_infer``, ``generate`` and
+preset's exported weights, for tiny-llama and tiny-mla (the text: HF's tokens decoded, less a
+character the cut left incomplete; expected_text.py); gRPC ``stream_infer``, ``generate`` and
 ``generate_stream`` all carry the same text. Triton 2.51 refuses HTTP ``/infer`` for decoupled
 models (as for vllm_backend): the refusal is a clean 501 and the server keeps serving. Bodies the
 generate endpoint cannot convert are answered by Triton itself (500 with its parser message);
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from expected_text import finished_text
 
 from backends.engine.loader import export_preset
 from backends.engine.tokenizer import byte_level_tokenizer
@@ -71,7 +73,7 @@ def test_llm_greedy_equals_hf(served: Served, hf: HF, preset: str) -> None:
     assert r.status_code == 200, r.text
     ref = hf(preset, PROMPT, 12, True)
     assert (r.json()["text_output"], r.json()["num_output_tokens"], r.json()["finish_reason"]) == \
-        (TOK.decode(ref), 12, "length")
+        (finished_text(TOK.decode(ref)), 12, "length")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -82,7 +84,7 @@ def test_ensemble_greedy_equals_hf(served: Served, hf: HF, preset: str) -> None:
     assert r.status_code == 200, r.text
     ref = hf(preset, PROMPT, 16, False)
     assert (r.json()["text_output"], r.json()["num_output_tokens"], r.json()["finish_reason"]) == \
-        (TOK.decode(ref), len(ref), "length" if len(ref) == 16 else "stop")
+        (finished_text(TOK.decode(ref)), len(ref), "length" if len(ref) == 16 else "stop")
 
 
 def _grpc_stream(served: Served, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[Any]:
@@ -124,7 +126,7 @@ def test_grpc_stream_llm_deltas_equal_hf(served: Served, hf: HF) -> None:
         "return_num_output_tokens": np.array([True])}, ["text_output", "num_output_tokens"])
     deltas = _texts(responses)
     assert len(deltas) > 2  # streamed, not one blob
-    assert "".join(deltas) == TOK.decode(hf("tiny-llama", PROMPT, 16, True))
+    assert "".join(deltas) == finished_text(TOK.decode(hf("tiny-llama", PROMPT, 16, True)))
     assert sum(int(r.as_numpy("num_output_tokens")[0]) for r in responses
                if r.as_numpy("num_output_tokens") is not None) == 16
 
@@ -143,7 +145,7 @@ def test_grpc_stream_ensemble_has_trtllm_shapes(served: Served, hf: HF) -> None:
                 r.as_numpy("output_log_probs").shape, r.as_numpy("num_output_tokens").shape) == \
             ((1, 1), (1, 1), (1, 1, n), (1, 1))
     ref = hf("tiny-llama", PROMPT, 16, False)
-    assert "".join(_texts(with_tensors)) == TOK.decode(ref)
+    assert "".join(_texts(with_tensors)) == finished_text(TOK.decode(ref))
     assert sum(int(r.as_numpy("num_output_tokens")[0, 0]) for r in with_tensors) == len(ref)
     assert with_tensors[-1].as_numpy("finish_reason").tolist() == [[b"length" if len(ref) == 16 else b"stop"]]
 
@@ -155,7 +157,8 @@ def test_generate_stream_ensemble_equals_hf(served: Served, hf: HF) -> None:
     lines = [line.decode() for line in r.iter_lines()]
     events = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
     assert len(events) > 2
-    assert "".join(e["text_output"] for e in events) == TOK.decode(hf("tiny-llama", PROMPT, 16, False))
+    assert "".join(e["text_output"] for e in events) == \
+        finished_text(TOK.decode(hf("tiny-llama", PROMPT, 16, False)))
 
 
 def _still_serves(served: Served) -> None:

@@ -21,6 +21,7 @@ import pytest
 import requests
 import torch
 from disagg_server import DisaggServer, serve_disaggregated
+from expected_text import finished_text
 
 from backends.engine.sources import DEFAULT_MODEL, packaged_model_path
 
@@ -84,7 +85,7 @@ class Oracle:
 
     def text(self, name: str, num_tokens: int = MAX_NEW) -> str:
         """What the server must send: the decode without a character the cut left incomplete."""
-        return self.decode(name, num_tokens).rstrip("\ufffd")
+        return finished_text(self.decode(name, num_tokens))
 
 
 @pytest.fixture(scope="module")

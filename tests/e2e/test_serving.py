@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from expected_text import finished_text
 
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
@@ -33,9 +34,10 @@ def reference() -> LLMEngine:
 
 
 def engine_result(engine: LLMEngine, prompt: str, max_tokens: int) -> tuple[str, str, int]:
-    """(text, finish_reason, num_output_tokens) of the single-process engine, greedy."""
+    """(text, finish_reason, num_output_tokens) of the single-process engine, greedy; the text as
+    the server sends it (expected_text.finished_text)."""
     [result] = engine.generate([TOK.encode(prompt)], SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    return TOK.decode(list(result.output_token_ids)), str(result.finish_reason), len(result.output_token_ids)
+    return finished_text(TOK.decode(list(result.output_token_ids))), str(result.finish_reason), len(result.output_token_ids)
 
 
 def engine_text(engine: LLMEngine, prompt: str, max_tokens: int) -> str:
