@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "backends.engine.generate_cli",
     "kvbridge.cli",
     "backends.serving.cli",
+    "backends.openai_api.cli",
 )
 
 

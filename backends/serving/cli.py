@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backends.serving import demo
 from backends.serving.deploy import DEFAULT_MODEL, Deployment, load_deployment, write_repository
@@ -29,6 +30,9 @@ from backends.serving.startup import (
     wait_ready,
 )
 from backends.serving.stub_watch import MODEL_CONTROL_ARGS, ModelControl, StubWatcher
+
+if TYPE_CHECKING:
+    from backends.openai_api.server import FrontDoor
 
 # What doctor reports, and the modules that provide it (the nixl meta package or a build wheel).
 OPTIONAL = {"torch": ("torch",), "flash_mla": ("flash_mla",), "deep_ep": ("deep_ep",),
@@ -54,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="address to bind the three ports to (default: %(default)s)")
     serve.add_argument("--ready-timeout", type=float, default=600.0,
                        help="seconds to wait for every model to load (default: %(default)s)")
+    serve.add_argument("--openai-port", type=int, default=None,
+                       help="also serve the OpenAI API (/v1/chat/completions, ...) on this port, "
+                       "forwarding to llm (default: off; see triton-pd openai)")
     serve.add_argument("--verbose", action="store_true",
                        help="print tritonserver's own log (default: only triton-pd's progress)")
     serve.set_defaults(func=cmd_serve)
@@ -106,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, work: Path, note: Note) -> int:
     ports = ServerPorts(args.http_port, args.grpc_port, args.metrics_port, args.address)
     check_ports_free(ports)
+    door = _front_door(args)
     install = find_triton()
     repo = args.model_repository
     if args.config is not None:
@@ -144,6 +152,8 @@ def _serve(args: argparse.Namespace, work: Path, note: Note) -> int:
         print(f"triton-pd: serving {repo} on http {args.address}:{args.http_port}, "
               f"grpc :{args.grpc_port}, metrics :{args.metrics_port} (tritonserver pid {server.pid}); "
               "Ctrl-C stops", flush=True)
+        if door is not None:
+            print(f"triton-pd: {door.start(args.ready_timeout)}", flush=True)
         watcher = StubWatcher(server.pid or 0, ModelControl(server.http_url, args.ready_timeout),
                               lambda: server.poll() is None,
                               lambda line: print(line, file=sys.stderr, flush=True))
@@ -158,6 +168,8 @@ def _serve(args: argparse.Namespace, work: Path, note: Note) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if door is not None:
+            door.close()  # before the server: no new requests reach a stopping llm
         if watcher is not None:
             watcher.close()  # first: the stubs are about to exit on purpose
         server.close()
@@ -167,6 +179,18 @@ def _serve(args: argparse.Namespace, work: Path, note: Note) -> int:
             master.close()
         note("stopped tritonserver and its model processes")
     return status
+
+
+def _front_door(args: argparse.Namespace) -> FrontDoor | None:
+    """The OpenAI front door of ``--openai-port`` (not started), its port checked; or None."""
+    if args.openai_port is None:
+        return None
+    from backends.openai_api.server import FrontDoor, FrontDoorConfig, check_port_free
+
+    check_port_free(args.address, args.openai_port, "--openai-port")
+    grpc_host = "127.0.0.1" if args.address in ("0.0.0.0", "::") else args.address
+    return FrontDoor(FrontDoorConfig(f"{grpc_host}:{args.grpc_port}", host=args.address,
+                                     port=args.openai_port, connect_timeout_s=args.ready_timeout))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
