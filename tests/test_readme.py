@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +23,25 @@ def test_readme_has_exactly_two_setup_commands() -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
+    """.ci/run reads the command from README.md and runs it in a fresh virtual environment."""
+    printed = subprocess.run(["bash", str(ROOT / ".ci" / "run"), "--print-test-command"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert (printed.returncode, printed.stdout, printed.stderr) == (0, "bash scripts/test.sh\n", "")
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "bash scripts/test.sh" in ci
+    assert 'python3 -m venv "$work/venv"' in ci
+    assert 'bash -c "$test_command"' in ci
     assert "no tests ran" in ci
+
+
+def test_ci_refuses_a_readme_without_its_test_command(tmp_path: Path) -> None:
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    readme = (ROOT / "README.md").read_text().replace("this is what `.ci/run` runs", "see below")
+    (tmp_path / "README.md").write_text(readme)
+    printed = subprocess.run(["bash", str(tmp_path / ".ci" / "run"), "--print-test-command"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert (printed.returncode, printed.stdout, printed.stderr) == (1, "", (
+        "CI: README.md has no one-line test command after \"this is what `.ci/run` runs\"\n"))
 
 
 def test_setup_scripts_install_the_pinned_cpu_torch() -> None:
