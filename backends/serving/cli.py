@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace, work: Path, note: Note) -> int:
     # disagg hook (owner of kv*.py): a loopback kvbridge master unless KVBRIDGE_MASTER names one;
     # it exports KVBRIDGE_MASTER, which tritonserver's workers and orchestrators inherit. Its own
     # process, restarted when it dies (issue 8: master_process.py).
-    master = MasterProcess.start_if_needed(lambda line: print(line, file=sys.stderr, flush=True))
+    master = MasterProcess.start_if_needed(lambda line: note(line.removeprefix("triton-pd: ")))
     server.start()
     guard = Guard.start(server.pid or 0)  # stops the server and cleans /dev/shm if we die
     status = 0
