@@ -95,7 +95,7 @@ def test_ensemble_greedy_equals_engine_and_hf(served: DisaggServer, hf_tokens: l
 def test_transfer_metrics_are_exact_in_bytes(served: DisaggServer) -> None:
     bytes_before = metric(served, "pd_kv_transfer_bytes_total", "llm")
     seconds_before = metric(served, "pd_kv_transfer_seconds_sum", "llm")
-    imports_before = kv_imports(served, "decode", "host")
+    imports_before = settled_imports(served)
     # A prompt no node holds: once a decode node stored a prompt's chain, a repeat of it is
     # planned locally there (fully cached), with no transfer.
     fresh = PROMPT.lower()
@@ -112,6 +112,19 @@ def test_transfer_metrics_are_exact_in_bytes(served: DisaggServer) -> None:
         time.sleep(0.05)
     assert kv_imports(served, "decode", "host") == imports_before + 1
     assert kv_imports(served, "decode", "device") == 0
+
+
+def settled_imports(served: DisaggServer) -> float:
+    """The decode's host import count once it stopped moving (the shared server's earlier
+    requests may still be reaching a metric refreshed every 0.2 s)."""
+    previous, deadline = -1.0, time.monotonic() + 5
+    while time.monotonic() < deadline:
+        now = kv_imports(served, "decode", "host")
+        if now == previous:
+            return now
+        previous = now
+        time.sleep(0.5)
+    return previous
 
 
 def kv_imports(served: DisaggServer, model: str, path: str) -> float:
