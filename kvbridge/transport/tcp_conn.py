@@ -127,16 +127,29 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _peek(sock: socket.socket) -> bytes | None:
+    """One byte peeked without waiting: b"" at EOF or on a socket error, None when nothing is
+    readable yet. The socket's timeout is kept."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # with a timeout set, Python would wait for data before peeking
+    try:
+        return sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+    finally:
+        sock.settimeout(timeout)
+
+
 def _is_stale(sock: socket.socket) -> bool:
     """An idle connection must have nothing to read: EOF or stray bytes make it unusable."""
-    sock.setblocking(False)  # with a timeout set, Python would wait for data before peeking
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return False
-    except OSError:
-        pass
-    return True
+    return _peek(sock) is not None
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """The peer closed its end (an orderly EOF is readable without consuming anything)."""
+    return _peek(sock) == b""
 
 
 class ConnectionPool:
@@ -204,3 +217,4 @@ class ConnectionPool:
             for sock in socks:
                 with contextlib.suppress(OSError):
                     sock.close()
+

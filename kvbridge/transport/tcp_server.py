@@ -66,7 +66,7 @@ from kvbridge.transport.messages import (
     Unpin,
 )
 from kvbridge.transport.regions import PoolRegion, span_views
-from kvbridge.transport.tcp_conn import checksum, recv_request, send_buffers, tune
+from kvbridge.transport.tcp_conn import checksum, peer_closed, recv_request, send_buffers, tune
 from kvbridge.transport.tcp_publish import PublishedTransfer
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class BlockServer:
                     self._lock.wait_for(lambda: request.transfer_id in self._transfers or self._closed,
                                         min(PEER_POLL_S, remaining(deadline)))
                     transfer = self._transfers.get(request.transfer_id)
-                if transfer is None and _peer_closed(sock):
+                if transfer is None and peer_closed(sock):
                     raise ProtocolError(f"peer left while its pull of {request.transfer_id} waited")
             if transfer is None:
                 raise TransferTimeout(f"tcp serve {request.transfer_id}", deadline - start, "producer start_send")
@@ -341,17 +341,3 @@ class BlockServer:
             pos += nbytes
             if transfer is not None:
                 transfer.layers_sent(pos // layer_nbytes)
-
-
-def _peer_closed(sock: socket.socket) -> bool:
-    """The peer closed its end (an orderly EOF is readable without consuming anything)."""
-    timeout = sock.gettimeout()
-    sock.settimeout(0.0)  # a socket with a timeout would wait for data first
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
-    finally:
-        sock.settimeout(timeout)
