@@ -1,11 +1,13 @@
 """Reaching the worker models through BLS, and the public request's channel (inside the Triton stub).
 
-``async_exec(decoupled=True)`` hands back a response iterator whose ``next`` blocks until the
-worker's next response; each ``next`` runs on a pool of daemon threads so the event loop (and
-every other request) keeps going. Every iterator is read to its final response, then held by
-the model's Keeper until python_backend has let go of it (backends/serving/pb_lifetimes.py),
+``exec(decoupled=True)`` hands back a response iterator whose ``next`` blocks until the
+worker's next response; each stream's request and reads run on one thread of our own pool of
+daemon threads (sized here, not asyncio's default executor, which python_backend's
+``async_exec`` would use), so the event loop (and every other request) keeps going, and hand
+the responses to the loop in batches. Every iterator is read to its final response, then held
+by the model's Keeper until python_backend has let go of it (backends/serving/pb_lifetimes.py),
 except a stream abandoned because its worker died (worker_health.ABANDON): its final response
-never comes, so it goes to the Keeper as it is and its pending ``next`` is given up.
+never comes, and the thread inside its ``next`` is given up.
 A worker error response becomes WorkerError with its code. A public request's channel is used
 from the event loop thread only: its responses, its cancellation checks (CancelCheck: over IPC
 at most every 0.5 s) and, after its final response, handing the request to the Keeper.
@@ -14,6 +16,8 @@ at most every 0.5 s) and, after its final response, handing the request to the K
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,6 +36,7 @@ from backends.serving.worker_io import (
     WorkerUpdate,
     job_parameters,
     job_tensors,
+    merge_updates,
     parse_update,
 )
 
@@ -43,7 +48,7 @@ class BlsWorkers:
     """WorkerClient over pb_utils BLS. ``close()`` stops its threads (daemons: a ``next`` that
     never returns cannot hold up the stub's exit). Finished iterators go to ``keeper``."""
 
-    def __init__(self, pb_utils: Any, keeper: Keeper, max_threads: int = 256) -> None:
+    def __init__(self, pb_utils: Any, keeper: Keeper, max_threads: int = 1024) -> None:
         self._pb = pb_utils
         self._keeper = keeper
         self._pool = DaemonExecutor(max_threads, "pd-bls")
@@ -55,58 +60,66 @@ class BlsWorkers:
             parameters=job_parameters(job))
 
     async def stream(self, model: str, job: WorkerJob) -> AsyncIterator[WorkerUpdate]:
-        """The worker's updates for ``job``. However the caller stops (a final update, an error,
-        or abandoning the stream), the response iterator is read to its end (python_backend
-        forgets a BLS iterator dropped before its final response and then blocks in the stub's
-        finalize draining it forever) and then handed to the Keeper (dropped before the stub
-        erased it from its map, it would be destroyed without the GIL: pb_lifetimes.py).
-        Cancelled with ABANDON (its worker is dead), it is held as it is instead: draining it
-        would block a thread for good, and the thread inside its ``next`` is written off."""
-        iterator: Any = None
-        loop = asyncio.get_running_loop()
-        ended = abandoned = False
+        """The worker's updates for ``job``, several merged into one (worker_io.merge_updates)
+        when they arrived while the event loop was busy, so a loaded orchestrator sends fewer,
+        larger responses instead of falling behind. One pool thread per stream runs the BLS
+        request and reads its response iterator to the end, however the caller stops (a final
+        update, an error, or abandoning the stream: python_backend forgets a BLS iterator
+        dropped before its final response and then blocks in the stub's finalize draining it
+        forever), then hands the iterator to the Keeper (dropped before the stub erased it from
+        its map, it would be destroyed without the GIL: pb_lifetimes.py). Cancelled with
+        ABANDON (its worker is dead), the thread inside ``next`` is written off."""
+        inbox = _Inbox(asyncio.get_running_loop())
+        self._pool.submit(self._read, model, self._request(model, job), inbox)
         try:
-            responses = await self._request(model, job).async_exec(decoupled=True)
-            iterator = iter(responses)
             while True:
-                response: Any = await loop.run_in_executor(self._pool, next, iterator, _DONE)
-                if response is _DONE:
-                    ended = True
-                    return
+                updates: list[WorkerUpdate] = []
+                for item in await inbox.get():
+                    if isinstance(item, WorkerUpdate):
+                        updates.append(item)
+                        continue
+                    if updates:
+                        yield merge_updates(updates)
+                    if item is _DONE:
+                        return
+                    raise item
+                if updates:
+                    update = merge_updates(updates)
+                    yield update
+                    if update.final:
+                        return
+        except asyncio.CancelledError as exc:
+            if ABANDON in exc.args:
+                if inbox.iterator is not None:
+                    self._keeper.hold(inbox.iterator)
+                self._pool.write_off()
+            raise
+
+    def _read(self, model: str, request: Any, inbox: _Inbox) -> None:
+        """A pool thread: runs ``request`` and puts each response (a WorkerUpdate or a
+        WorkerError), then _DONE, into ``inbox``; the iterator then goes to the Keeper."""
+        try:
+            iterator = inbox.iterator = iter(request.exec(decoupled=True))
+        except BaseException as exc:  # the request never reached the worker
+            inbox.put(exc)
+            return
+        try:
+            while (response := next(iterator, _DONE)) is not _DONE:
                 if response.has_error():
                     err = response.error()
                     message, code = split_worker_message(err.message(), code_name(self._pb, err))
-                    raise WorkerError(f"{model}: {message}", code)
+                    inbox.put(WorkerError(f"{model}: {message}", code))
+                    continue
                 outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
-                if not outputs:
-                    continue  # the empty flag-only final response
-                update = parse_update(outputs)
-                yield update
-                if update.final:
-                    return
-        except asyncio.CancelledError as exc:
-            abandoned = ABANDON in exc.args
-            raise
-        finally:
-            if iterator is None:
+                if outputs:  # not the empty flag-only final response
+                    inbox.put(parse_update(outputs))
+            inbox.put(_DONE)
+        except BaseException as exc:  # a broken response: the stream ends with it
+            inbox.put(exc)
+            while next(iterator, _DONE) is not _DONE:
                 pass
-            elif abandoned:
-                self._keeper.hold(iterator)
-                self._pool.write_off()
-            elif ended:
-                self._keeper.hold(iterator)
-            else:
-                try:
-                    self._pool.submit(self._drain_and_hold, iterator)
-                except RuntimeError:  # closed: the stub's finalize drains it
-                    self._keeper.hold(iterator)
-
-    def _drain_and_hold(self, iterator: Any) -> None:
-        """Reads a BLS response iterator to its end (the worker always sends a final response),
-        then hands it to the Keeper. ``next`` on a finished iterator ends at once."""
-        while next(iterator, _DONE) is not _DONE:
-            pass
-        self._keeper.hold(iterator)
+        finally:
+            self._keeper.hold(iterator)
 
     async def cancel(self, model: str, request_id: str) -> None:
         job = WorkerJob(request_id, "cancel")
@@ -115,6 +128,44 @@ class BlsWorkers:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Inbox:
+    """What a reader thread hands to the event loop: ``put`` from the thread, ``get`` (every
+    item queued so far, waiting for one when there is none) on the loop. The loop is woken
+    once per batch, not once per item."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._lock = threading.Lock()
+        self.iterator: Any = None  # the BLS response iterator, once the request is sent
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            self._items.append(item)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                self._loop.call_soon_threadsafe(_wake, waiter)
+
+    async def get(self) -> list[Any]:
+        with self._lock:
+            if not self._items:
+                self._waiter = waiter = self._loop.create_future()
+            else:
+                waiter = None
+        if waiter is not None:
+            await waiter
+        with self._lock:
+            items, self._items = self._items, []
+        return items
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def public_tensors(req: GenerateRequest, chunk: Chunk, block_size: int) -> dict[str, np.ndarray]:

@@ -11,12 +11,14 @@ Request parameters: ``request_type`` (context_only | generation_only | context_a
 Response tensors: output_ids INT32 [-1] (this response's new tokens), sequence_length INT32 [1],
 output_log_probs FP32 [-1], finish_reason STRING [1] ("" while running or at hand-off),
 num_input_tokens / num_cached_tokens INT32 [1], context_phase_params UINT8 [-1] (prefill
-hand-off only), kv_transfer_bytes INT64 [1], kv_transfer_ns INT64 [1].
+hand-off only), kv_transfer_bytes INT64 [1], kv_transfer_ns INT64 [1]. A response carries
+only output_ids, the counts when final, and the tensors whose value is not the default (empty,
+"", 0): a missing tensor reads as its default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -172,33 +174,59 @@ def parse_job(inputs: Inputs, parameters: Mapping[str, object], fallback_id: str
 
 
 def update_tensors(update: WorkerUpdate) -> dict[str, np.ndarray]:
-    """Response tensors of one WorkerUpdate."""
-    return {
-        "output_ids": _i32(update.new_token_ids),
-        "sequence_length": _i32([update.num_prompt_tokens + update.num_output_tokens]),
-        "output_log_probs": np.asarray(update.new_logprobs, dtype=np.float32).reshape(-1),
-        "finish_reason": np.array([update.finish_reason.encode()], dtype=np.object_),
-        "num_input_tokens": _i32([update.num_prompt_tokens]),
-        "num_output_tokens": _i32([update.num_output_tokens]),
-        "num_cached_tokens": _i32([update.num_cached_tokens]),
-        "context_phase_params": np.frombuffer(update.context_phase_params, dtype=np.uint8).copy(),
-        "kv_transfer_bytes": np.array([update.kv_transfer_bytes], dtype=np.int64),
-        "kv_transfer_ns": np.array([update.kv_transfer_ns], dtype=np.int64),
-    }
+    """Response tensors of one WorkerUpdate: ``output_ids`` always, the token counts on the
+    final response, every other tensor only when its value is not the default (empty, "", 0).
+    Most responses of a stream carry one token and nothing else; each tensor costs the stub a
+    shared-memory allocation and the orchestrator a copy."""
+    tensors = {"output_ids": _i32(update.new_token_ids)}
+    if update.new_logprobs:
+        tensors["output_log_probs"] = np.asarray(update.new_logprobs, dtype=np.float32).reshape(-1)
+    if update.finish_reason:
+        tensors["finish_reason"] = np.array([update.finish_reason.encode()], dtype=np.object_)
+    if update.final:  # the counts so far: on the last response only
+        tensors["sequence_length"] = _i32([update.num_prompt_tokens + update.num_output_tokens])
+        tensors["num_input_tokens"] = _i32([update.num_prompt_tokens])
+        tensors["num_output_tokens"] = _i32([update.num_output_tokens])
+    for name in ("num_cached_tokens", "kv_transfer_bytes", "kv_transfer_ns"):
+        value = getattr(update, name)
+        if value:
+            tensors[name] = np.array([value], dtype=np.int32 if name == "num_cached_tokens" else np.int64)
+    if update.context_phase_params:
+        tensors["context_phase_params"] = np.frombuffer(update.context_phase_params, dtype=np.uint8).copy()
+    return tensors
+
+
+def merge_updates(updates: Sequence[WorkerUpdate]) -> WorkerUpdate:
+    """One update standing for ``updates`` (consecutive, of one request, only the last may be
+    final): the tokens and log probs in order, the last one's end and counts, the largest
+    cache hit, the hand-off if any, the transfer bytes and times summed."""
+    if len(updates) == 1:
+        return updates[0]
+    last = updates[-1]
+    return WorkerUpdate(
+        tuple(t for u in updates for t in u.new_token_ids), tuple(x for u in updates for x in u.new_logprobs),
+        last.final, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens,
+        max(u.num_cached_tokens for u in updates),
+        next((u.context_phase_params for u in reversed(updates) if u.context_phase_params), b""),
+        sum(u.kv_transfer_bytes for u in updates), sum(u.kv_transfer_ns for u in updates))
 
 
 def parse_update(outputs: Mapping[str, np.ndarray]) -> WorkerUpdate:
-    """Inverse of update_tensors (the orchestrator's side). A response is final when it carries
-    a finish reason or a KV hand-off."""
+    """Inverse of update_tensors (the orchestrator's side); a missing tensor is its default. A
+    response is final when it carries a finish reason or a KV hand-off."""
     def one(name: str) -> int:
-        return int(np.asarray(outputs[name]).reshape(-1)[0])
-    reason = np.asarray(outputs["finish_reason"]).reshape(-1)[0]
+        value = outputs.get(name)
+        return 0 if value is None else int(np.asarray(value).reshape(-1)[0])
+    reason_tensor = outputs.get("finish_reason")
+    reason = b"" if reason_tensor is None else np.asarray(reason_tensor).reshape(-1)[0]
+    handle = outputs.get("context_phase_params")
+    context = b"" if handle is None else np.asarray(handle, dtype=np.uint8).tobytes()
+    logprobs = outputs.get("output_log_probs")
     return WorkerUpdate(
-        new_token_ids=tuple(int(t) for t in np.asarray(outputs["output_ids"]).reshape(-1)),
-        new_logprobs=tuple(float(x) for x in np.asarray(outputs["output_log_probs"]).reshape(-1)),
-        final=bool(reason) or bool(np.asarray(outputs["context_phase_params"]).size),
+        new_token_ids=tuple(np.asarray(outputs["output_ids"]).reshape(-1).tolist()),
+        new_logprobs=() if logprobs is None else tuple(np.asarray(logprobs).reshape(-1).tolist()),
+        final=bool(reason) or bool(context),
         finish_reason=reason.decode() if isinstance(reason, bytes) else str(reason),
         num_prompt_tokens=one("num_input_tokens"), num_output_tokens=one("num_output_tokens"),
-        num_cached_tokens=one("num_cached_tokens"),
-        context_phase_params=np.asarray(outputs["context_phase_params"], dtype=np.uint8).tobytes(),
+        num_cached_tokens=one("num_cached_tokens"), context_phase_params=context,
         kv_transfer_bytes=one("kv_transfer_bytes"), kv_transfer_ns=one("kv_transfer_ns"))

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from backends.serving.worker_io import WorkerUpdate
+from backends.serving.worker_io import WorkerUpdate, merge_updates
 
 LOG = logging.getLogger(__name__)
 POLL_S = 0.1
@@ -71,13 +71,19 @@ class Responder:
     def _run(self) -> None:
         while True:
             try:
-                item = self._queue.get(timeout=POLL_S)
+                items = [self._queue.get(timeout=POLL_S)]
             except queue.Empty:
-                pass
-            else:
-                if item is None:
-                    return
+                items = []
+            while items and items[-1] is not None:  # everything queued meanwhile, in one pass
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            closing = bool(items) and items[-1] is None
+            for item in _coalesced([i for i in items if i is not None]):
                 self._deliver(item)
+            if closing:
+                return
             if time.monotonic() >= self._next_poll_s:
                 self._poll()
                 self._next_poll_s = time.monotonic() + POLL_S
@@ -107,3 +113,25 @@ class Responder:
             if cancelled:
                 del self._watched[request_id]  # reported once; its final response still goes out
                 self._on_cancel(request_id)
+
+
+def _coalesced(items: list[_Item]) -> list[_Item]:
+    """``items`` in order, each sink's consecutive updates merged into one response
+    (worker_io.merge_updates): when the engine outruns this thread, a request gets one response
+    with several tokens instead of falling further behind. An error ends its sink's run."""
+    out: list[_Item] = []
+    open_runs: dict[int, int] = {}  # id(sink) -> index in out of its update being merged
+    for item in items:
+        key = id(item.sink)
+        at = open_runs.get(key)
+        if item.update is not None and at is not None:
+            merged = out[at]
+            out[at] = _Item(item.request_id, item.sink, merge_updates((merged.update, item.update)))  # type: ignore[arg-type]
+            if item.update.final:
+                del open_runs[key]
+            continue
+        open_runs.pop(key, None)
+        out.append(item)
+        if item.update is not None and not item.update.final:
+            open_runs[key] = len(out) - 1
+    return out

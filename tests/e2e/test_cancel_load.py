@@ -63,21 +63,21 @@ def test_client_cancels_under_load_leave_the_server_whole(disagg_served: DisaggS
     assert [(o.stream, o.index, o.kind, o.error) for o in report.outcomes if o.kind in ("error", "hung")] == []
     planned_cancels = [o for o in report.outcomes if o.planned.cancel_after_chunks is not None]
     assert len(planned_cancels) == 80  # the seed's plan: 80 of 128
-    # Every non-cancelled stream got its final response with the engine's text, in the same
-    # number of chunks for the same prompt (the server's streaming is deterministic).
+    # Every non-cancelled stream got its final response with the engine's text. Chunk counts
+    # vary: tokens that reach a busy orchestrator or worker together go out as one response.
     completed = [o for o in report.outcomes if o.kind == "completed"]
     assert [(o.stream, o.index) for o in completed if o.text != engine_texts[o.planned.prompt]] == []
-    chunks = {o.planned.prompt: o.num_chunks for o in completed}
-    assert sorted(chunks) == sorted(PROMPTS)
-    assert [o.num_chunks for o in completed] == [chunks[o.planned.prompt] for o in completed]
-    # A planned cancel lands when the stream had that many chunks before its final one; what
-    # the client saw until then is a prefix of the engine's text.
+    # A planned cancel after k chunks lands when the stream had k chunks before its final one
+    # (what the client saw until then is a prefix of the engine's text); a stream whose final
+    # response came first completed in at most k chunks.
     for o in report.outcomes:
         k = o.planned.cancel_after_chunks
-        expected = "cancelled" if k is not None and k < chunks[o.planned.prompt] else "completed"
-        assert o.kind == expected, (o.stream, o.index, k, o.num_chunks)
         if o.kind == "cancelled":
-            assert o.num_chunks == k and engine_texts[o.planned.prompt].startswith(o.text)
+            assert k is not None and o.num_chunks == k and engine_texts[o.planned.prompt].startswith(o.text)
+        else:
+            assert o.kind == "completed" and (k is None or o.num_chunks <= k), (o.stream, o.index, k, o.num_chunks)
+    cancelled = sum(o.kind == "cancelled" for o in report.outcomes)
+    assert cancelled >= len(planned_cancels) // 4, f"only {cancelled} of {len(planned_cancels)} cancels landed"
 
     # The server is whole: the same stub processes, ready, answering with the engine's text.
     assert stub_pids(disagg_served) == before

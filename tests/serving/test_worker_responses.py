@@ -102,3 +102,21 @@ def test_a_failing_sink_does_not_stop_the_others() -> None:
     finally:
         responder.close()
     assert fine.calls == ["send (2,) final=True"]
+
+
+def test_updates_queued_together_go_out_as_one_response_per_request() -> None:
+    """When the engine outruns the response thread, each request's queued updates merge into
+    one response (tokens in order, the last one's end); other requests, watches and errors keep
+    their place."""
+    from backends.serving.worker_responses import _coalesced, _Item
+
+    a, b, c = Sink(), Sink(), Sink()
+    items = [_Item("a", a, update(1)), _Item("b", b, update(7)), _Item("a", a, update(2)),
+             _Item("c", c), _Item("a", a, update(3, final=True)), _Item("b", b, error=ValueError("x")),
+             _Item("b", b, update(8))]
+    out = _coalesced(items)
+    assert [(i.request_id, i.update.new_token_ids if i.update else None, i.update.final if i.update else None,
+             repr(i.error) if i.error else None) for i in out] == [
+        ("a", (1, 2, 3), True, None), ("b", (7,), False, None), ("c", None, None, None),
+        ("b", None, None, "ValueError('x')"), ("b", (8,), False, None)]
+    assert out[0].update is not None and out[0].update.finish_reason == "length"
