@@ -327,3 +327,168 @@ def test_a_block_under_another_parent_is_rejected_before_any_change() -> None:
     assert C[0] not in tree
     assert tree.num_blocks == 4
     tree.check_integrity()
+
+
+# ---- tiers: a property of a node, each tier acting as a tree of its own ----
+
+
+def test_tiers_partition_matching_locks_access_and_eviction() -> None:
+    events: list[tuple[str, RadixEvent]] = []
+    tree = RadixTree(tier_listener=lambda tier, event: events.append((tier, event)))
+    tree.insert(A[:2], [10, 11])
+    tree.insert(A[2:], [12, 13], A[1], "hot")
+    tree.insert(B[2:], [22, 23], B[1], "cold")
+    assert events == [
+        ("active", BlockStored(tuple(A[:2]), None)),
+        ("hot", BlockStored(tuple(A[2:]), A[1])),
+        ("cold", BlockStored(tuple(B[2:]), B[1])),
+    ]
+    runs = [(r.tier, r.start, r.end, r.values) for r in tree.match_tiers(A + C)]
+    assert runs == [("active", 0, 2, [10, 11]), ("hot", 2, 4, [12, 13])]
+    assert tree.match_prefix(B).values == [10, 11, 22, 23]
+    assert [tree.num_blocks_in(t) for t in ("active", "hot", "cold")] == [2, 2, 2]
+    assert (tree.tier_of(A[3]), tree.tier_of(B[2]), tree.tier_of(C[0])) == ("hot", "cold", None)
+    assert sorted(names([h for h, _ in tree.blocks("hot")])) == ["a2", "a3"]
+    active = tree.split_at(tree.match_prefix(A[:2]))
+    stamp = active.last_access
+    tree.touch(tree.match_prefix(A).last_node)  # stamps hot a2..a3 only
+    assert active.last_access == stamp
+    tree.lock(active)
+    assert (active.lock_ref, tree.match_prefix(A).last_node.lock_ref) == (1, 0)
+    assert evicted_names(tree.evict(10, "active")) == []
+    assert evicted_names(tree.evict(1, "hot")) == ["a3"]  # a run below a lock of another tier
+    assert evicted_names(tree.evict(10, "cold")) == ["b3", "b2"]
+    assert events[-2:] == [("hot", BlockRemoved((A[3],))), ("cold", BlockRemoved(tuple(B[2:])))]
+    tree.check_integrity()
+    tree.unlock(active)
+    assert evicted_names(tree.evict(10, "hot")) == ["a2"]
+    assert evicted_names(tree.evict(10)) == ["a1", "a0"]
+    assert [tree.num_blocks_in(t) for t in ("active", "hot", "cold")] == [0, 0, 0]
+    tree.check_integrity()
+
+
+def test_evicting_a_block_reroots_its_children_of_other_tiers() -> None:
+    tree = RadixTree()
+    tree.insert(A[:2], [10, 11])
+    tree.insert(A[2:], [12, 13], A[1], "cold")
+    segment = tree.split_at(tree.match_prefix(A))
+    tree.lock(segment)  # a cold lock does not hold the active a1
+    assert evicted_names(tree.evict(1)) == ["a1"]
+    assert tree.match_prefix(A).values == [10]
+    assert tree.match_prefix(A, start=2).values == [12, 13]
+    assert tree.root.lock_ref == 1
+    tree.check_integrity()
+    assert tree.insert(A[1:2], [21], A[0], "hot") == 1  # the cold segment is adopted again
+    runs = [(r.tier, r.values) for r in tree.match_tiers(A)]
+    assert runs == [("active", [10]), ("hot", [21]), ("cold", [12, 13])]
+    tree.check_integrity()
+    tree.unlock(segment)
+    assert evicted_names(tree.evict(10, "cold")) == ["a3", "a2"]
+    tree.check_integrity()
+
+
+def test_detach_takes_a_run_out_below_another_tier() -> None:
+    events: list[tuple[str, RadixEvent]] = []
+    tree = RadixTree(tier_listener=lambda tier, event: events.append((tier, event)))
+    tree.insert(A[:2], [10, 11])
+    tree.insert(A[2:], [12, 13], A[1], "hot")
+    tree.insert(B[2:], [22, 23], B[1], "hot")
+    assert tree.detach(A[:3], 1) == [11, 12]  # a1 (active) and a2 (hot): one event per tier
+    assert events[-2:] == [("active", BlockRemoved((A[1],))), ("hot", BlockRemoved((A[2],)))]
+    assert tree.match_prefix(A).values == [10]
+    assert tree.match_prefix(A, start=3).values == [13]
+    assert tree.match_prefix(B, start=2).values == [22, 23]
+    tree.check_integrity()
+    assert tree.insert(A[1:3], [41, 42], A[0], "hot") == 2
+    assert tree.match_prefix(A).values == [10, 41, 42, 13]
+    assert tree.match_prefix(B).values == [10, 41, 22, 23]
+    tree.check_integrity()
+
+
+class TieredOracle:
+    """Blocks as hash -> (value, parent hash, tier); a lock marks its block and the same-tier
+    blocks above it."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[BlockHash, tuple[int, BlockHash | None, str]] = {}
+        self.locks: list[tuple[Node, BlockHash]] = []
+
+    def insert(
+        self, hashes: list[BlockHash], values: list[int], parent: BlockHash | None, tier: str
+    ) -> int:
+        new = 0
+        for h, v in zip(hashes, values, strict=True):
+            if h not in self.blocks:
+                self.blocks[h] = (v, parent, tier)
+                new += 1
+            parent = h
+        return new
+
+    def locked(self) -> set[BlockHash]:
+        marked: set[BlockHash] = set()
+        for _, h in self.locks:
+            tier = self.blocks[h][2]
+            walk: BlockHash | None = h
+            while walk in self.blocks and self.blocks[walk][2] == tier and walk not in marked:
+                marked.add(walk)
+                walk = self.blocks[walk][1]
+        return marked
+
+    def remove(self, block: EvictedBlock, tier: str) -> None:
+        value, parent, held_in = self.blocks[block.hash]
+        assert held_in == tier and block.hash not in self.locked()
+        assert not any(p == block.hash and t == tier for _, p, t in self.blocks.values())
+        assert (value, parent) == (block.value, block.parent_hash)
+        del self.blocks[block.hash]
+
+
+TIERED_OPS = st.lists(
+    st.tuples(st.sampled_from(["insert", "suffix", "match", "lock", "unlock", "evict", "touch"]),
+              TOKENS, st.integers(0, 6), st.sampled_from(["active", "hot", "cold"])),
+    max_size=40,
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(TIERED_OPS)
+def test_tiered_radix_against_oracle(ops: list[tuple[str, list[int], int, str]]) -> None:
+    tree, oracle = RadixTree(), TieredOracle()
+    for op, tokens, k, tier in ops:
+        hashes = hash_blocks(tokens, 1)
+        values = [t * 100 + i for i, t in enumerate(tokens)]
+        if op in ("insert", "suffix"):
+            cut = min(k, len(hashes) - 1) if op == "suffix" else 0
+            parent = hashes[cut - 1] if cut else None
+            got = tree.insert(hashes[cut:], values[cut:], parent, tier)  # type: ignore[arg-type]
+            assert got == oracle.insert(hashes[cut:], values[cut:], parent, tier)
+        elif op == "match":
+            runs = tree.match_tiers(hashes)
+            got = [(r.tier, v) for r in runs for v in r.values]
+            want = []
+            for h in hashes:
+                if h not in oracle.blocks:
+                    break
+                want.append((oracle.blocks[h][2], oracle.blocks[h][0]))
+            assert got == want
+        elif op == "touch":
+            tree.touch(tree.match_prefix(hashes).last_node)
+        elif op == "lock":
+            m = tree.match_prefix(hashes[: max(k, 1)])
+            if m.num_blocks:
+                node = tree.split_at(m)
+                tree.lock(node)
+                oracle.locks.append((node, hashes[m.num_blocks - 1]))
+        elif op == "unlock" and oracle.locks:
+            node, _ = oracle.locks.pop(k % len(oracle.locks))
+            tree.unlock(node)
+        elif op == "evict":
+            locked = oracle.locked()
+            evictable = sum(1 for h, b in oracle.blocks.items() if b[2] == tier and h not in locked)
+            out = tree.evict(k, tier)  # type: ignore[arg-type]
+            assert len(out) == min(k, evictable)
+            for block in out:
+                oracle.remove(block, tier)
+        tree.check_integrity()
+        assert tree.num_blocks == len(oracle.blocks)
+        assert all(tree.value_of(h) == v for h, (v, _, _) in oracle.blocks.items())
+        assert all(tree.tier_of(h) == t for h, (_, _, t) in oracle.blocks.items())
