@@ -57,6 +57,7 @@ class Row:
     output_tok_s: float
     error: str = ""
     vs_engine: float = float("nan")  # output_tok_s / the engine alone's at this concurrency
+    tokens_per_response: float = float("nan")  # > 1 when tokens were coalesced under load
 
 
 def failed_row(mode: str, concurrency: int, error: str) -> Row:
@@ -78,9 +79,11 @@ def summarize(mode: str, concurrency: int, results: list[StreamResult], wall_s: 
     tpot = [t for r in results if (t := r.tpot_s) is not None]
     e2e = [r.e2e_s for r in results]
     tokens = sum(r.num_output_tokens for r in results)
+    responses = sum(len(set(r.token_times)) for r in results)
     return Row(mode, concurrency, len(results), _percentile(ttft, 50), _percentile(ttft, 99),
                _percentile(tpot, 50), _percentile(tpot, 99), _percentile(e2e, 50), _percentile(e2e, 99),
-               tokens / wall_s if wall_s > 0 else float("nan"))
+               tokens / wall_s if wall_s > 0 else float("nan"),
+               tokens_per_response=tokens / responses if responses else float("nan"))
 
 
 def _client_loop(url: str, prompts: list[str], output_len: int, out: list[StreamResult],
@@ -173,7 +176,7 @@ def bench_mode(mode: str, args: argparse.Namespace, work: Path) -> list[Row]:
 
 
 HEADER = (f"{'mode':<14} {'conc':>4} {'reqs':>5} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
-          f"{'TPOT p99':>9} {'E2E p50':>9} {'E2E p99':>9} {'out tok/s':>10} {'vs engine':>9}")
+          f"{'TPOT p99':>9} {'E2E p50':>9} {'E2E p99':>9} {'out tok/s':>10} {'vs engine':>9} {'tok/resp':>8}")
 
 
 def format_row(r: Row) -> str:
@@ -181,7 +184,7 @@ def format_row(r: Row) -> str:
         return f"{r.mode:<14} {r.concurrency:>4} FAILED: {r.error}"
     return (f"{r.mode:<14} {r.concurrency:>4} {r.num_requests:>5} {r.ttft_p50_ms:>9.1f} {r.ttft_p99_ms:>9.1f} "
             f"{r.tpot_p50_ms:>9.2f} {r.tpot_p99_ms:>9.2f} {r.e2e_p50_ms:>9.1f} {r.e2e_p99_ms:>9.1f} "
-            f"{r.output_tok_s:>10.1f} {r.vs_engine:>9.2f}")
+            f"{r.output_tok_s:>10.1f} {r.vs_engine:>9.2f} {r.tokens_per_response:>8.2f}")
 
 
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:

@@ -187,7 +187,7 @@ class LLMEngine:
     def _flush_text(self) -> list[RequestOutput]:
         """The deferred outputs of the last step, with their text."""
         done, self._deferred = self._deferred, []
-        visible = self.stop_checker.visible_text
+        visible = self._visible_text
         return [RequestOutput(seq.request_id, new_ids, new_logprobs,
                               visible(seq, state, finished), finished, reason, num_prompt,
                               num_output, num_cached)
@@ -243,10 +243,15 @@ class LLMEngine:
             if finished:
                 self._finish(seq)
             return None
-        text = self.stop_checker.visible_text(seq, state, finished)
+        text = self._visible_text(seq, state, finished)
         if finished:
             self._finish(seq)
         return self._output(seq, (token,), new_logprobs, text, finished)
+
+    def _visible_text(self, seq: Sequence, state: TextState, finished: bool) -> str:
+        if not self.config.detokenize:
+            return ""
+        return self.stop_checker.visible_text(seq, state, finished)
 
     def _output(
         self,

@@ -36,6 +36,8 @@ class EngineConfig:
     async_output: detokenize a step's tokens during the next step's device work (vLLM's async
     output processing): a request's output arrives one `step` call later, ending is decided on
     time (requests with stop strings are never deferred). None: on for CUDA, off elsewhere.
+    detokenize: fill RequestOutput.text. Off, outputs carry token ids and an empty text (stop
+    strings still end a request): for a worker whose caller makes the text itself.
     """
 
     block_size: int | None = None
@@ -52,6 +54,7 @@ class EngineConfig:
     decode_graphs: str = "auto"
     graph_max_batch: int | None = None
     async_output: bool | None = None
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         positive = {

@@ -38,13 +38,14 @@ def torch_dtype(name: str) -> Any:
 
 
 def build_engine(spec: EngineSpec, *, loaded: Any = None, hooks: Any = None) -> Any:
-    """An LLMEngine for ``spec`` (imports torch and the engine lazily). ``loaded`` is an
-    already loaded model for ``spec.source``; ``hooks`` the engine's KVHooks (kvbridge)."""
+    """A worker's LLMEngine for ``spec`` (imports torch and the engine lazily). ``loaded`` is an
+    already loaded model for ``spec.source``; ``hooks`` the engine's KVHooks (kvbridge). It
+    returns token ids without text (``detokenize=False``): the orchestrator makes the text."""
     from backends.engine.engine import LLMEngine
     from backends.engine.engine_config import EngineConfig
 
     config = EngineConfig(
         block_size=spec.block_size, num_blocks=spec.num_blocks, max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens, max_model_len=spec.max_model_len,
-        device=spec.device, dtype=spec.dtype)
+        device=spec.device, dtype=spec.dtype, detokenize=False)
     return LLMEngine(loaded if loaded is not None else spec.source, config, hooks)

@@ -91,3 +91,23 @@ def test_prefill_only_export_after_deferred_finish(loaded: LoadedFn) -> None:
     ("cpu", True, True)])
 def test_default_follows_the_device(device: str, flag: bool | None, expected: bool) -> None:
     assert EngineConfig(device=device, async_output=flag).async_output_on() is expected
+
+
+@pytest.mark.parametrize("async_output", [False, True])
+def test_without_detokenize_outputs_are_the_same_ids_and_no_text(loaded: LoadedFn, async_output: bool) -> None:
+    """detokenize=False (a worker's engine: the orchestrator makes the text): the same token
+    ids, ends and counts as with text, every text empty; stop strings still end requests."""
+    greedy = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+    plain, _ = run(LLMEngine(loaded("tiny-llama"), EngineConfig()), [("p", make_prompt(2, 12), greedy)], {})
+    text = "".join(o.text for o in plain["p"])
+    assert len(text) > 6
+    requests = [("plain", make_prompt(1, 9), greedy),
+                ("stop", make_prompt(2, 12), dataclasses.replace(greedy, stop=(text[4:6],)))]
+    runs = {}
+    for flag in (True, False):
+        engine = LLMEngine(loaded("tiny-llama"), EngineConfig(async_output=async_output, detokenize=flag))
+        runs[flag], _ = run(engine, requests, {})
+    with_text, ids_only = runs[True], runs[False]
+    assert {rid: [dataclasses.replace(o, text="") for o in outs] for rid, outs in with_text.items()} == ids_only
+    assert all(o.text == "" for outs in ids_only.values() for o in outs)
+    assert ids_only["stop"][-1].finish_reason == "stop" and len(ids_only["stop"]) < 14
