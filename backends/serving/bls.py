@@ -104,6 +104,7 @@ class BlsWorkers:
             inbox.put(exc)
             return
         try:
+            response: Any
             while (response := next(iterator, _DONE)) is not _DONE:
                 if response.has_error():
                     err = response.error()
