@@ -1,4 +1,7 @@
-"""Building blocks of the tiered block store: tier names, statistics, slot allocation, movers.
+"""Building blocks of the tiered block store: config, statistics, slot allocation, movers.
+
+Tier names (``TierName``, ``TIERS``) belong to the radix index, where the tier is a property
+of a node; they are re-exported here for the store's callers.
 
 The store never touches KV bytes itself: slots come from a ``BlockAllocator`` per pool (the
 *hot* pool holds the active and hot tiers, the *cold* pool the cold tier; kvbridge.pool's
@@ -13,11 +16,15 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Literal, NewType, Protocol
 
-from kvbridge.radix_types import RadixEvent
+from kvbridge.radix import TIERS, RadixEvent, TierName
 
-TierName = Literal["active", "hot", "cold"]
+__all__ = [
+    "TIERS", "BlockAllocator", "BlockMover", "InMemorySlotAllocator", "NullMover", "PoolName",
+    "RequestId", "StoreConfig", "StoreMatch", "StoreStats", "TierCounters", "TierEvent",
+    "TierName", "TierStats",
+]  # fmt: skip
+
 PoolName = Literal["hot", "cold"]
-TIERS: tuple[TierName, ...] = ("active", "hot", "cold")
 RequestId = NewType("RequestId", str)
 
 

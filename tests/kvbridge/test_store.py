@@ -101,8 +101,8 @@ def test_shared_prefix_stays_active_until_its_last_holder_releases() -> None:
     f.store.check_integrity()
     assert f.view(A) == (("hot",) * 4, (0, 1, 2, 3))
     assert f.view(B) == (("hot",) * 4, (0, 1, 4, 5))
-    hot = f.store.tree("hot")
-    assert hot.match_prefix(A).num_blocks == 4  # the a2..a3 segment was re-attached
+    slots = dict(zip(A + B[2:], [0, 1, 2, 3, 4, 5], strict=True))
+    assert dict(f.store.blocks("hot")) == slots  # one tree: a2..a3 and b2..b3 under a1
 
 
 def test_acquire_moves_hot_blocks_into_active_and_back() -> None:
@@ -149,11 +149,27 @@ def test_cold_hit_promotes_into_the_hot_pool() -> None:
     assert slots == [2, 3, 0]
     assert [f.mover.data["hot"][s] for s in slots] == A[:3]
     assert f.view(A) == (("active",) * 3, (2, 3, 0))
-    assert f.store.tree("cold").num_blocks == 0
+    assert list(f.store.blocks("cold")) == []
     stats = f.store.stats()
     assert stats.cold == TierStats(0, 3, 1, 0, 3, 40, 40, 1, 0, 3)
     assert (stats.hot.hits, stats.hot.misses, stats.active.misses) == (0, 1, 1)
     assert stats.active.bytes_in == 4 * NBYTES + 3 * NBYTES + 2 * NBYTES
+
+
+def test_a_chain_across_tiers_moves_to_active_with_exact_events() -> None:
+    f = Fixture(hot_slots=6, hot_cap=2, cold_slots=3, cold_cap=3)
+    f.put("r1", A)
+    f.store.release("r1")
+    assert f.view(A) == (("hot", "hot", "cold", "cold"), (0, 1, 0, 1))
+    f.events.clear()
+    assert f.store.acquire("r2", A) == [0, 1, 4, 5]
+    assert f.events == [
+        TierEvent("hot", BlockRemoved(tuple(A[:2]))),
+        TierEvent("cold", BlockRemoved(tuple(A[2:]))),
+        TierEvent("active", BlockStored(tuple(A), None)),
+    ]
+    assert [f.mover.data["hot"][s] for s in (0, 1, 4, 5)] == A
+    f.store.check_integrity()
 
 
 def test_promotion_demotes_hot_blocks_to_make_room() -> None:
@@ -244,9 +260,9 @@ def test_store_random_lifecycles_keep_integrity_and_data(seed: int) -> None:
         f.store.check_integrity()
         assert {r: f.store.held_blocks(r) for r in held} == {r: len(h) for r, h in held.items()}
         for tier_name in ("active", "hot"):
-            for h, slot in f.store.tree(tier_name).blocks():  # type: ignore[arg-type]
+            for h, slot in f.store.blocks(tier_name):  # type: ignore[arg-type]
                 assert f.mover.data["hot"][slot] == h
-        for h, slot in f.store.tree("cold").blocks():
+        for h, slot in f.store.blocks("cold"):
             assert f.mover.data["cold"][slot] == h
 
 
