@@ -6,8 +6,10 @@ many of the prompt's full blocks each node already holds. Policy (pure functions
 - ``choose_worker``: among the workers whose load is within ``slack`` of the least loaded, the
   one holding the longest prefix of the prompt; ties by least load, then listing order;
 - ``is_local``: colocated (no prefill hop) when disaggregation is off, no prefill worker exists,
-  the decode worker already holds every full block of the prompt, or it holds the longest
-  prefix of all nodes (strictly): the prefill then runs where the most KV is reused;
+  the decode worker already holds every full block of the prompt, or it holds a prefix at least
+  as long as any other node's (a tie included: running there moves no KV, while a prefill node
+  would hand the decode node the blocks it already holds): the prefill then runs where the most
+  KV is reused;
 - ``rebalance``: move one worker from the idle side to the overloaded side when one side's
   mean pending load exceeds ``ratio`` times the other's (each side keeps one worker).
 Worker models serve every request type; the role is only this label (see worker.py).
@@ -60,14 +62,15 @@ def choose_worker(candidates: Sequence[str], inflight: Mapping[str, int], cluste
 
 
 def is_local(disaggregation: bool, has_prefill: bool, decode: str, cluster: ClusterSnapshot) -> bool:
-    """See the module docstring: also local when ``decode`` holds a strictly longer prefix
-    than every other node (a later turn of a conversation: its decode node stored the
-    prompt and the reply, a prefill node would recompute the reply)."""
+    """See the module docstring: also local when ``decode`` holds a prefix (of at least one
+    block) at least as long as every other node's (a later turn of a conversation: its decode
+    node stored the prompt and the reply, a prefill node would recompute the reply; on a tie a
+    prefill node would only add a transfer)."""
     matched = cluster.matched_blocks
     mine = matched.get(decode, 0)
     fully_cached = 0 < cluster.num_prompt_blocks <= mine
     others = max((n for node, n in matched.items() if node != decode), default=0)
-    return not disaggregation or not has_prefill or fully_cached or mine > others
+    return not disaggregation or not has_prefill or fully_cached or (mine > 0 and mine >= others)
 
 
 def rebalance(prefill: Sequence[str], decode: Sequence[str], inflight: Mapping[str, int],

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from backends.engine.outputs import KVExport, RequestOutput
@@ -194,22 +194,26 @@ class WorkerService:
         if out.finish_reason == "abort":
             self._finish_error(out.request_id, RequestCancelled(f"request {out.request_id} cancelled"))
             return
-        published = None
-        if active.job.request_type == "context_only" and out.finished:
-            try:
-                published = self._hand_off(out)
-            except Exception as exc:
-                self._finish_error(out.request_id, exc)
-                return
         pull_ns = self._pull_ns(active)
         # Prefix-cache hits only: a generation_only request's prompt KV was imported from its
         # prefill (the engine counts it as cached), not reused from this node's store.
         cached = 0 if active.job.request_type == "generation_only" else out.num_cached_tokens
         update = WorkerUpdate(
             out.new_token_ids, out.new_logprobs, out.finished, out.finish_reason or "",
-            out.num_prompt_tokens, out.num_output_tokens, cached,
-            published.handle if published else b"", published.num_bytes if published else 0,
-            published.elapsed_ns if published else pull_ns)
+            out.num_prompt_tokens, out.num_output_tokens, cached, kv_transfer_ns=pull_ns)
+        if active.job.request_type == "context_only" and out.finished and out.finish_reason is None:
+            # The first token goes out before the KV publish (the response thread sends it
+            # while this thread publishes); the hand-off follows as the final response.
+            self._responder.send(out.request_id, active.sink, replace(update, final=False))
+            try:
+                published = self._hand_off(out)
+            except Exception as exc:
+                self._finish_error(out.request_id, exc)
+                return
+            update = WorkerUpdate((), (), True, "", out.num_prompt_tokens, out.num_output_tokens, cached,
+                                  published.handle, published.num_bytes, published.elapsed_ns)
+        elif active.job.request_type == "context_only" and out.finished:
+            self._release(out.request_id)  # the first token ended it: nothing to hand off
         if out.finished:
             del self._active[out.request_id]
             _close_source(active.kv_source)
@@ -225,17 +229,18 @@ class WorkerService:
             active.kv_source = None
         return elapsed
 
-    def _hand_off(self, out: RequestOutput) -> PublishedKV | None:
-        """Publish a finished prefill's KV (unless the first token ended it) and free its blocks."""
+    def _hand_off(self, out: RequestOutput) -> PublishedKV:
+        """Publish a finished prefill's KV and free its blocks."""
         try:
-            if out.finish_reason is not None:
-                return None
             if self._kv is None:
                 raise WorkerUnavailable("context_only needs a KV transport; none is configured")
             return self._kv.publish(self._engine.export_kv(out.request_id), self._active[out.request_id].job.prompt_ids)
         finally:
-            with contextlib.suppress(ValueError):  # nothing held: the engine already freed it
-                self._engine.release_kv(out.request_id)
+            self._release(out.request_id)
+
+    def _release(self, request_id: str) -> None:
+        with contextlib.suppress(ValueError):  # nothing held: the engine already freed it
+            self._engine.release_kv(request_id)
 
     def _finish_error(self, rid: str, exc: BaseException) -> None:
         active = self._active.pop(rid, None)

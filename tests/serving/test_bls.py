@@ -184,11 +184,20 @@ def test_responses_that_arrive_while_the_loop_is_busy_come_as_one_update() -> No
     looked as one merged update (fewer, larger client responses under load), in order, with the
     final one's end."""
     transport = _Transport([1, 2, 3, 4])
+    release = threading.Event()
+    respond = transport.responses
+
+    def gated() -> Iterator[_Response]:
+        release.wait(5)
+        yield from respond()
+
+    transport.responses = gated  # type: ignore[method-assign]
 
     async def run(workers: BlsWorkers) -> list[tuple[tuple[int, ...], bool, str]]:
         stream: Any = workers.stream("worker", WorkerJob("r9", "context_and_generation", (1,)))
         first = asyncio.ensure_future(stream.__anext__())
         await asyncio.sleep(0.05)  # the stream has sent its request and waits for a response
+        release.set()
         assert transport.ended.wait(5)  # the loop is busy (blocked here) while all four arrive
         update = await first
         return [(update.new_token_ids, update.final, update.finish_reason)] + [
