@@ -14,7 +14,7 @@ COMMAND_MODULES = (
     "backends.engine.cli",
     "backends.engine.generate_cli",
     "kvbridge.cli",
-    "backends.serving.cli",
+    "backends.launch.cli",
     "backends.openai_api.cli",
 )
 

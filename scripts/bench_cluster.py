@@ -20,7 +20,7 @@ import torch
 
 from backends.engine.sampling_params import SamplingParams
 from backends.serving import kv_master
-from backends.serving.deploy import EngineSpec
+from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv import WorkerLoad, build_worker
 from kvbridge.master.client import MasterClient
 from kvbridge.master.server import MasterConfig, MasterThread

@@ -9,7 +9,7 @@ genai-perf (``--backend vllm`` / ``--backend tensorrtllm``, the model's own toke
 tokens. perf_analyzer rows are computed from its per-request export (TTFT = first response,
 ITL = (last - first response) / (tokens - 1)); genai-perf rows are genai-perf's own numbers
 (it counts tokens by re-tokenizing the streamed text). Prints a table; ``--json FILE`` writes it.
-Needs ``python3 -m backends.serving.perf_analyzer install`` (scripts/test.sh runs it).
+Needs ``python3 -m backends.launch.perf_analyzer install`` (scripts/test.sh runs it).
 
     python3 scripts/bench_perf_clients.py [--model smollm2-135m-instruct] [--concurrency 1 4]
         [--requests 16] [--prompt-len 64] [--output-len 32] [--modes colocated disaggregated]
@@ -29,11 +29,11 @@ from pathlib import Path
 
 from backends.engine.loader import export_preset
 from backends.engine.sources import DEFAULT_MODEL, SourceKind, resolve_source
-from backends.serving import perf_runs
-from backends.serving.deploy import Deployment
-from backends.serving.install import repo_root
-from backends.serving.perf_analyzer import PerfAnalyzer, find
-from backends.serving.session import Repository, colocated_repository, running_server
+from backends.launch import perf_runs
+from backends.launch.deploy import Deployment
+from backends.launch.install import repo_root
+from backends.launch.perf_analyzer import PerfAnalyzer, find
+from backends.launch.session import Repository, colocated_repository, running_server
 
 MODES = ("colocated", "disaggregated")
 TOOLS = ("perf_analyzer", "genai-perf")
@@ -72,7 +72,7 @@ def repository(mode: str, model: str, work: Path) -> Repository:
 
 
 def _written(deployment: Deployment, dest: Path) -> Path:
-    from backends.serving.deploy import write_repository
+    from backends.launch.deploy import write_repository
 
     write_repository(deployment, dest)
     return dest
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tool = find()
     if tool is None:
-        print("perf_analyzer is not set up: python3 -m backends.serving.perf_analyzer install", file=sys.stderr)
+        print("perf_analyzer is not set up: python3 -m backends.launch.perf_analyzer install", file=sys.stderr)
         return 1
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-perf-clients-") as tmp:

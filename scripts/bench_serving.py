@@ -35,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.serving.client import StreamingClient, StreamResult
-from backends.serving.deploy import Deployment, EngineSpec, write_repository
+from backends.launch.client import StreamingClient, StreamResult
+from backends.launch.deploy import Deployment, write_repository
+from backends.launch.session import running_server
 from backends.serving.engine_factory import build_engine, worker_threads
-from backends.serving.session import running_server
+from backends.serving.engine_spec import EngineSpec
 
 MODES = ("colocated", "disaggregated")
 

@@ -57,7 +57,7 @@ LOG_FAILURES = re.compile(r"KV pull of .* failed|KV import of .* failed|recomput
 
 
 def _worker_specs(config: Path) -> dict[str, Any]:
-    from backends.serving.deploy import load_deployment, model_specs
+    from backends.launch.deploy import load_deployment, model_specs
 
     dep = load_deployment(config)
     return {spec.name: engine for spec, engine in model_specs(dep) if engine is not None}
@@ -71,7 +71,7 @@ def _load_json(path: Path, default: Any = None) -> Any:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from backends.serving.deploy import load_deployment
+    from backends.launch.deploy import load_deployment
     from backends.serving.tokenizers import load_tokenizer
 
     dep = load_deployment(args.config)
@@ -99,7 +99,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     import torch
 
     from backends.engine.sampling_params import SamplingParams
-    from backends.serving.deploy import load_deployment
+    from backends.launch.deploy import load_deployment
     from backends.serving.engine_factory import build_engine
     from backends.serving.tokenizers import load_tokenizer
 
@@ -136,7 +136,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_find_triton(args: argparse.Namespace) -> int:
-    from backends.serving.install import find_triton, python_version_tag
+    from backends.launch.install import find_triton, python_version_tag
 
     try:
         install = find_triton()
@@ -150,14 +150,14 @@ def cmd_find_triton(args: argparse.Namespace) -> int:
 
 
 def cmd_ports(args: argparse.Namespace) -> int:
-    from backends.serving.launcher import free_ports
+    from backends.launch.launcher import free_ports
 
     print(" ".join(str(p) for p in free_ports(3)))
     return 0
 
 
 def cmd_shm_regions(args: argparse.Namespace) -> int:
-    from backends.serving.shm_cleanup import stub_regions
+    from backends.launch.shm_cleanup import stub_regions
 
     regions = stub_regions(args.pgid)
     if args.merge is not None:  # keep every region ever seen: stubs may have restarted
@@ -168,7 +168,7 @@ def cmd_shm_regions(args: argparse.Namespace) -> int:
 
 
 def cmd_shm_cleanup(args: argparse.Namespace) -> int:
-    from backends.serving.shm_cleanup import unlink_leftovers
+    from backends.launch.shm_cleanup import unlink_leftovers
 
     regions = _load_json(Path(args.work) / "shm_regions.json", [])
     removed = unlink_leftovers(args.pgid, list(regions))

@@ -3,7 +3,7 @@
 Starts its own tritonserver on a repository like the shipped ``model_repository/`` (1 prefill +
 1 decode, the same engine sizes, ``--model``, default tiny-llama; ``--deployment colocated``: one
 worker), with a kvbridge master as ``triton-pd serve`` runs it, warms it up, then runs ``--streams`` closed-loop clients for ``--duration`` seconds
-(backends/serving/cancel_load.py): each request is greedy, ``--max-tokens`` long, and a seeded
+(backends/launch/cancel_load.py): each request is greedy, ``--max-tokens`` long, and a seeded
 ``--cancel-fraction`` of them is cancelled by the client (``stop_stream(cancel_requests=True)``)
 after 1..``--max-cancel-chunks`` chunks. Afterwards it checks, and reports:
 - every request's outcome (completed, cancelled, error with its message, hung);
@@ -35,9 +35,10 @@ from pathlib import Path
 
 import requests
 
-from backends.serving.cancel_load import LoadConfig, LoadReport, run_load_in_child
-from backends.serving.deploy import Deployment, EngineSpec, write_repository
-from backends.serving.session import running_server
+from backends.launch.cancel_load import LoadConfig, LoadReport, run_load_in_child
+from backends.launch.deploy import Deployment, write_repository
+from backends.launch.session import running_server
+from backends.serving.engine_spec import EngineSpec
 
 CRASH_PATTERNS = ("Segmentation fault", "double free", "corruption", "lock_exception", "terminate called",
                   "is not healthy", "Aborted", "core dumped", "Failed to ")

@@ -11,8 +11,8 @@ if ! command -v cmake >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/d
     (apt-get update -qq && apt-get install -y -qq cmake) >/dev/null 2>&1 || echo "cmake not installed"
 fi
 # perf_analyzer for its e2e tests: the binary from the tritonclient 2.48 wheel and libb64 (Debian),
-# under ~/.cache/triton-pd (backends/serving/perf_analyzer.py); without it those tests skip.
-python3 -m backends.serving.perf_analyzer install || echo "perf_analyzer not set up: its tests skip"
+# under ~/.cache/triton-pd (backends/launch/perf_analyzer.py); without it those tests skip.
+python3 -m backends.launch.perf_analyzer install || echo "perf_analyzer not set up: its tests skip"
 python3 -m ruff check backends kvbridge scripts tests
 python3 -m mypy backends kvbridge
 python3 -m pytest -q "$@"

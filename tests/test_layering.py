@@ -1,4 +1,5 @@
-"""Import rules from DESIGN.md: one dependency direction, Triton only in backends/serving."""
+"""Import rules from DESIGN.md: one dependency direction, Triton only in backends/serving, and
+the launch tools (backends/launch) outside everything that runs inside tritonserver."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_MODULES = ("triton_python_backend_utils", "tritonclient", "pytriton")
+# What runs outside tritonserver: the launch tools, the `triton-pd` command, the OpenAI front door.
+LAUNCH_SIDE = ("backends.launch", "backends.cli", "backends.openai_api")
+# The python-based backends tritonserver loads: everything they import runs inside it.
+TRITON_ENTRY_POINTS = ("backends.pd_orchestrator.model", "backends.pd_worker.model")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -35,10 +40,80 @@ def violations(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
     return found
 
 
-def test_engine_imports_neither_triton_nor_kvbridge() -> None:
+def test_engine_imports_neither_triton_nor_kvbridge_nor_serving_nor_launch() -> None:
     files = python_files("backends", "engine")
     assert files, "backends/engine has no modules"
-    assert violations(files, (*TRITON_MODULES, "kvbridge", "backends.serving")) == []
+    assert violations(files, (*TRITON_MODULES, "kvbridge", "backends.serving", *LAUNCH_SIDE)) == []
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of the two packages by dotted name."""
+    return {module_name(p): p for p in python_files("backends") + python_files("kvbridge")
+            if "python" not in p.relative_to(ROOT).parts[1:2]}
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """Every module ``path`` may import: import statements anywhere in the file (function-level
+    and relative ones included) and ``importlib.import_module("...")`` with a literal name."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "import_module" and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.add(node.args[0].value)
+    return found
+
+
+def triton_side_modules() -> set[str]:
+    """The project modules reachable from the Triton entry points (each with its packages)."""
+    modules = project_modules()
+    seen: set[str] = set()
+    todo = list(TRITON_ENTRY_POINTS)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in modules:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+        for imported in imports_of(name, modules[name]):
+            while imported and imported not in modules:  # `from pkg.mod import name`
+                imported = imported.rpartition(".")[0]
+            todo.append(imported)
+    return seen
+
+
+def test_nothing_inside_tritonserver_imports_the_launch_tools() -> None:
+    inside = triton_side_modules()
+    # the walk reaches both sides of the server: a broken walk would pass vacuously
+    for name in (*TRITON_ENTRY_POINTS, "backends.serving.orchestrator_model",
+                 "backends.serving.worker_model", "backends.serving.engine_spec",
+                 "backends.engine.engine", "kvbridge.handle"):
+        assert name in inside, f"{name} is not reached from the Triton entry points"
+    launch = sorted(m for m in inside if any(m == s or m.startswith(s + ".") for s in LAUNCH_SIDE))
+    assert launch == []
+
+
+def test_serving_and_the_backend_entries_never_import_the_launch_tools() -> None:
+    files = python_files("backends", "serving") + [
+        ROOT / "backends" / entry.split(".")[1] / "model.py" for entry in TRITON_ENTRY_POINTS]
+    assert violations(files, LAUNCH_SIDE) == []
 
 
 def test_kvbridge_never_imports_triton_or_backends() -> None:

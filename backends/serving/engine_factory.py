@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from backends.serving.deploy import EngineSpec, load_engine_spec
+from backends.serving.engine_spec import EngineSpec, load_engine_spec
 
 
 def engine_spec_for(model_dir: Path) -> EngineSpec:

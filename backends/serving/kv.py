@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends.engine.outputs import KVExport
-from backends.serving.deploy import EngineSpec
+from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv_master import MasterLink, connect, start_master_if_needed, worker_node_id
 from backends.serving.kv_node import KVNode, KVNodeConfig
 from backends.serving.kv_remote import LOOKUP_TIMEOUT_S, PrefixSource, RemoteFinder

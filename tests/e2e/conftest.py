@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from backends.serving.deploy import Deployment, EngineSpec, write_repository
-from backends.serving.install import find_triton
-from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
-from backends.serving.layout import layout_backend_dir
+from backends.launch.deploy import Deployment, write_repository
+from backends.launch.install import find_triton
+from backends.launch.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
+from backends.launch.layout import layout_backend_dir
+from backends.serving.engine_spec import EngineSpec
 
 NUM_BLOCKS = 128
 MAX_TOKENS = 256

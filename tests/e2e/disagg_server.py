@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backends.serving.deploy import Deployment, EngineSpec, write_repository
-from backends.serving.install import find_triton
-from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
-from backends.serving.layout import layout_backend_dir
+from backends.launch.deploy import Deployment, write_repository
+from backends.launch.install import find_triton
+from backends.launch.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
+from backends.launch.layout import layout_backend_dir
+from backends.serving.engine_spec import EngineSpec
 from kvbridge.master.client import MasterClient
 from kvbridge.master.server import MasterConfig, MasterThread
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import requests
 
-from backends.serving.install import repo_root
-from backends.serving.launcher import free_ports
+from backends.launch.install import repo_root
+from backends.launch.launcher import free_ports
 
 
 @contextmanager

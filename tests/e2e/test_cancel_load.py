@@ -25,7 +25,7 @@ from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.tokenizer import byte_level_tokenizer
-from backends.serving.cancel_load import LoadConfig, run_load_in_child
+from backends.launch.cancel_load import LoadConfig, run_load_in_child
 
 pytestmark = pytest.mark.e2e
 pytest_plugins = ("disagg_plugin",)  # the session's one disaggregated server: disagg_served

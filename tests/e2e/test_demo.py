@@ -15,9 +15,9 @@ from procs import group_members
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
 from backends.engine.sampling_params import SamplingParams
-from backends.serving.demo import chat_prompt
-from backends.serving.deploy import DEFAULT_MODEL
-from backends.serving.install import find_triton, repo_root
+from backends.launch.demo import chat_prompt
+from backends.launch.deploy import DEFAULT_MODEL
+from backends.launch.install import find_triton, repo_root
 
 pytestmark = pytest.mark.e2e
 PROMPT = "What is the capital of France?"

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from backends.cli import build_parser
-from backends.serving.cli import cmd_doctor
-from backends.serving.install import find_triton, repo_root
-from backends.serving.launcher import free_ports
+from backends.launch.cli import cmd_doctor
+from backends.launch.install import find_triton, repo_root
+from backends.launch.launcher import free_ports
 
 pytestmark = pytest.mark.e2e
 

@@ -23,10 +23,11 @@ from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.tokenizer import byte_level_tokenizer
-from backends.serving.deploy import Deployment, EngineSpec, write_repository
-from backends.serving.install import find_triton
-from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
-from backends.serving.layout import layout_backend_dir
+from backends.launch.deploy import Deployment, write_repository
+from backends.launch.install import find_triton
+from backends.launch.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
+from backends.launch.layout import layout_backend_dir
+from backends.serving.engine_spec import EngineSpec
 
 pytestmark = pytest.mark.e2e
 TOK = byte_level_tokenizer()

@@ -22,8 +22,8 @@ import requests
 from openai_door import llm_generate, sse_events
 
 from backends.engine.sources import DEFAULT_MODEL, packaged_model_path
-from backends.serving.install import find_triton, repo_root
-from backends.serving.launcher import free_ports
+from backends.launch.install import find_triton, repo_root
+from backends.launch.launcher import free_ports
 
 openai = pytest.importorskip("openai")
 

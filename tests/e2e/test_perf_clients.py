@@ -5,7 +5,7 @@ style) over gRPC streaming, and must: exit 0 without an error or a warning (no s
 or JSON-export complaint), send exactly the requests asked for, and have every request
 answered: on the client (perf_analyzer's export: each request's responses carry exactly
 ``OUTPUT_LEN`` tokens) and on the server (its request and token counters moved by exactly that).
-perf_analyzer is set up by ``python3 -m backends.serving.perf_analyzer install`` (scripts/test.sh
+perf_analyzer is set up by ``python3 -m backends.launch.perf_analyzer install`` (scripts/test.sh
 runs it); without it these tests skip and say so.
 """
 
@@ -24,8 +24,8 @@ import pytest
 import requests
 
 from backends.engine.loader import export_preset
-from backends.serving import perf_runs
-from backends.serving.perf_analyzer import PerfAnalyzer, find
+from backends.launch import perf_runs
+from backends.launch.perf_analyzer import PerfAnalyzer, find
 
 pytestmark = pytest.mark.e2e
 Served = Any  # conftest.Served
@@ -39,7 +39,7 @@ PROMPTS = ["perf analyzer asks about Paris", "and about the tiny llama", "a thir
 def perf_analyzer() -> PerfAnalyzer:
     tool = find()
     if tool is None:
-        pytest.skip("perf_analyzer is not set up: run python3 -m backends.serving.perf_analyzer install")
+        pytest.skip("perf_analyzer is not set up: run python3 -m backends.launch.perf_analyzer install")
     return tool
 
 

@@ -16,9 +16,9 @@ import pytest
 import requests
 from procs import group_members
 
-from backends.serving.install import find_triton, repo_root
-from backends.serving.launcher import free_ports
-from backends.serving.shm_cleanup import leftovers, stub_regions
+from backends.launch.install import find_triton, repo_root
+from backends.launch.launcher import free_ports
+from backends.launch.shm_cleanup import leftovers, stub_regions
 
 pytestmark = pytest.mark.e2e
 

@@ -29,9 +29,9 @@ import pytest
 import requests
 from procs import group_members
 
-from backends.serving.install import find_triton, repo_root
-from backends.serving.launcher import free_ports
-from backends.serving.shm_cleanup import SHM_DIR, Stub, leftovers, stub_regions, stubs
+from backends.launch.install import find_triton, repo_root
+from backends.launch.launcher import free_ports
+from backends.launch.shm_cleanup import SHM_DIR, Stub, leftovers, stub_regions, stubs
 
 pytestmark = pytest.mark.e2e
 BOUND_S = 2.0 + 8.0  # the orchestrator's default worker_silence_s + worker_probe_timeout_s

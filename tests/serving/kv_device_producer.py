@@ -15,7 +15,7 @@ from typing import Any
 
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.tokenizer import byte_level_tokenizer
-from backends.serving.deploy import EngineSpec
+from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv import build_worker
 
 PROMPT = byte_level_tokenizer().encode("The quick brown fox jumps over the lazy dog, twice")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import sys
 
-from backends.serving.client import StreamResult
-from backends.serving.install import repo_root
+from backends.launch.client import StreamResult
+from backends.launch.install import repo_root
 
 sys.path.insert(0, str(repo_root() / "scripts"))
 import bench_serving  # noqa: E402

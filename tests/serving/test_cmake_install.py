@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.serving.install import repo_root
+from backends.launch.install import repo_root
 
 ROOT = repo_root()
 REPOSITORY_FILES = [
@@ -63,8 +63,8 @@ def test_install_places_backends_packages_and_repository(prefix: Path) -> None:
 def test_installed_packages_import_from_the_prefix(prefix: Path, tmp_path: Path) -> None:
     python_dir = prefix / "backends" / "triton_pd"
     env = {**os.environ, "PYTHONPATH": str(python_dir)}
-    code = ("import backends.serving.orchestrator, backends.serving.deploy, backends.engine.engine, "
-            "kvbridge.handle; print(backends.serving.deploy.__file__); print(kvbridge.handle.__file__)")
+    code = ("import backends.serving.orchestrator, backends.launch.deploy, backends.engine.engine, "
+            "kvbridge.handle; print(backends.launch.deploy.__file__); print(kvbridge.handle.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True).stdout.split()
-    assert out == [str(python_dir / "backends/serving/deploy.py"), str(python_dir / "kvbridge/handle.py")]
+    assert out == [str(python_dir / "backends/launch/deploy.py"), str(python_dir / "kvbridge/handle.py")]

@@ -24,7 +24,7 @@ from kv_device_producer import GREEDY, PROMPT, prefill_publish
 
 from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
-from backends.serving.deploy import EngineSpec
+from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv import NodeTransfer, build_worker
 from backends.serving.kv_source import DeviceKVSource, PulledKVSource
 from kvbridge.handle import KVHandle

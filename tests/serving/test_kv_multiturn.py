@@ -18,7 +18,7 @@ from backends.engine.engine_config import EngineConfig
 from backends.engine.outputs import RequestOutput
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.tokenizer import byte_level_tokenizer
-from backends.serving.deploy import EngineSpec
+from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv import NodeTransfer, build_worker
 
 TOK = byte_level_tokenizer()

@@ -20,7 +20,7 @@ from backends.engine.engine import LLMEngine
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.tokenizer import byte_level_tokenizer
 from backends.serving import kv_source
-from backends.serving.deploy import EngineSpec
+from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv import NodeTransfer, build_worker
 from backends.serving.kv_node import KVNode, KVNodeConfig
 from backends.serving.worker import WorkerService

@@ -18,7 +18,7 @@ from backends.engine.engine_config import EngineConfig
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.tokenizer import byte_level_tokenizer
 from backends.serving import kv_master
-from backends.serving.deploy import EngineSpec
+from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv import NodeTransfer, WorkerLoad, build_worker
 from backends.serving.kv_remote import PrefixSource, RemoteFinder
 from backends.serving.worker import WorkerService

@@ -6,17 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from backends.serving.deploy import (
+from backends.launch.deploy import (
     Deployment,
-    EngineSpec,
     Pool,
     load_deployment,
-    load_engine_spec,
     model_specs,
     parse_deployment,
     write_repository,
 )
-from backends.serving.install import repo_root
+from backends.launch.install import repo_root
+from backends.serving.engine_spec import EngineSpec, load_engine_spec
 
 ENGINE_KEYS = "['block_size', 'dtype', 'max_model_len', 'max_num_batched_tokens', 'max_num_seqs', 'num_blocks', 'threads']"
 

@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from backends.serving.shm_cleanup import Stub, dead_stub_leftovers, stubs, unlink
+from backends.launch.shm_cleanup import Stub, dead_stub_leftovers, stubs, unlink
 
 MODEL_CONTROL_ARGS = ("--model-control-mode=explicit", "--load-model=*")
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from backends.serving.install import TritonInstall, python_lib_dir, repo_root
-from backends.serving.shm_cleanup import stub_regions, unlink_leftovers
+from backends.launch.install import TritonInstall, python_lib_dir, repo_root
+from backends.launch.shm_cleanup import stub_regions, unlink_leftovers
 
 
 @dataclass(frozen=True, slots=True)

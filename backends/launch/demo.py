@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from backends.serving.client import StreamingClient
-from backends.serving.deploy import DEFAULT_MODEL
-from backends.serving.session import default_repository, running_server
-from backends.serving.startup import StartupError, timed_note
+from backends.launch.client import StreamingClient
+from backends.launch.deploy import DEFAULT_MODEL
+from backends.launch.session import default_repository, running_server
+from backends.launch.startup import StartupError, timed_note
 
 DEFAULT_PROMPT = "What is the capital of France?"
 _START = time.monotonic()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.serving.shm_cleanup import SHM_DIR, STUB_NAME, stubs
-from backends.serving.stub_watch import ModelControl, StubWatcher
+from backends.launch.shm_cleanup import SHM_DIR, STUB_NAME, stubs
+from backends.launch.stub_watch import ModelControl, StubWatcher
 
 
 class _ModelControlApi(ThreadingHTTPServer):

@@ -11,7 +11,7 @@ writes ``bin/perf_analyzer``, a wrapper that sets LD_LIBRARY_PATH, so that genai
 ``perf_analyzer`` from PATH) finds it through ``PerfAnalyzer.env()``. ``find()`` reads what
 ``install()`` left; nothing here runs inside tritonserver.
 
-    python3 -m backends.serving.perf_analyzer install   # what scripts/test.sh runs
+    python3 -m backends.launch.perf_analyzer install   # what scripts/test.sh runs
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def install() -> PerfAnalyzer:
 
 def main(argv: list[str]) -> int:
     if argv != ["install"]:
-        print("usage: python3 -m backends.serving.perf_analyzer install", file=sys.stderr)
+        print("usage: python3 -m backends.launch.perf_analyzer install", file=sys.stderr)
         return 2
     tool = install()
     print(f"perf_analyzer: {tool.path}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from backends.serving.install import PYTHON_BACKEND_FILES, STUB_NAME, TritonInstall, repo_root
+from backends.launch.install import PYTHON_BACKEND_FILES, STUB_NAME, TritonInstall, repo_root
 
 OUR_BACKENDS = ("pd_worker", "pd_orchestrator")
 

@@ -31,24 +31,13 @@ import yaml
 
 from backends.engine.sources import DEFAULT_MODEL
 from backends.serving import specs
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSpec:
-    """What ``1/engine.yaml`` holds: the model source and the EngineConfig fields we expose."""
-
-    source: str = DEFAULT_MODEL
-    device: str = "cpu"
-    block_size: int = 16
-    num_blocks: int = 512
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 1024
-    max_model_len: int = 1024
-    dtype: str = "float32"
-    # torch intra-op threads of the worker process; 0: this host's CPUs shared by host_workers
-    # worker processes plus one share for tritonserver and the orchestrator (worker_threads)
-    threads: int = 0
-    host_workers: int = 1
+from backends.serving.engine_spec import (
+    EngineSpec,
+    check_keys,
+    engine_spec_yaml,
+    parse_engine_spec,
+    typed,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,39 +58,6 @@ class Deployment:
     decoupled: bool = True
 
 
-def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    for key in data:
-        if key not in allowed:
-            raise ValueError(f"{where}{key}: unknown key (expected one of {sorted(allowed)})")
-
-
-def _typed(value: Any, kind: type, path: str) -> Any:
-    if value is None:
-        raise ValueError(f"{path}: missing value")
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"{path}: expected a positive integer, got {value!r}")
-    if kind is bool and not isinstance(value, bool):
-        raise ValueError(f"{path}: expected true or false, got {value!r}")
-    if kind is str and not isinstance(value, str):
-        raise ValueError(f"{path}: expected a string, got {value!r}")
-    return value
-
-
-def parse_engine_spec(data: Mapping[str, Any], where: str = "engine.") -> EngineSpec:
-    names = {f.name: f for f in fields(EngineSpec)}
-    _check_keys(data, set(names), where)
-    threads = data.get("threads", 0)
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise ValueError(f"{where}threads: expected 0 (automatic) or a positive integer, "
-                         f"got {threads!r}")
-    values = {k: _typed(v, type(getattr(EngineSpec(), k)), where + k) for k, v in data.items()
-              if k != "threads"}
-    values["threads"] = threads
-    if values.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"{where}dtype: expected float32, float16 or bfloat16, got {values['dtype']!r}")
-    return EngineSpec(**values)
-
-
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 _PREFIX = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -118,8 +74,8 @@ def _pool(data: Any, where: str) -> Pool:
     if data is None:
         raise ValueError(f"{where}: expected a mapping, got None")
     data = _mapping(data, where)
-    _check_keys(data, {"count", "devices"}, where + ".")
-    count = _typed(data.get("count", 1), int, where + ".count")
+    check_keys(data, {"count", "devices"}, where + ".")
+    count = typed(data.get("count", 1), int, where + ".count")
     devices = data.get("devices", ["cpu"])
     if not isinstance(devices, list) or not devices or not all(isinstance(d, str) for d in devices):
         raise ValueError(f"{where}.devices: expected a non-empty list of device names, got {devices!r}")
@@ -140,28 +96,28 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
     """A Deployment from parsed YAML; ValueError names the first bad key."""
     if not isinstance(data, Mapping):
         raise ValueError(f"deployment: expected a mapping at the top level, got {type(data).__name__}")
-    _check_keys(data, {"model", "disaggregation", "prefill", "decode", "engine", "serving"}, "")
+    check_keys(data, {"model", "disaggregation", "prefill", "decode", "engine", "serving"}, "")
     serving = _mapping(data.get("serving"), "serving")
-    _check_keys(serving, {"max_tokens", "prefix", "decoupled"}, "serving.")
+    check_keys(serving, {"max_tokens", "prefix", "decoupled"}, "serving.")
     engine_data = _mapping(data.get("engine"), "engine")
     # The model and the devices are set at the top level and per pool, never per engine;
     # host_workers is counted from the pools.
-    _check_keys(engine_data, {f.name for f in fields(EngineSpec)} - {"source", "device",
+    check_keys(engine_data, {f.name for f in fields(EngineSpec)} - {"source", "device",
                                                                     "host_workers"}, "engine.")
-    model = _check_model(_typed(data.get("model", DEFAULT_MODEL), str, "model"))
-    prefix = _typed(serving.get("prefix", ""), str, "serving.prefix")
+    model = _check_model(typed(data.get("model", DEFAULT_MODEL), str, "model"))
+    prefix = typed(serving.get("prefix", ""), str, "serving.prefix")
     if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"serving.prefix: expected letters, digits, '_' or '-', got {prefix!r}")
     engine = parse_engine_spec({"source": model, **engine_data})
-    max_tokens = _typed(serving.get("max_tokens", 1024), int, "serving.max_tokens")
+    max_tokens = typed(serving.get("max_tokens", 1024), int, "serving.max_tokens")
     if max_tokens > engine.max_model_len:
         raise ValueError(f"serving.max_tokens: must be <= engine.max_model_len={engine.max_model_len}, "
                          f"got {max_tokens}")
     return Deployment(
-        model=model, disaggregation=_typed(data.get("disaggregation", True), bool, "disaggregation"),
+        model=model, disaggregation=typed(data.get("disaggregation", True), bool, "disaggregation"),
         prefill=_pool(data.get("prefill", {}), "prefill"), decode=_pool(data.get("decode", {}), "decode"),
         engine=engine, max_tokens=max_tokens, prefix=prefix,
-        decoupled=_typed(serving.get("decoupled", True), bool, "serving.decoupled"))
+        decoupled=typed(serving.get("decoupled", True), bool, "serving.decoupled"))
 
 
 def load_deployment(path: str | Path) -> Deployment:
@@ -181,13 +137,6 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
         problem = f"{context}: {problem}"
     mark = getattr(exc, "problem_mark", None)
     return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-
-
-def load_engine_spec(path: str | Path) -> EngineSpec:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a mapping")
-    return parse_engine_spec(data, where=f"{path}: ")
 
 
 def _names(prefix: str, base: str, count: int) -> list[str]:
@@ -239,8 +188,7 @@ def write_repository(dep: Deployment, dest: str | Path) -> list[str]:
         version.mkdir(parents=True, exist_ok=True)
         (root / spec.name / "config.pbtxt").write_text(specs.render_config(spec))
         if engine is not None:
-            data = {f.name: getattr(engine, f.name) for f in fields(EngineSpec)}
-            (version / "engine.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+            (version / "engine.yaml").write_text(engine_spec_yaml(engine))
         else:
             (version / ".keep").write_text("")
         names.append(spec.name)

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from backends.serving.shm_cleanup import live_members, stub_regions, unlink_leftovers
+from backends.launch.shm_cleanup import live_members, stub_regions, unlink_leftovers
 
 SCAN_S = 1.0
 GRACE_S = 15.0
@@ -41,7 +41,7 @@ class Guard:
     @classmethod
     def start(cls, pgid: int) -> Guard:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "backends.serving.guard", str(pgid)], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "backends.launch.guard", str(pgid)], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         return cls(proc)
 

@@ -14,11 +14,11 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.serving.deploy import Deployment, write_repository
-from backends.serving.install import find_triton, repo_root
-from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
-from backends.serving.layout import layout_backend_dir
-from backends.serving.startup import Note, ServerLog, prepare_sources, repository_plan, wait_ready
+from backends.launch.deploy import Deployment, write_repository
+from backends.launch.install import find_triton, repo_root
+from backends.launch.launcher import LaunchSpec, ServerPorts, TritonServer, free_ports
+from backends.launch.layout import layout_backend_dir
+from backends.launch.startup import Note, ServerLog, prepare_sources, repository_plan, wait_ready
 
 
 @dataclass(frozen=True, slots=True)

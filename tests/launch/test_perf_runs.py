@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.serving import perf_runs
+from backends.launch import perf_runs
 
 
 def test_input_data_in_each_public_models_style() -> None:

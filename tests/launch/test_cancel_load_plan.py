@@ -1,11 +1,11 @@
-"""The cancel-load plan (backends/serving/cancel_load.py): a pure function of the seed, with the
+"""The cancel-load plan (backends/launch/cancel_load.py): a pure function of the seed, with the
 configured share of cancels and chunk counts in range; bad settings name the field."""
 
 from __future__ import annotations
 
 import pytest
 
-from backends.serving.cancel_load import LoadConfig, plan_request
+from backends.launch.cancel_load import LoadConfig, plan_request
 
 PROMPTS = ("a", "b", "c")
 

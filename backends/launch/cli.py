@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backends.serving import demo
-from backends.serving.deploy import DEFAULT_MODEL, Deployment, load_deployment, write_repository
-from backends.serving.guard import Guard
-from backends.serving.install import find_triton, python_version_tag, repo_root
-from backends.serving.launcher import LaunchSpec, ServerPorts, TritonServer
-from backends.serving.layout import layout_backend_dir
-from backends.serving.master_process import MasterProcess
-from backends.serving.startup import (
+from backends.launch import demo
+from backends.launch.deploy import DEFAULT_MODEL, Deployment, load_deployment, write_repository
+from backends.launch.guard import Guard
+from backends.launch.install import find_triton, python_version_tag, repo_root
+from backends.launch.launcher import LaunchSpec, ServerPorts, TritonServer
+from backends.launch.layout import layout_backend_dir
+from backends.launch.master_process import MasterProcess
+from backends.launch.startup import (
     Note,
     ServerLog,
     StartupError,
@@ -29,7 +29,7 @@ from backends.serving.startup import (
     timed_note,
     wait_ready,
 )
-from backends.serving.stub_watch import MODEL_CONTROL_ARGS, ModelControl, StubWatcher
+from backends.launch.stub_watch import MODEL_CONTROL_ARGS, ModelControl, StubWatcher
 
 if TYPE_CHECKING:
     from backends.openai_api.server import FrontDoor

@@ -7,8 +7,8 @@ import os
 import signal
 import time
 
+from backends.launch.master_process import MasterProcess
 from backends.serving.kv_master import MASTER_ENV
-from backends.serving.master_process import MasterProcess
 from kvbridge.master.client import MasterClient
 from kvbridge.master.messages import LoadReport
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.serving.guard import Guard
-from backends.serving.shm_cleanup import SHM_DIR, STUB_NAME, stub_regions
+from backends.launch.guard import Guard
+from backends.launch.shm_cleanup import SHM_DIR, STUB_NAME, stub_regions
 
 
 def _fake_server(tmp_path: Path, region: str) -> subprocess.Popen[bytes]:

@@ -3,7 +3,7 @@
 ``triton-pd serve`` used to run the master as a thread in the launcher: if it failed, nothing
 brought it back. ``MasterProcess.start_if_needed`` (unless KVBRIDGE_MASTER names a master)
 picks a loopback port, exports KVBRIDGE_MASTER for tritonserver's models, and runs
-``python -m backends.serving.master_process PORT HEARTBEAT_TIMEOUT_S`` in its own session (a
+``python -m backends.launch.master_process PORT HEARTBEAT_TIMEOUT_S`` in its own session (a
 terminal's Ctrl-C is for the launcher) with PR_SET_PDEATHSIG (it never outlives the launcher).
 A watch thread restarts it on the same port whenever it exits, every ``RESTART_S`` at most.
 The workers' MasterClients reconnect by themselves and, told ``unknown_node`` by the new
@@ -23,8 +23,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from backends.launch.launcher import free_ports, parent_death_signal
 from backends.serving.kv_master import MASTER_ENV, master_address
-from backends.serving.launcher import free_ports, parent_death_signal
 
 RESTART_S = 1.0
 START_TIMEOUT_S = 20.0
@@ -67,7 +67,7 @@ class MasterProcess:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "backends.serving.master_process", str(self.port),
+            [sys.executable, "-m", "backends.launch.master_process", str(self.port),
              str(self._heartbeat_timeout_s)], stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=parent_death_signal(os.getpid()))
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from backends.serving.launcher import ServerPorts, TritonServer
+from backends.launch.launcher import ServerPorts, TritonServer
 
 Note = Callable[[str], None]
 NOISE = ("CudaDriverHelper has not been initialized",)  # every CPU-only start logs it as an error
@@ -63,7 +63,7 @@ class RepositoryPlan:
 def repository_plan(repo: Path) -> RepositoryPlan:
     """The models of ``repo`` (one per directory with a config.pbtxt). ValueError when there
     is none; a worker is a model whose ``1/engine.yaml`` names its source."""
-    from backends.serving.deploy import load_engine_spec
+    from backends.serving.engine_spec import load_engine_spec
 
     if not repo.is_dir():
         raise ValueError(f"--model-repository {repo}: no such directory")
