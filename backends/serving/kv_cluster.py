@@ -46,9 +46,9 @@ class ClusterView:
             queue_len = self._loads()
         except (KVBridgeError, OSError) as exc:
             LOG.info("kvbridge master unavailable for planning: %s", exc)
-            return ClusterSnapshot(len(hashes))
+            return ClusterSnapshot(len(hashes), block_size=self._block_size)
         matched = {model: m.num_blocks for m in matches if (model := local_model(m.node_id))}
-        return ClusterSnapshot(len(hashes), queue_len, matched)
+        return ClusterSnapshot(len(hashes), queue_len, matched, self._block_size)
 
     def _loads(self) -> dict[str, int]:
         with self._lock:

@@ -24,7 +24,6 @@ requests arrive and planned on again once they answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -50,7 +49,6 @@ from backends.serving.worker_io import WorkerJob, WorkerUpdate
 
 LOG = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.1
-CANCEL_GRACE_S = 5.0
 PREFILL_ATTEMPTS = 2
 
 
@@ -64,6 +62,16 @@ class ClientChannel(Protocol):
 
     def send(self, chunk: Chunk, final: bool) -> None: ...
     def is_cancelled(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class _Watch:
+    """What the watchdog of one worker stream knows: the last update's time, why it stopped
+    the read ("cancelled": the client; "silent": the worker died), and the silence it saw."""
+
+    since: float
+    reason: str = ""
+    silent_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -223,7 +231,36 @@ class Orchestrator:
         return None
 
     async def _consume(self, run: _Run, model: str, job: WorkerJob, client: ClientChannel) -> None:
-        async for update in self._updates(model, job, client):
+        """Streams ``job``'s updates into ``run`` until its final one (or a stop string). A
+        watchdog beside the read (not a timed wait per update) checks every CANCEL_POLL_S for
+        a client cancel and, after ``silence_s`` without an update, whether the worker lives;
+        either stops the read (the worker gets a cancel; a dead worker's stream is abandoned)."""
+        watch = _Watch(asyncio.get_running_loop().time())
+        reader = asyncio.ensure_future(self._read(run, model, job, client, watch))
+        watchdog = asyncio.ensure_future(self._watchdog(model, client, watch, reader))
+        try:
+            await asyncio.shield(reader)
+        except asyncio.CancelledError:
+            if reader.cancelled() and watch.reason == "cancelled":
+                await self._workers.cancel(model, job.request_id)
+                raise RequestCancelled(f"request cancelled by the client after {len(run.output_ids)} tokens") \
+                    from None
+            if reader.cancelled() and watch.reason == "silent":
+                raise WorkerError(f"{model}: no update for {watch.silent_s:.1f} s and the worker does not "
+                                  "answer (its process died?)", UNAVAILABLE) from None
+            reader.cancel()  # this request itself was cancelled: stop reading too
+            raise
+        finally:
+            watchdog.cancel()
+
+    async def _read(self, run: _Run, model: str, job: WorkerJob, client: ClientChannel, watch: _Watch) -> None:
+        loop = asyncio.get_running_loop()
+        async for update in self._workers.stream(model, job):
+            watch.since = loop.time()
+            if client.is_cancelled() and not update.final:
+                watch.reason = "cancelled"
+                await self._workers.cancel(model, job.request_id)
+                raise RequestCancelled("request cancelled by the client")
             stopped = self._absorb(run, update, client)
             if stopped and not update.final:
                 await self._workers.cancel(model, job.request_id)
@@ -232,48 +269,24 @@ class Orchestrator:
             if update.final:
                 return
 
-    async def _updates(self, model: str, job: WorkerJob, client: ClientChannel) -> AsyncIterator[WorkerUpdate]:
-        """The worker's updates; polls the client's cancellation while waiting for each."""
-        stream = self._workers.stream(model, job).__aiter__()
+    async def _watchdog(self, model: str, client: ClientChannel, watch: _Watch, reader: asyncio.Future[None]) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            task = asyncio.ensure_future(stream.__anext__())
-            waited_since = loop.time()
-            while not task.done():
-                await asyncio.wait({task}, timeout=CANCEL_POLL_S)
-                health = self._health
-                if not task.done() and health is not None and \
-                        loop.time() - waited_since >= health.config.silence_s:
-                    await self._check_alive(health, model, task, loop.time() - waited_since)
-                    waited_since = loop.time()
-                if not task.done() and client.is_cancelled():
-                    await self._workers.cancel(model, job.request_id)
-                    await asyncio.wait({task}, timeout=CANCEL_GRACE_S)  # the worker's CANCELLED final
-                    if task.done():
-                        with contextlib.suppress(BaseException):
-                            task.result()
-                    raise RequestCancelled(f"request cancelled by the client after {len(job.prior_output_ids)}"
-                                           " tokens")
-            try:
-                update = task.result()
-            except StopAsyncIteration:
+        health = self._health
+        while not reader.done():
+            await asyncio.sleep(CANCEL_POLL_S)
+            if reader.done() or watch.reason:
                 return
-            if client.is_cancelled() and not update.final:
-                await self._workers.cancel(model, job.request_id)
-                raise RequestCancelled("request cancelled by the client")
-            yield update
-
-    @staticmethod
-    async def _check_alive(health: WorkerHealth, model: str, task: asyncio.Future[Any], silent_s: float) -> None:
-        """Abandons ``task`` (the stream's pending read) and raises WorkerError UNAVAILABLE if
-        ``model`` does not answer a probe."""
-        if task.done() or await health.alive(model):
-            return
-        task.cancel(ABANDON)
-        with contextlib.suppress(BaseException):
-            await task
-        raise WorkerError(f"{model}: no update for {silent_s:.1f} s and the worker does not answer "
-                          "(its process died?)", UNAVAILABLE)
+            if client.is_cancelled():
+                watch.reason = "cancelled"
+                reader.cancel()
+                return
+            silent_s = loop.time() - watch.since
+            if health is not None and silent_s >= health.config.silence_s:
+                if not reader.done() and not await health.alive(model):
+                    watch.reason, watch.silent_s = "silent", silent_s
+                    reader.cancel(ABANDON)
+                    return
+                watch.since = loop.time()
 
     def _absorb(self, run: _Run, update: WorkerUpdate, client: ClientChannel) -> bool:
         """Adds an update's tokens; streams the new text. True when a stop string ended it."""

@@ -6,10 +6,11 @@ many of the prompt's full blocks each node already holds. Policy (pure functions
 - ``choose_worker``: among the workers whose load is within ``slack`` of the least loaded, the
   one holding the longest prefix of the prompt; ties by least load, then listing order;
 - ``is_local``: colocated (no prefill hop) when disaggregation is off, no prefill worker exists,
-  the decode worker already holds every full block of the prompt, or it holds a prefix at least
-  as long as any other node's (a tie included: running there moves no KV, while a prefill node
-  would hand the decode node the blocks it already holds): the prefill then runs where the most
-  KV is reused;
+  the decode worker already holds every full block of the prompt, or it holds the longest prefix
+  of all nodes (strictly), or it ties for the longest and holds at least half the prompt (running
+  there moves no KV and computes the smaller half, while a prefill node would hand the decode
+  node blocks it already holds; a short shared prefix such as a system prompt, held everywhere,
+  keeps requests disaggregated): the prefill then runs where the most KV is reused;
 - ``rebalance``: move one worker from the idle side to the overloaded side when one side's
   mean pending load exceeds ``ratio`` times the other's (each side keeps one worker).
 Worker models serve every request type; the role is only this label (see worker.py).
@@ -48,6 +49,7 @@ class ClusterSnapshot:
     num_prompt_blocks: int = 0
     queue_len: Mapping[str, int] = field(default_factory=dict)
     matched_blocks: Mapping[str, int] = field(default_factory=dict)
+    block_size: int = 16
 
 
 def choose_worker(candidates: Sequence[str], inflight: Mapping[str, int], cluster: ClusterSnapshot,
@@ -61,16 +63,17 @@ def choose_worker(candidates: Sequence[str], inflight: Mapping[str, int], cluste
     return max(eligible, key=lambda m: (cluster.matched_blocks.get(m, 0), -load[m]))
 
 
-def is_local(disaggregation: bool, has_prefill: bool, decode: str, cluster: ClusterSnapshot) -> bool:
-    """See the module docstring: also local when ``decode`` holds a prefix (of at least one
-    block) at least as long as every other node's (a later turn of a conversation: its decode
-    node stored the prompt and the reply, a prefill node would recompute the reply; on a tie a
-    prefill node would only add a transfer)."""
+def is_local(disaggregation: bool, has_prefill: bool, decode: str, cluster: ClusterSnapshot,
+             num_prompt_tokens: int = 0) -> bool:
+    """See the module docstring (a later turn of a conversation: its decode node stored the
+    prompt and the reply, a prefill node would recompute the reply)."""
     matched = cluster.matched_blocks
     mine = matched.get(decode, 0)
     fully_cached = 0 < cluster.num_prompt_blocks <= mine
     others = max((n for node, n in matched.items() if node != decode), default=0)
-    return not disaggregation or not has_prefill or fully_cached or (mine > 0 and mine >= others)
+    held = mine * cluster.block_size
+    tie_pays = mine == others > 0 and num_prompt_tokens - held <= held
+    return not disaggregation or not has_prefill or fully_cached or mine > others or tie_pays
 
 
 def rebalance(prefill: Sequence[str], decode: Sequence[str], inflight: Mapping[str, int],
@@ -115,7 +118,8 @@ class Supervisor:
             decode = choose_worker(decodes, self._load, cluster)
             prefills = [m for m in prefills if m != decode]
             prefill = None
-            if num_prompt_tokens > 0 and not is_local(self.disaggregation, bool(prefills), decode, cluster):
+            if num_prompt_tokens > 0 and not is_local(self.disaggregation, bool(prefills), decode, cluster,
+                                                      num_prompt_tokens):
                 prefill = choose_worker(prefills, self._load, cluster)
             for name in (prefill, decode):
                 if name is not None:

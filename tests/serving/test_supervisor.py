@@ -88,14 +88,22 @@ def test_colocated_supervisor_never_plans_a_prefill() -> None:
 def test_a_later_turn_prefills_locally_on_the_node_with_the_longest_match() -> None:
     # Turn 2 = turn-1 prompt (3 blocks) + reply (2 blocks) + new text: 7 blocks.
     assert is_local(True, True, "d2", ClusterSnapshot(7, matched_blocks={"p1": 3, "d1": 3, "d2": 5}))
-    assert is_local(True, True, "d2", ClusterSnapshot(7, matched_blocks={"p1": 5, "d2": 5}))  # a tie: no transfer
-    assert not is_local(True, True, "d2", ClusterSnapshot(7, matched_blocks={"p1": 0, "d2": 0}))  # nothing held
+    # A tie stays on the decode node when it holds at least half the prompt (no transfer, the
+    # smaller half computed there); a short shared prefix (a system prompt) stays disaggregated.
+    assert is_local(True, True, "d2", ClusterSnapshot(7, matched_blocks={"p1": 5, "d2": 5}), 120)
+    assert is_local(True, True, "d2", ClusterSnapshot(7, matched_blocks={"p1": 4, "d2": 4}), 128)
+    assert not is_local(True, True, "d2", ClusterSnapshot(7, matched_blocks={"p1": 4, "d2": 4}), 129)
+    assert not is_local(True, True, "d2", ClusterSnapshot(7, matched_blocks={"p1": 1, "d2": 1}), 112)
+    assert not is_local(True, True, "d2", ClusterSnapshot(7, matched_blocks={"p1": 0, "d2": 0}), 112)
     assert not is_local(True, True, "d2", ClusterSnapshot(7, matched_blocks={"d1": 6, "d2": 5}))
     sup = Supervisor(["p1", "p2"], ["d1", "d2"], disaggregation=True)
     turn2 = ClusterSnapshot(7, matched_blocks={"p1": 3, "d2": 5})
     assert sup.plan(112, turn2) == Plan(None, "d2")  # prefill on the decode node: reply reused
     assert sup.plan(112, ClusterSnapshot(7, matched_blocks={"p2": 5, "d1": 3})) == Plan("p2", "d1")
-    assert sup.plan(112, ClusterSnapshot(7, matched_blocks={"p1": 3, "d1": 3})) == Plan(None, "d1")  # tie: no transfer
-    assert sup.load() == {"p1": 0, "p2": 1, "d1": 2, "d2": 1}
+    assert sup.plan(112, ClusterSnapshot(7, matched_blocks={"p1": 3, "d1": 3})) == Plan("p1", "d1")  # tie, 48 of 112
+    local = sup.plan(90, ClusterSnapshot(5, matched_blocks={"p1": 3, "d1": 3}))
+    assert local == Plan(None, "d1")  # a tie holding 48 of 90 tokens
+    sup.done(local)
+    assert sup.load() == {"p1": 1, "p2": 1, "d1": 2, "d2": 1}
     busy = ClusterSnapshot(7, queue_len={"d2": 4}, matched_blocks={"p1": 3, "d2": 5})
     assert sup.plan(112, busy) == Plan("p1", "d1")  # d2 (1 + 4 queued) is past d1 (2) + slack 2: p1 has 3 blocks
