@@ -122,8 +122,8 @@ def test_kvbridge_never_imports_triton_or_backends() -> None:
     assert violations(files, (*TRITON_MODULES, "backends")) == []
 
 
-INDEX_AND_PROTOCOL = ["hashing", "radix", "radix_nodes", "radix_mutation", "radix_types",
-                      "eviction", "tiers", "store", "store_tiers", "store_checks", "protocol", "auth",
+INDEX_AND_PROTOCOL = ["hashing", "radix", "radix_types",
+                      "eviction", "tiers", "store", "protocol", "auth",
                       "handle", "master/index", "master/messages", "master/server", "slots"]
 
 
