@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,7 @@ def _ignore_sigint() -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
+def test_serve_stops_everything_on_signal(signum: signal.Signals, tmp_path: Path) -> None:
     """A client keeps its HTTP keep-alive connection open across the shutdown: tritonserver
     then spends its exit timeout waiting for it and kills the stubs unfinalized; the launcher
     must still leave no process and no shared memory behind."""
@@ -49,8 +48,7 @@ def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
     except RuntimeError as exc:
         pytest.skip(f"no tritonserver: {exc}")
     http, grpc, metrics = free_ports(3)
-    env = {k: v for k, v in os.environ.items() if k != "KVBRIDGE_MASTER"}
-    work_dirs = _work_dirs()
+    env = _private_tmp(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "backends.cli", "serve", "--http-port", str(http),
          "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--ready-timeout", "240"],
@@ -71,20 +69,24 @@ def test_serve_stops_everything_on_signal(signum: signal.Signals) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, output
-    _assert_nothing_left(proc, int(server_pid), regions, work_dirs)
+    _assert_nothing_left(proc, int(server_pid), regions, env["TMPDIR"])
 
 
-def _assert_nothing_left(proc: subprocess.Popen[str], server_pid: int, regions: list[str],
-                         work_dirs: set[str]) -> None:
-    """No process of serve or tritonserver, no stub shared memory, no new work directory."""
+def _private_tmp(tmp_path: Path) -> dict[str, str]:
+    """serve's environment: no master of ours, and a temporary directory of its own (TMPDIR),
+    so its work directory is checked there, not among other runs' in the shared /tmp."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return {**{k: v for k, v in os.environ.items() if k != "KVBRIDGE_MASTER"}, "TMPDIR": str(tmp)}
+
+
+def _assert_nothing_left(proc: subprocess.Popen[str], server_pid: int, regions: list[str], tmp: str) -> None:
+    """No process of serve or tritonserver, no stub shared memory, no work directory left in
+    serve's own temporary directory."""
     assert group_members(server_pid) == []
     assert group_members(proc.pid) == []
     assert leftovers(server_pid, regions) == []
-    assert _work_dirs() <= work_dirs  # serve's temporary directory is gone
-
-
-def _work_dirs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "triton-pd-*")))
+    assert glob.glob(os.path.join(tmp, "triton-pd-*")) == []  # serve's temporary directory is gone
 
 
 def test_serve_reports_a_dead_tritonserver(tmp_path: Path) -> None:
@@ -96,8 +98,7 @@ def test_serve_reports_a_dead_tritonserver(tmp_path: Path) -> None:
     config = tmp_path / "deploy.yaml"
     config.write_text("model: tiny-llama\n")
     http, grpc, metrics = free_ports(3)
-    env = {k: v for k, v in os.environ.items() if k != "KVBRIDGE_MASTER"}
-    work_dirs = _work_dirs()
+    env = _private_tmp(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "backends.cli", "serve", "--config", str(config), "--http-port",
          str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
@@ -115,4 +116,4 @@ def test_serve_reports_a_dead_tritonserver(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 1, output
     assert f"tritonserver (pid {server_pid}) exited with status -9" in output
-    _assert_nothing_left(proc, int(server_pid), regions, work_dirs)
+    _assert_nothing_left(proc, int(server_pid), regions, env["TMPDIR"])
