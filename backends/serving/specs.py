@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from backends.serving.sampling_wire import SAMPLING_FIELDS
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
@@ -81,22 +83,7 @@ ENSEMBLE_OUTPUTS = (
 
 WORKER_INPUTS = (
     _t("input_ids", "TYPE_INT32", (-1,), optional=False),
-    _t("request_output_len", "TYPE_INT32"),
-    _t("temperature", "TYPE_FP32"),
-    _t("runtime_top_k", "TYPE_INT32"),
-    _t("runtime_top_p", "TYPE_FP32"),
-    _t("min_tokens", "TYPE_INT32"),
-    _t("random_seed", "TYPE_UINT64"),
-    _t("end_id", "TYPE_INT32"),
-    _t("ignore_eos", "TYPE_BOOL"),
-    _t("return_log_probs", "TYPE_BOOL"),
-    _t("stop_token_ids", "TYPE_INT32", (-1,)),
-    _t("stop_words", "TYPE_STRING", (-1,)),
-    _t("repetition_penalty", "TYPE_FP32"),
-    _t("presence_penalty", "TYPE_FP32"),
-    _t("frequency_penalty", "TYPE_FP32"),
-    _t("min_p", "TYPE_FP32"),
-    _t("bad_words_list", "TYPE_INT32", (2, -1)),
+    *(_t(f.tensor, f.data_type, f.dims) for f in SAMPLING_FIELDS),  # one per SamplingParams field
     _t("prior_output_ids", "TYPE_INT32", (-1,)),
     _t("context_phase_params", "TYPE_UINT8", (-1,)),
 )

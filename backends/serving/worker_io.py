@@ -1,11 +1,8 @@
 """The worker models' wire format (TensorRT-LLM core tensor names), both directions.
 
-Request tensors: input_ids INT32 [-1], request_output_len INT32 [1], sampling tensors
-(temperature, runtime_top_k, runtime_top_p, min_tokens, random_seed, end_id, ignore_eos,
-return_log_probs, stop_words, repetition_penalty, presence_penalty, frequency_penalty, min_p,
-bad_words_list INT32 [2, -1] in TensorRT-LLM's layout: row 0 the words' ids concatenated, row 1
-each word's end offset, padded with -1), prior_output_ids INT32 [-1] and context_phase_params
-UINT8 [-1].
+Request tensors: input_ids INT32 [-1], the sampling tensors (one per SamplingParams field, from
+sampling_wire.SAMPLING_FIELDS: request_output_len, temperature, runtime_top_k, ...),
+prior_output_ids INT32 [-1] and context_phase_params UINT8 [-1].
 Request parameters: ``request_type`` (context_only | generation_only | context_and_generation
 | cancel) and ``pd_request_id`` (the id cancel refers to).
 Response tensors: output_ids INT32 [-1] (this response's new tokens), sequence_length INT32 [1],
@@ -25,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from backends.engine.sampling_params import SamplingParams
+from backends.serving import sampling_wire
 from backends.serving.requests import Inputs
 
 RequestType = Literal["context_only", "generation_only", "context_and_generation", "cancel"]
@@ -64,56 +62,11 @@ def _i32(values: object) -> np.ndarray:
     return np.asarray(values, dtype=np.int32).reshape(-1)
 
 
-def _f32(value: float) -> np.ndarray:
-    return np.array([value], dtype=np.float32)
-
-
-def words_list(words: tuple[tuple[int, ...], ...]) -> np.ndarray:
-    """Token-id words → TensorRT-LLM's [2, n] word list (ids; end offsets padded with -1)."""
-    flat = [t for w in words for t in w]
-    ends = np.cumsum([len(w) for w in words], dtype=np.int64).tolist()
-    return np.array([flat, ends + [-1] * (len(flat) - len(ends))], dtype=np.int32).reshape(2, -1)
-
-
-def parse_words_list(array: np.ndarray | None) -> tuple[tuple[int, ...], ...]:
-    """The inverse of ``words_list``; ValueError names the tensor when the layout is wrong."""
-    if array is None or array.size == 0:
-        return ()
-    rows = np.asarray(array).reshape(2, -1) if array.size % 2 == 0 else None
-    if rows is None:
-        raise ValueError(f"bad_words_list: expected shape [2, n], got {list(np.shape(array))}")
-    ids, ends = rows[0].tolist(), [e for e in rows[1].tolist() if e >= 0]
-    if ends != sorted(ends) or (ends and ends[-1] != len(ids)) or 0 in ends:
-        raise ValueError(f"bad_words_list: bad end offsets {rows[1].tolist()} for {len(ids)} ids")
-    starts = [0, *ends[:-1]]
-    return tuple(tuple(ids[a:b]) for a, b in zip(starts, ends, strict=True))
-
-
 def job_tensors(job: WorkerJob) -> dict[str, np.ndarray]:
     """Tensors the orchestrator sends for ``job`` (parameters go separately: job_parameters)."""
-    p = job.params
-    tensors = {
-        "input_ids": _i32(job.prompt_ids),
-        "request_output_len": _i32([p.max_tokens]),
-        "temperature": np.array([p.temperature], dtype=np.float32),
-        "runtime_top_k": _i32([p.top_k]),
-        "runtime_top_p": np.array([p.top_p], dtype=np.float32),
-        "min_tokens": _i32([p.min_tokens]),
-        "ignore_eos": np.array([p.ignore_eos], dtype=bool),
-        "return_log_probs": np.array([p.logprobs], dtype=bool),
-        "stop_token_ids": _i32(p.stop_token_ids),
-        "stop_words": np.array([s.encode() for s in p.stop] or [b""], dtype=np.object_),
-        "repetition_penalty": _f32(p.repetition_penalty),
-        "presence_penalty": _f32(p.presence_penalty),
-        "frequency_penalty": _f32(p.frequency_penalty),
-        "min_p": _f32(p.min_p),
-        "bad_words_list": words_list(p.bad_words_ids),
-        "prior_output_ids": _i32(job.prior_output_ids),
-        "context_phase_params": np.frombuffer(job.kv_handle, dtype=np.uint8).copy(),
-    }
-    if p.seed is not None:
-        tensors["random_seed"] = np.array([p.seed], dtype=np.uint64)
-    return tensors
+    return {"input_ids": _i32(job.prompt_ids), **sampling_wire.encode(job.params),
+            "prior_output_ids": _i32(job.prior_output_ids),
+            "context_phase_params": np.frombuffer(job.kv_handle, dtype=np.uint8).copy()}
 
 
 def job_parameters(job: WorkerJob) -> dict[str, str]:
@@ -123,11 +76,6 @@ def job_parameters(job: WorkerJob) -> dict[str, str]:
 def _opt(inputs: Inputs, name: str) -> np.ndarray | None:
     array = inputs.get(name)
     return None if array is None else np.asarray(array).reshape(-1)
-
-
-def _scalar(inputs: Inputs, name: str, default: float | int | bool) -> float | int | bool:
-    array = _opt(inputs, name)
-    return default if array is None or array.size == 0 else array[0].item()
 
 
 def _ints(inputs: Inputs, name: str) -> tuple[int, ...]:
@@ -146,25 +94,7 @@ def parse_job(inputs: Inputs, parameters: Mapping[str, object], fallback_id: str
     ids = _opt(inputs, "input_ids")
     if ids is None or ids.size == 0:
         raise ValueError("input_ids: required and must not be empty")
-    stop_words = _opt(inputs, "stop_words")
-    stop = () if stop_words is None else tuple(
-        w.decode() if isinstance(w, bytes) else str(w) for w in stop_words if w)
-    seed = _opt(inputs, "random_seed")
-    params = SamplingParams(
-        max_tokens=int(_scalar(inputs, "request_output_len", 16)),
-        temperature=float(_scalar(inputs, "temperature", 1.0)),
-        top_k=int(_scalar(inputs, "runtime_top_k", 0)),
-        top_p=float(_scalar(inputs, "runtime_top_p", 1.0)),
-        min_tokens=int(_scalar(inputs, "min_tokens", 0)),
-        seed=None if seed is None or seed.size == 0 else int(seed[0]),
-        stop_token_ids=_ints(inputs, "stop_token_ids"),
-        stop=stop, ignore_eos=bool(_scalar(inputs, "ignore_eos", False)),
-        logprobs=bool(_scalar(inputs, "return_log_probs", False)),
-        repetition_penalty=float(_scalar(inputs, "repetition_penalty", 1.0)),
-        presence_penalty=float(_scalar(inputs, "presence_penalty", 0.0)),
-        frequency_penalty=float(_scalar(inputs, "frequency_penalty", 0.0)),
-        min_p=float(_scalar(inputs, "min_p", 0.0)),
-        bad_words_ids=parse_words_list(inputs.get("bad_words_list")))
+    params = sampling_wire.decode(inputs)
     handle = _opt(inputs, "context_phase_params")
     kv_handle = b"" if handle is None else handle.astype(np.uint8).tobytes()
     if request_type == "generation_only" and not kv_handle:
