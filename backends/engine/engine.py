@@ -322,7 +322,8 @@ class LLMEngine:
         prompts: Seq[Seq[int]],
         params: SamplingParams | Seq[SamplingParams],
     ) -> list[GenerationResult]:
-        """Run `prompts` to completion (ids "0", "1", ...); results in prompt order."""
+        """Run `prompts` to completion (ids "gen-N", N counting every request this engine
+        was given); results in prompt order."""
         all_params = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         if len(all_params) != len(prompts):
             raise ValueError(f"params has {len(all_params)} entries for {len(prompts)} prompts")

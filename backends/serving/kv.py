@@ -1,11 +1,9 @@
 """The disaggregated KV path of a pd_worker: its engine wired to a kvbridge node.
 
-``build_worker(spec, model_name, role)`` loads the model, sizes a KVNode from the model's KV
+``build_worker(spec, model_name)`` loads the model, sizes a KVNode from the model's KV
 layout, builds the engine with the node's StoreKVHooks (local prefix reuse) and returns both
 with a ``NodeTransfer``: the worker's KVTransfer (publish a prefill's KV → handle bytes;
-open a handle → KVSource), registered with the master when KVBRIDGE_MASTER is set.
-``make_transfer(engine, model_name, role)`` does the same around an already built engine
-(no hooks). Pool size: ``PD_KV_POOL_BLOCKS`` (default twice the engine's blocks).
+open a handle → KVSource), registered with the master when KVBRIDGE_MASTER is set. Pool size: ``PD_KV_POOL_BLOCKS`` (default twice the engine's blocks).
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from kvbridge.handle import KVLayoutSpec
 from kvbridge.master.messages import LoadReport, NodeMatch
 
 POOL_BLOCKS_ENV = "PD_KV_POOL_BLOCKS"
-__all__ = ["NodeTransfer", "build_worker", "make_transfer", "start_master_if_needed"]
+__all__ = ["NodeTransfer", "build_worker", "start_master_if_needed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +135,3 @@ def build_worker(spec: EngineSpec, model_name: str) -> tuple[Any, NodeTransfer]:
         transfer.close()
         raise
     return engine, transfer
-
-
-def make_transfer(engine: Any, model_name: str, role: str) -> NodeTransfer:
-    """A transfer around a built engine (no local prefix reuse: its hooks are fixed at build)."""
-    del role  # every worker can publish and import; the role is the supervisor's label
-    layout = KVLayoutSpec.of(engine.kv_layout)
-    return _node(model_name, str(engine.model_config.architecture), engine.block_manager.num_total_blocks, layout)
