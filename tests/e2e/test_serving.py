@@ -89,6 +89,7 @@ def test_ensemble_greedy_equals_engine(served: Served, reference: LLMEngine) -> 
 def test_stream_deltas_concatenate_to_full_text(served: Served, reference: LLMEngine) -> None:
     deltas = sse_texts(served, "llm", {"text_input": PROMPT, "stream": True, "sampling_parameters": greedy(16)})
     assert "".join(deltas) == engine_text(reference, PROMPT, 16)
+    assert all(deltas[:-1]), deltas  # no event before the final one has empty text (issue 12)
 
 
 def test_multibyte_prompt_and_output_intact(served: Served, reference: LLMEngine) -> None:
@@ -97,6 +98,7 @@ def test_multibyte_prompt_and_output_intact(served: Served, reference: LLMEngine
     full = generate(served, "llm", {"text_input": prompt, "sampling_parameters": greedy(12)}).json()
     assert full["text_output"] == prompt + engine_text(reference, prompt, 12)
     assert "".join(deltas) == engine_text(reference, prompt, 12)
+    assert all(deltas[:-1]), deltas  # bytes of an incomplete character wait; no empty event goes out
 
 
 @pytest.mark.parametrize(("body", "field"), [
