@@ -23,7 +23,6 @@ earlier prompts and only part of the replies; a real model's tokenizer round-tri
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import statistics
@@ -32,9 +31,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from backends.launch.bench_json import write_rows
 from backends.launch.client import StreamingClient
 from backends.launch.deploy import Deployment, EngineSpec, write_repository
 from backends.launch.session import running_server
@@ -179,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     for row in rows:
         print(format_row(row))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": {k: v for k, v in vars(args).items() if k != "json"},
-                       "rows": [asdict(r) for r in rows]}, f, indent=2)
+    write_rows(args.json, args, rows)
     return 0
 
 

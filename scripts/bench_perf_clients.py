@@ -24,12 +24,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from backends.engine.loader import export_preset
 from backends.engine.sources import DEFAULT_MODEL, SourceKind, resolve_source
 from backends.launch import perf_runs
+from backends.launch.bench_json import write_rows
 from backends.launch.deploy import Deployment
 from backends.launch.install import repo_root
 from backends.launch.perf_analyzer import PerfAnalyzer, find
@@ -184,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     for row in rows:
         print(format_row(row))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": {k: v for k, v in vars(args).items() if k != "json"},
-                       "rows": [asdict(r) for r in rows]}, f, indent=2)
+    write_rows(args.json, args, rows)
     return 0
 
 

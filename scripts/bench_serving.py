@@ -23,18 +23,18 @@ over the engine's at the same C. Prints a table; ``--json FILE`` writes it.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import string
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from backends.launch.bench_json import write_rows
 from backends.launch.client import StreamingClient, StreamResult
 from backends.launch.deploy import Deployment, write_repository
 from backends.launch.session import running_server
@@ -226,10 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(replace(r, vs_engine=r.output_tok_s / reference.get(r.concurrency, float("nan")))
                         for r in bench_mode(mode, args, Path(tmp)))
     print_table(rows, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": {k: v for k, v in vars(args).items() if k != "json"},
-                       "rows": [asdict(r) for r in rows]}, f, indent=2)
+    write_rows(args.json, args, rows)
     return 0
 
 
