@@ -54,7 +54,8 @@ def _start(tmp: Path) -> Serve:
     config.write_text(f"model: tiny-llama\nengine: {{num_blocks: {NUM_BLOCKS}, max_model_len: 1024}}\n"
                       "serving: {max_tokens: 1000}\n")
     http, grpc, metrics = free_ports(3)
-    env = {k: v for k, v in os.environ.items() if k != "KVBRIDGE_MASTER"}
+    (tmp / "tmp").mkdir()  # serve's work directory lands here, even if a teardown has to kill it
+    env = {**{k: v for k, v in os.environ.items() if k != "KVBRIDGE_MASTER"}, "TMPDIR": str(tmp / "tmp")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "backends.cli", "serve", "--config", str(config), "--http-port", str(http),
          "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--ready-timeout", "240"],
