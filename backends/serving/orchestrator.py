@@ -213,7 +213,10 @@ class Orchestrator:
         return not await self._health.alive(model)
 
     async def _prefill(self, run: _Run, model: str, job: WorkerJob, client: ClientChannel) -> str | None:
-        """Runs context_only (one retry); the prefill's request id, or None when both failed."""
+        """Runs context_only (one retry); the prefill's request id, or None when both failed.
+        No retry once the first token reached the client (the worker sends it before its KV
+        publish, which may still fail): a retry would stream it again; the caller recomputes
+        on decode with it as prior output instead."""
         for attempt in range(PREFILL_ATTEMPTS):
             rid = job.request_id if attempt == 0 else f"{job.request_id}.p{attempt}"
             try:
@@ -224,10 +227,14 @@ class Orchestrator:
                 LOG.warning("prefill %s failed (attempt %d): %s", model, attempt + 1, exc)
                 if await self._went_down(model, exc):
                     return None  # a dead worker is not retried: recompute on decode
+                if run.output_ids:
+                    return None
                 continue
             if run.finish_reason or run.handle:
                 return rid
             LOG.warning("prefill %s handed off without a KV handle (attempt %d)", model, attempt + 1)
+            if run.output_ids:
+                return None
         return None
 
     async def _consume(self, run: _Run, model: str, job: WorkerJob, client: ClientChannel) -> None:

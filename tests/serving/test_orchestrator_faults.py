@@ -37,7 +37,7 @@ def update(text: str, final: bool = False, reason: str = "", handle: bytes = b""
 class ScriptedWorkers:
     """Per (model, request_type): a list of scripts (one per call), each updates or an error."""
 
-    scripts: dict[tuple[str, str], list[list[WorkerUpdate] | WorkerError]]
+    scripts: dict[tuple[str, str], list[list[WorkerUpdate | WorkerError] | WorkerError]]
     jobs: list[tuple[str, WorkerJob]] = field(default_factory=list)
     cancels: list[tuple[str, str]] = field(default_factory=list)
 
@@ -48,6 +48,8 @@ class ScriptedWorkers:
             raise script
         for item in script:
             await asyncio.sleep(0.01)
+            if isinstance(item, WorkerError):  # a failure after the updates before it
+                raise item
             yield item
 
     async def cancel(self, model: str, request_id: str) -> None:
@@ -88,6 +90,20 @@ def test_prefill_retried_once_then_handed_off() -> None:
         ("prefill", "context_only", rid), ("prefill", "context_only", f"{rid}.p1"),
         ("decode", "generation_only", rid)]
     assert workers.jobs[2][1].kv_handle == HANDLE and workers.jobs[2][1].prior_output_ids == tokens("A")
+
+
+def test_prefill_failing_after_its_first_token_is_not_retried() -> None:
+    """The worker sends the first token before its KV publish; if the publish then fails, a
+    retry would stream that token again: the request is recomputed on decode with it instead."""
+    workers = ScriptedWorkers({
+        ("prefill", "context_only"): [[update("A"), WorkerError("prefill: publish failed", "INTERNAL")]],
+        ("decode", "context_and_generation"): [[update("B"), update("C", True, "length")]]})
+    channel = Channel()
+    run(workers, channel)
+    assert texts(channel) == ["A", "B", "C"]
+    assert [(m, j.request_type) for m, j in workers.jobs] == [
+        ("prefill", "context_only"), ("decode", "context_and_generation")]
+    assert workers.jobs[1][1].prior_output_ids == tokens("A")
 
 
 def test_prefill_failing_twice_recomputes_on_decode() -> None:
