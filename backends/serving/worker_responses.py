@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from backends.serving.worker_io import WorkerUpdate, merge_updates
@@ -119,19 +119,19 @@ def _coalesced(items: list[_Item]) -> list[_Item]:
     """``items`` in order, each sink's consecutive updates merged into one response
     (worker_io.merge_updates): when the engine outruns this thread, a request gets one response
     with several tokens instead of falling further behind. An error ends its sink's run."""
-    out: list[_Item] = []
-    open_runs: dict[int, int] = {}  # id(sink) -> index in out of its update being merged
+    runs: list[tuple[_Item, list[WorkerUpdate]]] = []  # each item, with the updates merged into it
+    open_runs: dict[int, list[WorkerUpdate]] = {}  # id(sink) -> the updates of its open run
     for item in items:
         key = id(item.sink)
-        at = open_runs.get(key)
-        if item.update is not None and at is not None:
-            merged = out[at]
-            out[at] = _Item(item.request_id, item.sink, merge_updates((merged.update, item.update)))  # type: ignore[arg-type]
+        run = open_runs.get(key)
+        if item.update is not None and run is not None:
+            run.append(item.update)
             if item.update.final:
                 del open_runs[key]
             continue
         open_runs.pop(key, None)
-        out.append(item)
+        updates = [] if item.update is None else [item.update]
+        runs.append((item, updates))
         if item.update is not None and not item.update.final:
-            open_runs[key] = len(out) - 1
-    return out
+            open_runs[key] = updates
+    return [replace(item, update=merge_updates(updates)) if len(updates) > 1 else item for item, updates in runs]
