@@ -122,7 +122,7 @@ def test_kvbridge_never_imports_triton_or_backends() -> None:
     assert violations(files, (*TRITON_MODULES, "backends")) == []
 
 
-INDEX_AND_PROTOCOL = ["hashing", "radix", "radix_types",
+INDEX_AND_PROTOCOL = ["hashing", "radix",
                       "eviction", "tiers", "store", "protocol", "auth",
                       "handle", "master/index", "master/messages", "master/server", "slots"]
 

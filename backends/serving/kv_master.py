@@ -27,7 +27,7 @@ from kvbridge.errors import KVBridgeError
 from kvbridge.master.client import MasterClient
 from kvbridge.master.messages import LoadReport
 from kvbridge.master.server import MasterConfig, MasterThread
-from kvbridge.radix_types import BlockStored
+from kvbridge.radix import BlockStored
 from kvbridge.tiers import TierEvent
 
 LOG = logging.getLogger(__name__)
