@@ -14,10 +14,13 @@ error) is reported as a failed row with the error.
 The reference, in the same run: the engine alone (mode ``engine``, no server, same model, the
 torch thread count a worker of the colocated deployment gets) runs the same load in rounds of C
 requests added together and stepped to completion; ``vs engine`` is each row's output tokens/s
-over the engine's at the same C. Prints a table; ``--json FILE`` writes it.
+over the engine's at the same C. ``--stream-interval 1 4`` runs each mode once per interval
+(the deployment's ``serving.stream_interval``: tokens per response after the first; ``intvl``
+column). Prints a table; ``--json FILE`` writes it.
 
     python3 scripts/bench_serving.py [--concurrency 1 4 16 32] [--prompt-len 64] [--output-len 32]
-                                     [--model tiny-llama] [--modes colocated disaggregated] [--json FILE]
+                                     [--model tiny-llama] [--modes colocated disaggregated]
+                                     [--stream-interval 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Row:
     error: str = ""
     vs_engine: float = float("nan")  # output_tok_s / the engine alone's at this concurrency
     tokens_per_response: float = float("nan")  # > 1 when tokens were coalesced under load
+    stream_interval: int = 1
 
 
 def failed_row(mode: str, concurrency: int, error: str) -> Row:
@@ -120,8 +124,9 @@ def run_level(url: str, mode: str, concurrency: int, args: argparse.Namespace) -
     return summarize(mode, concurrency, results, wall_s)
 
 
-def deployment(mode: str, model: str) -> Deployment:
-    return Deployment(model=model, disaggregation=mode == "disaggregated", engine=EngineSpec(source=model))
+def deployment(mode: str, model: str, stream_interval: int = 1) -> Deployment:
+    return Deployment(model=model, disaggregation=mode == "disaggregated", engine=EngineSpec(source=model),
+                      stream_interval=stream_interval)
 
 
 def bench_engine(args: argparse.Namespace) -> list[Row]:
@@ -154,13 +159,13 @@ def bench_engine(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def bench_mode(mode: str, args: argparse.Namespace, work: Path) -> list[Row]:
+def bench_mode(mode: str, interval: int, args: argparse.Namespace, work: Path) -> list[Row]:
     """Every concurrency level of one mode on its own server; failures become failed rows."""
     try:
-        repo = work / mode
-        write_repository(deployment(mode, args.model), repo)
+        repo = work / f"{mode}-{interval}"
+        write_repository(deployment(mode, args.model, interval), repo)
         print(f"[{mode}] starting tritonserver on {repo} ({args.model})", file=sys.stderr)
-        with running_server(repo, work / f"server-{mode}", args.ready_timeout) as server:
+        with running_server(repo, work / f"server-{mode}-{interval}", args.ready_timeout) as server:
             warm = StreamingClient(server.grpc_url)
             try:
                 warm.generate("warm up", 4, ignore_eos=True)
@@ -168,24 +173,26 @@ def bench_mode(mode: str, args: argparse.Namespace, work: Path) -> list[Row]:
                 warm.close()
             rows = []
             for concurrency in args.concurrency:
-                rows.append(run_level(server.grpc_url, mode, concurrency, args))
+                rows.append(replace(run_level(server.grpc_url, mode, concurrency, args), stream_interval=interval))
                 print(f"[{mode}] {format_row(rows[-1])}", file=sys.stderr)
             return rows
     except Exception as exc:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        return [failed_row(mode, c, error) for c in args.concurrency]
+        return [replace(failed_row(mode, c, error), stream_interval=interval) for c in args.concurrency]
 
 
 HEADER = (f"{'mode':<14} {'conc':>4} {'reqs':>5} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
-          f"{'TPOT p99':>9} {'E2E p50':>9} {'E2E p99':>9} {'out tok/s':>10} {'vs engine':>9} {'tok/resp':>8}")
+          f"{'TPOT p99':>9} {'E2E p50':>9} {'E2E p99':>9} {'out tok/s':>10} {'vs engine':>9} {'tok/resp':>8} "
+          f"{'intvl':>5}")
 
 
 def format_row(r: Row) -> str:
     if r.error:
-        return f"{r.mode:<14} {r.concurrency:>4} FAILED: {r.error}"
+        where = "" if r.stream_interval == 1 else f" (stream interval {r.stream_interval})"
+        return f"{r.mode:<14} {r.concurrency:>4} FAILED{where}: {r.error}"
     return (f"{r.mode:<14} {r.concurrency:>4} {r.num_requests:>5} {r.ttft_p50_ms:>9.1f} {r.ttft_p99_ms:>9.1f} "
             f"{r.tpot_p50_ms:>9.2f} {r.tpot_p99_ms:>9.2f} {r.e2e_p50_ms:>9.1f} {r.e2e_p99_ms:>9.1f} "
-            f"{r.output_tok_s:>10.1f} {r.vs_engine:>9.2f} {r.tokens_per_response:>8.2f}")
+            f"{r.output_tok_s:>10.1f} {r.vs_engine:>9.2f} {r.tokens_per_response:>8.2f} {r.stream_interval:>5}")
 
 
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
@@ -204,6 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--model", default="tiny-llama", help="a preset, real model name, .gguf or HF directory")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--stream-interval", type=int, nargs="+", default=[1],
+                        help="serving.stream_interval values; each mode runs once per value")
     parser.add_argument("--no-engine", action="store_true", help="skip the engine-alone reference")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--json", metavar="FILE")
@@ -211,6 +220,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("prompt_len", "output_len", "requests_per_client"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if any(i <= 0 for i in args.stream_interval):
+        parser.error(f"--stream-interval values must be > 0, got {args.stream_interval}")
     if any(c <= 0 for c in args.concurrency):
         parser.error(f"--concurrency values must be > 0, got {args.concurrency}")
     return args
@@ -223,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = list(engine)
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         for mode in args.modes:
-            rows.extend(replace(r, vs_engine=r.output_tok_s / reference.get(r.concurrency, float("nan")))
-                        for r in bench_mode(mode, args, Path(tmp)))
+            for interval in args.stream_interval:
+                rows.extend(replace(r, vs_engine=r.output_tok_s / reference.get(r.concurrency, float("nan")))
+                            for r in bench_mode(mode, interval, args, Path(tmp)))
     print_table(rows, args)
     write_rows(args.json, args, rows)
     return 0

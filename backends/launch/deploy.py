@@ -9,7 +9,7 @@ naming the key path)::
     decode: {count: 1, devices: [cpu]}
     engine: {block_size: 16, num_blocks: 512, max_num_seqs: 32,
              max_num_batched_tokens: 1024, max_model_len: 1024, dtype: float32}
-    serving: {max_tokens: 1024, prefix: "", decoupled: true}
+    serving: {max_tokens: 1024, prefix: "", decoupled: true, stream_interval: 1}
 
 Models generated: ``<prefix>llm`` and ``<prefix>ensemble`` (pd_orchestrator), and workers
 ``<prefix>prefill[_i]`` / ``<prefix>decode[_i]`` (disaggregated) or ``<prefix>worker[_i]``.
@@ -17,6 +17,9 @@ Models generated: ``<prefix>llm`` and ``<prefix>ensemble`` (pd_orchestrator), an
 public models decoupled (streaming; Triton refuses HTTP ``/infer`` for them); false makes them
 answer one response per request (HTTP and gRPC ``infer``; ``stream=true`` is INVALID_ARG).
 Workers are decoupled either way (the orchestrator streams from them over BLS).
+``serving.stream_interval`` is vLLM's ``stream_interval``: N > 1 sends a request's first token at
+once and then its tokens N at a time (fewer responses through every hop at high load; TPOT as
+seen by the client gets burstier). Updates that are ready together are merged at any setting.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Deployment:
     max_tokens: int = 1024
     prefix: str = ""
     decoupled: bool = True
+    stream_interval: int = 1
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -98,7 +102,7 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
         raise ValueError(f"deployment: expected a mapping at the top level, got {type(data).__name__}")
     check_keys(data, {"model", "disaggregation", "prefill", "decode", "engine", "serving"}, "")
     serving = _mapping(data.get("serving"), "serving")
-    check_keys(serving, {"max_tokens", "prefix", "decoupled"}, "serving.")
+    check_keys(serving, {"max_tokens", "prefix", "decoupled", "stream_interval"}, "serving.")
     engine_data = _mapping(data.get("engine"), "engine")
     # The model and the devices are set at the top level and per pool, never per engine;
     # host_workers is counted from the pools.
@@ -117,7 +121,8 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
         model=model, disaggregation=typed(data.get("disaggregation", True), bool, "disaggregation"),
         prefill=_pool(data.get("prefill", {}), "prefill"), decode=_pool(data.get("decode", {}), "decode"),
         engine=engine, max_tokens=max_tokens, prefix=prefix,
-        decoupled=typed(serving.get("decoupled", True), bool, "serving.decoupled"))
+        decoupled=typed(serving.get("decoupled", True), bool, "serving.decoupled"),
+        stream_interval=typed(serving.get("stream_interval", 1), int, "serving.stream_interval"))
 
 
 def load_deployment(path: str | Path) -> Deployment:
@@ -154,8 +159,9 @@ def _worker_specs(dep: Deployment) -> list[tuple[specs.ModelSpec, EngineSpec]]:
             engine = EngineSpec(**{f.name: getattr(dep.engine, f.name) for f in fields(EngineSpec)}
                                 | {"device": pool.devices[i % len(pool.devices)],
                                    "source": dep.model, "host_workers": host_workers})
+            params = {"role": role, "stream_interval": str(dep.stream_interval)}
             out.append((specs.ModelSpec(name, "pd_worker", 0, specs.WORKER_INPUTS, specs.WORKER_OUTPUTS,
-                                        {"role": role}), engine))
+                                        params), engine))
     return out
 
 

@@ -74,7 +74,7 @@ class _Active:
 class WorkerService:
     """Serves WorkerJobs on one engine. ``close()`` aborts what runs and joins both threads."""
 
-    def __init__(self, engine: Any, role: str, kv: KVTransfer | None = None) -> None:
+    def __init__(self, engine: Any, role: str, kv: KVTransfer | None = None, stream_interval: int = 1) -> None:
         self._engine = engine
         self.role = role
         self._kv = kv
@@ -83,7 +83,7 @@ class WorkerService:
         self._closed = False
         self._aborted: set[str] = set()
         self.stats = self._read_stats()
-        self._responder = Responder(lambda rid: self._commands.put(("abort", rid)))
+        self._responder = Responder(lambda rid: self._commands.put(("abort", rid)), stream_interval)
         self._engine_thread = threading.Thread(target=self._engine_loop, name="pd-engine", daemon=True)
         self._engine_thread.start()
 

@@ -28,6 +28,10 @@ class TritonPythonModel:
         role = params.get("role", "both")
         if role not in ("prefill", "decode", "both"):
             raise pb_utils.TritonModelException(f"parameter role must be prefill, decode or both, got {role!r}")
+        interval = params.get("stream_interval", "1")
+        if not interval.isdigit() or int(interval) < 1:
+            raise pb_utils.TritonModelException(f"parameter stream_interval must be a positive integer, "
+                                                f"got {interval!r}")
         if not pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"])):
             raise pb_utils.TritonModelException("pd_worker models must be decoupled")
         try:
@@ -40,7 +44,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from exc
         self.name = args["model_name"]
         self.keeper = Keeper()  # finished requests, until python_backend lets go (pb_lifetimes.py)
-        self.service = WorkerService(engine, role, self.kv)
+        self.service = WorkerService(engine, role, self.kv, stream_interval=int(interval))
         self.kv.start_heartbeats(self._load)
         self.metrics = WorkerMetrics(pb_utils, self.name, lambda: self.service.stats)
 

@@ -6,6 +6,11 @@ sink's ``is_cancelled`` (TritonSink asks python_backend at most every 0.5 s, see
 pb_lifetimes.py) and reports each cancel once through ``on_cancel`` (the engine thread aborts).
 Sends and cancellation checks of one request therefore never run on two threads, and no check
 follows the request's final response.
+
+Tokens leave in as few responses as keep the client current: updates queued together go as one
+response (``_coalesced``), and with a stream interval N > 1 (vLLM's ``stream_interval``, the
+deployment's ``serving.stream_interval``) a request's first update goes at once and later tokens
+wait until N are held or its final update or an error comes. Nothing is dropped or reordered.
 """
 
 from __future__ import annotations
@@ -46,8 +51,13 @@ class Responder:
     """Owns the response thread. ``watch``/``send``/``fail`` queue work from any thread;
     ``close()`` delivers what is queued, then joins the thread (bounded by ``timeout_s``)."""
 
-    def __init__(self, on_cancel: Callable[[str], None]) -> None:
+    def __init__(self, on_cancel: Callable[[str], None], stream_interval: int = 1) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self._on_cancel = on_cancel
+        self._interval = stream_interval
+        self._held: dict[str, list[WorkerUpdate]] = {}  # response thread only: updates not yet sent
+        self._started: set[str] = set()  # response thread only: requests whose first update went
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._watched: dict[str, ResponseSink] = {}  # response thread only
         self._next_poll_s = 0.0
@@ -95,13 +105,32 @@ class Responder:
         final = item.error is not None or (item.update is not None and item.update.final)
         if final and self._watched.get(item.request_id) is item.sink:
             del self._watched[item.request_id]
+        update = self._due(item.request_id, item.update, final)
         try:
+            if update is not None:
+                item.sink.send(update)
             if item.error is not None:
                 item.sink.fail(item.error)
-            elif item.update is not None:
-                item.sink.send(item.update)
         except Exception:  # a broken client connection must not stop the others
             LOG.exception("sending a response failed")
+
+    def _due(self, request_id: str, update: WorkerUpdate | None, final: bool) -> WorkerUpdate | None:
+        """What to send now for ``request_id`` under the stream interval: ``update`` with every
+        held update merged in front of it, or None while fewer than N tokens are held. A final
+        update or an error releases everything held (an error after held tokens: they go first)."""
+        if self._interval == 1:
+            return update
+        held = self._held.pop(request_id, [])
+        if update is not None:
+            held.append(update)
+        if final:
+            self._started.discard(request_id)
+        elif request_id not in self._started:
+            self._started.add(request_id)  # the first update goes at once (time to first token)
+        elif sum(len(u.new_token_ids) for u in held) < self._interval:
+            self._held[request_id] = held
+            return None
+        return merge_updates(held) if len(held) > 1 else (held[0] if held else None)
 
     def _poll(self) -> None:
         for request_id, sink in list(self._watched.items()):

@@ -4,6 +4,7 @@ tritonserver, every stub process and the kvbridge master it started."""
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import pytest
 import requests
 from procs import group_members
 
+from backends.launch.client import StreamingClient
 from backends.launch.install import find_triton, repo_root
 from backends.launch.launcher import free_ports
 from backends.launch.shm_cleanup import leftovers, stub_regions
@@ -90,13 +92,15 @@ def _assert_nothing_left(proc: subprocess.Popen[str], server_pid: int, regions: 
 
 
 def test_serve_reports_a_dead_tritonserver(tmp_path: Path) -> None:
-    """tritonserver killed under it: serve says so, exits 1, and leaves nothing behind."""
+    """serve with a deployment file streams as it says (``serving.stream_interval: 4``: after
+    the first, tokens arrive at least four per response); then tritonserver killed under it:
+    serve says so, exits 1, and leaves nothing behind."""
     try:
         find_triton()
     except RuntimeError as exc:
         pytest.skip(f"no tritonserver: {exc}")
     config = tmp_path / "deploy.yaml"
-    config.write_text("model: tiny-llama\n")
+    config.write_text("model: tiny-llama\nserving: {stream_interval: 4}\n")
     http, grpc, metrics = free_ports(3)
     env = _private_tmp(tmp_path)
     proc = subprocess.Popen(
@@ -108,6 +112,12 @@ def test_serve_reports_a_dead_tritonserver(tmp_path: Path) -> None:
     try:
         [server_pid] = re.findall(r"\(tritonserver pid (\d+)\)", _read_until_ready(proc))
         regions = stub_regions(int(server_pid))
+        with StreamingClient(f"127.0.0.1:{grpc}") as client:
+            result = client.generate("stream me", 25, ignore_eos=True)
+        per_response = [len(list(g)) for _, g in itertools.groupby(result.token_times)]
+        assert sum(per_response) == 25
+        # the first text may wait for printable bytes; every later response but the last holds 4
+        assert all(n >= 4 for n in per_response[1:-1]), per_response
         os.kill(int(server_pid), signal.SIGKILL)
         output, _ = proc.communicate(timeout=90)
     finally:

@@ -64,7 +64,10 @@ def test_full_file(tmp_path: Path) -> None:
     ({"engine": {"source": "x"}}, f"engine.source: unknown key (expected one of {ENGINE_KEYS})"),
     ({"engine": {"device": "cuda"}}, f"engine.device: unknown key (expected one of {ENGINE_KEYS})"),
     ({"serving": 5}, "serving: expected a mapping, got 5"),
-    ({"serving": {"x": 1}}, "serving.x: unknown key (expected one of ['decoupled', 'max_tokens', 'prefix'])"),
+    ({"serving": {"x": 1}}, "serving.x: unknown key (expected one of ['decoupled', 'max_tokens', 'prefix', "
+                                 "'stream_interval'])"),
+    ({"serving": {"stream_interval": 0}}, "serving.stream_interval: expected a positive integer, got 0"),
+    ({"serving": {"stream_interval": "4"}}, "serving.stream_interval: expected a positive integer, got '4'"),
     ({"serving": {"decoupled": "no"}}, "serving.decoupled: expected true or false, got 'no'"),
     ({"serving": {"decoupled": 0}}, "serving.decoupled: expected true or false, got 0"),
     ({"serving": {"decoupled": None}}, "serving.decoupled: missing value"),
@@ -102,11 +105,11 @@ def test_n_prefill_m_decode_models_and_parameters() -> None:
     assert _summary(dep) == [
         ("x_llm", "pd_orchestrator", 0, {**common, "api": "llm"}, None),
         ("x_ensemble", "pd_orchestrator", 64, {**common, "api": "ensemble"}, None),
-        ("x_prefill", "pd_worker", 0, {"role": "prefill"}, "cuda:0"),
-        ("x_prefill_1", "pd_worker", 0, {"role": "prefill"}, "cuda:1"),
-        ("x_decode", "pd_worker", 0, {"role": "decode"}, "cuda:2"),
-        ("x_decode_1", "pd_worker", 0, {"role": "decode"}, "cuda:3"),
-        ("x_decode_2", "pd_worker", 0, {"role": "decode"}, "cuda:2"),
+        ("x_prefill", "pd_worker", 0, {"role": "prefill", "stream_interval": "1"}, "cuda:0"),
+        ("x_prefill_1", "pd_worker", 0, {"role": "prefill", "stream_interval": "1"}, "cuda:1"),
+        ("x_decode", "pd_worker", 0, {"role": "decode", "stream_interval": "1"}, "cuda:2"),
+        ("x_decode_1", "pd_worker", 0, {"role": "decode", "stream_interval": "1"}, "cuda:3"),
+        ("x_decode_2", "pd_worker", 0, {"role": "decode", "stream_interval": "1"}, "cuda:2"),
     ]
 
 
@@ -118,8 +121,8 @@ def test_disaggregation_off_is_colocated_workers_with_role_both() -> None:
     assert _summary(dep) == [
         ("llm", "pd_orchestrator", 0, {**common, "api": "llm"}, None),
         ("ensemble", "pd_orchestrator", 64, {**common, "api": "ensemble"}, None),
-        ("worker", "pd_worker", 0, {"role": "both"}, "cpu"),
-        ("worker_1", "pd_worker", 0, {"role": "both"}, "cpu"),
+        ("worker", "pd_worker", 0, {"role": "both", "stream_interval": "1"}, "cpu"),
+        ("worker_1", "pd_worker", 0, {"role": "both", "stream_interval": "1"}, "cpu"),
     ]
 
 
@@ -136,7 +139,8 @@ def test_write_repository_engine_yaml_round_trips(tmp_path: Path) -> None:
     config = (tmp_path / "worker/config.pbtxt").read_text()
     assert config.startswith('name: "worker"\nbackend: "pd_worker"\nmax_batch_size: 0\n'
                              "model_transaction_policy {\n  decoupled: true\n}\n")
-    assert config.endswith('parameters {\n  key: "role"\n  value: { string_value: "both" }\n}\n')
+    assert config.endswith('parameters {\n  key: "role"\n  value: { string_value: "both" }\n}\n'
+                           'parameters {\n  key: "stream_interval"\n  value: { string_value: "1" }\n}\n')
 
 
 def _policy(config: str) -> str:
@@ -182,3 +186,10 @@ def test_worker_thread_budget() -> None:
             parse_deployment({"model": "tiny-llama", "engine": {"threads": bad}})
     with pytest.raises(ValueError, match="engine.host_workers: unknown key"):
         parse_deployment({"model": "tiny-llama", "engine": {"host_workers": 4}})
+
+
+def test_stream_interval_reaches_every_worker_and_no_orchestrator() -> None:
+    dep = parse_deployment({"model": "tiny-llama", "serving": {"stream_interval": 4}})
+    params = {spec.name: spec.parameters.get("stream_interval") for spec, _ in model_specs(dep)}
+    assert params == {"llm": None, "ensemble": None, "prefill": "4", "decode": "4"}
+    assert Deployment().stream_interval == 1

@@ -8,6 +8,8 @@ import queue
 import threading
 import time
 
+import pytest
+
 from backends.serving.worker_io import WorkerUpdate
 from backends.serving.worker_responses import POLL_S, Responder
 
@@ -120,3 +122,48 @@ def test_updates_queued_together_go_out_as_one_response_per_request() -> None:
         ("a", (1, 2, 3), True, None), ("b", (7,), False, None), ("c", None, None, None),
         ("b", None, None, "ValueError('x')"), ("b", (8,), False, None)]
     assert out[0].update is not None and out[0].update.finish_reason == "length"
+
+
+def _sent_tokens(calls: list[str]) -> list[tuple[int, ...]]:
+    return [tuple(int(t) for t in c.split("(")[1].split(")")[0].split(",") if t.strip())
+            for c in without_checks(calls) if c.startswith("send")]
+
+
+def test_a_stream_interval_sends_the_first_token_at_once_then_groups_of_n() -> None:
+    responder = Responder(lambda rid: None, stream_interval=3)
+    sink = Sink()
+    try:
+        responder.watch("r", sink)
+        for token in range(1, 9):
+            responder.send("r", sink, update(token))
+            time.sleep(0.02)  # one at a time: the interval groups them, not the queue
+        responder.send("r", sink, update(9, final=True))
+    finally:
+        responder.close()
+    groups = _sent_tokens(sink.calls)
+    assert [t for g in groups for t in g] == list(range(1, 10))  # nothing dropped or reordered
+    assert groups[0] == (1,)
+    assert all(len(g) >= 3 for g in groups[1:-1])
+    assert without_checks(sink.calls)[-1].endswith("final=True")
+    assert sum(c.endswith("final=True") for c in sink.calls) == 1
+
+
+def test_a_stream_interval_releases_held_tokens_before_an_error() -> None:
+    responder = Responder(lambda rid: None, stream_interval=8)
+    sink = Sink()
+    try:
+        responder.watch("r", sink)
+        for token in (1, 2, 3):
+            responder.send("r", sink, update(token))
+            time.sleep(0.02)
+        responder.fail("r", sink, RuntimeError("engine gone"))
+    finally:
+        responder.close()
+    calls = without_checks(sink.calls)
+    assert _sent_tokens(calls) == [(1,), (2, 3)]
+    assert calls[-1] == "fail engine gone"
+
+
+def test_a_stream_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="stream_interval must be >= 1, got 0"):
+        Responder(lambda rid: None, stream_interval=0)
