@@ -74,6 +74,11 @@ class TransferTimeout(KVBridgeError, TimeoutError):
         self.pending = pending
 
 
+class PullFailed(KVBridgeError):
+    """A KV source could not deliver the KV it promised: its pull failed, a deadline passed, the
+    peer holds less than it said, or the source was closed. The consumer recomputes instead."""
+
+
 class LayoutMismatch(KVBridgeError, ValueError):
     """A KV handle's layout differs from the consumer's: refusing it beats decoding garbage KV."""
 

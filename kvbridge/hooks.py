@@ -17,11 +17,15 @@ is ``block_size * bytes_per_token_per_layer`` raw bytes, whatever the dtype.
   submission order); ``request_finished`` and ``flush`` wait for a request's copies.
 - ``request_finished``: releases the request's blocks to the history tier.
 
+``LockedHooks`` wraps any such hooks so each call runs under a lock the caller shares (a node's
+block-server threads resolve chains against the same store while the engine thread uses it).
+
 Not thread-safe: the engine calls hooks from its step thread only.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -257,3 +261,36 @@ class StoreKVHooks:
         expected = layout.block_size * layout.bytes_per_token_per_layer
         if block_bytes != expected:
             raise ValueError(f"pool block_bytes {block_bytes} != cache block bytes {expected}")
+
+
+class LockedHooks:
+    """The engine's KVHooks over ``hooks`` (e.g. a StoreKVHooks), each call under ``lock``."""
+
+    def __init__(self, hooks: Any, lock: threading.RLock) -> None:
+        self.inner = hooks
+        self._lock = lock
+
+    def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
+        with self._lock:
+            return int(self.inner.lookup_prefix(request_id, token_ids))
+
+    def load_prefix(self, request_id: str, token_ids: Sequence[int], block_ids: list[int], cache: Any) -> int:
+        with self._lock:
+            return int(self.inner.load_prefix(request_id, token_ids, block_ids, cache))
+
+    def blocks_computed(self, request_id: str, token_ids: Sequence[int], block_ids: Sequence[int],
+                        cache: Any) -> None:
+        with self._lock:
+            self.inner.blocks_computed(request_id, token_ids, block_ids, cache)
+
+    def request_finished(self, request_id: str) -> None:
+        with self._lock:
+            self.inner.request_finished(request_id)
+
+    def flush(self, request_id: str | None = None) -> None:
+        with self._lock:
+            self.inner.flush(request_id)
+
+    @property
+    def num_exports_in_flight(self) -> int:
+        return int(self.inner.num_exports_in_flight)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from kvbridge.errors import StaleSlots
 
@@ -29,7 +29,9 @@ class SlotAllocator:
     stale slot with StaleSlots instead of pinning another sequence's blocks.
     """
 
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, on_unpin: Callable[[tuple[int, ...]], None] | None = None) -> None:
+        """``on_unpin`` (optional) hears every ``unpin`` after it took effect, from the
+        unpinning thread (e.g. a block server's, ending a pull): it must be cheap and never raise."""
         if not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots: expected an int >= 1, got {num_slots!r}")
         self.num_slots = num_slots
@@ -37,6 +39,7 @@ class SlotAllocator:
         self._gens = [0] * num_slots
         self._free: deque[int] = deque(range(num_slots))
         self._lock = threading.Lock()
+        self._on_unpin = on_unpin
 
     @property
     def num_free(self) -> int:
@@ -91,7 +94,12 @@ class SlotAllocator:
                 if self._refs[slot] == 0:
                     self._free.append(slot)
 
-    unpin = free
+    def unpin(self, ids: Iterable[int]) -> None:
+        """Drops a ``pin``'s reference from each slot (as ``free``), then tells ``on_unpin``."""
+        slots = tuple(ids)
+        self.free(slots)
+        if self._on_unpin is not None:
+            self._on_unpin(slots)
 
     def _in_range(self, ids: Iterable[int], op: str) -> list[int]:
         slots = list(ids)

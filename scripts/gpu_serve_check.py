@@ -219,9 +219,9 @@ def _probe(work: Path) -> dict[str, Any]:
                 layout_dtype=handle.layout.dtype, kv_transfer_bytes=body.get("kv_transfer_bytes"),
                 pool_in_dev_shm=bool(handle.pool_name) and Path("/dev/shm", handle.pool_name).exists())
     try:
-        from backends.serving.kv_source import shm_reachable
+        from kvbridge.pull import pull_transport
 
-        info["decode_pull"] = "shm" if shm_reachable(handle) else "tcp"
+        info["decode_pull"] = pull_transport(handle)
     except ImportError as exc:  # the serving layer changed: report the handle alone
         info["decode_pull"] = f"unknown ({exc})"
     return info

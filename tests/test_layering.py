@@ -116,6 +116,70 @@ def test_serving_and_the_backend_entries_never_import_the_launch_tools() -> None
     assert violations(files, LAUNCH_SIDE) == []
 
 
+def kvbridge_imports(path: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """Every import of kvbridge in ``path`` (function-level ones and literal
+    ``importlib.import_module`` names included) as (module, names imported from it)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[str, tuple[str, ...]]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, ()) for alias in node.names if alias.name.split(".")[0] == "kvbridge"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == "kvbridge":
+            found.append((node.module, tuple(alias.name for alias in node.names)))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "import_module" and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+              and node.args[0].value.split(".")[0] == "kvbridge"):
+            found.append((node.args[0].value, ()))
+    return found
+
+
+def test_backends_import_only_kvbridge_public_names() -> None:
+    """Serving (and everything else under backends/) reaches kvbridge through its front door:
+    ``from kvbridge import <name>`` with a name ``kvbridge.__all__`` exports, never a submodule."""
+    import kvbridge
+
+    public = set(kvbridge.__all__)
+    assert {"KVNode", "KVNodeConfig", "MasterClient"} <= public
+    used: set[str] = set()
+    bad = []
+    for path in python_files("backends"):
+        for module, names in kvbridge_imports(path):
+            where = path.relative_to(ROOT)
+            if module != "kvbridge":
+                bad.append(f"{where} imports {module}")
+            elif not names:
+                bad.append(f"{where} imports kvbridge as a module (use from kvbridge import <name>)")
+            else:
+                bad += [f"{where} imports kvbridge.{n}, not a public name" for n in names if n not in public]
+                used.update(names)
+    assert bad == []
+    assert {"KVNode", "KVNodeConfig", "MasterClient"} <= used  # the walk saw serving's imports
+
+
+def test_kvbridge_public_names_resolve() -> None:
+    import kvbridge
+
+    missing = [name for name in kvbridge.__all__ if getattr(kvbridge, name, None) is None]
+    assert missing == []
+
+
+def test_optional_transports_are_reached_only_through_the_registry() -> None:
+    """nixl and deepep (optional packages) are imported inside kvbridge only by the transport
+    registry (and by their own modules); the node opens its transports through it too."""
+    optional = ("kvbridge.transport.nixl", "kvbridge.transport.deepep")
+    transport = ROOT / "kvbridge" / "transport"
+    others = [p for p in python_files("kvbridge") + python_files("backends")
+              if not (p.parent == transport and p.stem.startswith(("nixl", "deepep", "registry")))]
+    bad = sorted(f"{p.relative_to(ROOT)} imports {name}" for p in others
+                 for name in imports_of(module_name(p), p)
+                 if any(name == o or name.startswith(o + "_") or name.startswith(o + ".") for o in optional))
+    assert bad == []
+    node = imports_of("kvbridge.node", ROOT / "kvbridge" / "node.py")
+    assert "kvbridge.transport.registry.open_transport" in node
+
+
 def test_kvbridge_never_imports_triton_or_backends() -> None:
     files = python_files("kvbridge")
     assert files, "kvbridge has no modules"

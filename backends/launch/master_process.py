@@ -112,7 +112,7 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
 
 def main(argv: list[str]) -> int:
     """The master process: serves until SIGTERM."""
-    from kvbridge.master.server import MasterConfig, MasterThread
+    from kvbridge import MasterConfig, MasterThread
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()

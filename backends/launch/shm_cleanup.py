@@ -2,7 +2,7 @@
 
 A stub that finalizes unlinks its own shared memory: python_backend's region (the stub's
 second command-line argument) and, for pd_worker, its kvbridge pool (named with the server's
-process group, see kv_node.pool_name). A stub killed at shutdown (the server's exit timeout
+process group, see kvbridge.node.pool_name). A stub killed at shutdown (the server's exit timeout
 ran out, e.g. while a client held an HTTP keep-alive connection) leaves them behind. The
 launcher collects the region names while the stubs live and, once the whole group is gone,
 unlinks whatever is left: no live process can map them any more. A stub that dies while the

@@ -1,9 +1,11 @@
 """The disaggregated KV path of a pd_worker: its engine wired to a kvbridge node.
 
-``build_worker(spec, model_name)`` loads the model, sizes a KVNode from the model's KV
-layout, builds the engine with the node's StoreKVHooks (local prefix reuse) and returns both
-with a ``NodeTransfer``: the worker's KVTransfer (publish a prefill's KV → handle bytes;
-open a handle → KVSource), registered with the master when KVBRIDGE_MASTER is set. Pool size: ``PD_KV_POOL_BLOCKS`` (default twice the engine's blocks).
+``build_worker(spec, model_name)`` loads the model, sizes a kvbridge KVNode from the model's KV
+layout (pool size: ``PD_KV_POOL_BLOCKS``, default twice the engine's blocks; the master named by
+KVBRIDGE_MASTER, if set), builds the engine with the node's hooks (local prefix reuse) and
+returns both with a ``NodeTransfer``: the worker's KVTransfer over the node (publish a
+prefill's KV → handle bytes; open a handle, or a remote prefix, → an engine KVSource).
+kvbridge's sources raise PullFailed; ``EngineSource`` maps that to the engine's KVImportError.
 """
 
 from __future__ import annotations
@@ -13,18 +15,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from backends.engine.hooks import KVImportError
 from backends.engine.outputs import KVExport
 from backends.serving.engine_spec import EngineSpec
-from backends.serving.kv_master import MasterLink, connect, start_master_if_needed, worker_node_id
-from backends.serving.kv_node import KVNode, KVNodeConfig
-from backends.serving.kv_remote import LOOKUP_TIMEOUT_S, PrefixSource, RemoteFinder
-from backends.serving.kv_source import DeviceKVSource, PulledKVSource
+from backends.serving.kv_master import (
+    master_address,
+    master_token,
+    start_master_if_needed,
+    worker_node_id,
+)
 from backends.serving.worker import PublishedKV
-from kvbridge.handle import KVLayoutSpec
-from kvbridge.master.messages import LoadReport, NodeMatch
+from kvbridge import KVLayoutSpec, KVNode, KVNodeConfig, LoadReport, NodeMatch, PullFailed
 
 POOL_BLOCKS_ENV = "PD_KV_POOL_BLOCKS"
-__all__ = ["NodeTransfer", "build_worker", "start_master_if_needed"]
+__all__ = ["EngineSource", "NodeTransfer", "WorkerLoad", "build_worker", "start_master_if_needed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,36 +42,55 @@ class WorkerLoad:
     num_free_blocks: int
 
 
-class NodeTransfer:
-    """The worker's KVTransfer over a KVNode (+ an optional MasterLink). Engine thread only,
-    except ``start_heartbeats`` and ``close``."""
+class EngineSource:
+    """A kvbridge KV source as the engine's KVSource: PullFailed becomes KVImportError (the
+    engine recomputes either way; KVImportError is the expected failure it logs without a
+    traceback). ``inner`` is the kvbridge source; ``close()`` closes it."""
 
-    def __init__(self, node: KVNode, link: MasterLink | None, finder: RemoteFinder | None = None) -> None:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.num_tokens: int = inner.num_tokens
+
+    @property
+    def elapsed_ns(self) -> int:
+        return int(self.inner.elapsed_ns)
+
+    def read_layer(self, layer: int, dst: torch.Tensor, deadline: float) -> None:
+        try:
+            self.inner.read_layer(layer, dst, deadline)
+        except PullFailed as exc:
+            raise KVImportError(str(exc)) from exc
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class NodeTransfer:
+    """The worker's KVTransfer over a KVNode. Engine thread only, except ``find_remote``,
+    ``start_heartbeats`` and ``close``."""
+
+    def __init__(self, node: KVNode) -> None:
         self.node = node
-        self.link = link
-        self.finder = finder
 
     def find_remote(self, prompt_ids: Sequence[int]) -> NodeMatch | None:
         """Another node holding a longer usable prefix of the prompt, per the master (any
-        thread; bounded by the finder's deadline). None without a master."""
-        if self.finder is None:
-            return None
-        usable = (len(prompt_ids) - 1) // self.node.layout.block_size
-        return self.finder.find(self.node.hashes(prompt_ids[:usable * self.node.layout.block_size]))
+        thread; bounded by the lookup deadline). None without a master."""
+        return self.node.find_remote(prompt_ids)
 
-    def prefix_source(self, request_id: str, prompt_ids: Sequence[int], remote: NodeMatch) -> PrefixSource | None:
-        return self.node.prefix_source(request_id, prompt_ids, remote)
+    def prefix_source(self, request_id: str, prompt_ids: Sequence[int], remote: NodeMatch) -> EngineSource | None:
+        source = self.node.pull(request_id, prompt_ids, remote)
+        return None if source is None else EngineSource(source)
 
     def publish(self, export: KVExport, prompt_ids: Sequence[int]) -> PublishedKV:
         published = self.node.publish(export, prompt_ids)
         return PublishedKV(published.handle.to_bytes(), published.num_bytes, published.elapsed_ns)
 
-    def source(self, handle: bytes) -> PulledKVSource | DeviceKVSource:
-        return self.node.source(handle)
+    def source(self, handle: bytes) -> EngineSource:
+        return EngineSource(self.node.open(handle))
 
     @property
     def import_counts(self) -> dict[str, int]:
-        """KV imports completed, by path ("device": from a same-GPU peer's cache; "host")."""
+        """KV imports completed, by path ("device": from a same-GPU peer's cache; "host"; "remote")."""
         return dict(self.node.import_counts)
 
     def maintain(self) -> None:
@@ -75,14 +100,9 @@ class NodeTransfer:
         self.node.discard(request_id)
 
     def start_heartbeats(self, load: Callable[[], WorkerLoad]) -> None:
-        if self.link is not None:
-            self.link.start(self.node.endpoint, lambda: LoadReport(*_fields(load())))
+        self.node.start_heartbeats(lambda: LoadReport(*_fields(load())))
 
     def close(self) -> None:
-        if self.finder is not None:
-            self.finder.close()
-        if self.link is not None:
-            self.link.close()
         self.node.close()
 
 
@@ -92,8 +112,6 @@ def _fields(load: WorkerLoad) -> tuple[int, int, int]:
 
 def layout_of(loaded: Any, spec: EngineSpec) -> KVLayoutSpec:
     """The KV layout an engine over ``loaded`` with ``spec`` will have."""
-    import torch
-
     elem = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
     mc = loaded.config
     return KVLayoutSpec(spec.dtype, mc.num_layers, spec.block_size, mc.kv_width, mc.kv_width * elem)
@@ -104,17 +122,8 @@ def node_config(node_id: str, model_id: str, engine_blocks: int) -> KVNodeConfig
     if raw and not raw.isdigit():
         raise ValueError(f"{POOL_BLOCKS_ENV}: expected a positive integer, got {raw!r}")
     pool_blocks = int(raw) if raw else max(2 * engine_blocks, 64)
-    return KVNodeConfig(node_id, model_id, pool_blocks, pool_blocks // 2)
-
-
-def _node(model_name: str, model_id: str, engine_blocks: int, layout: KVLayoutSpec) -> NodeTransfer:
-    node_id = worker_node_id(model_name)
-    client = connect(node_id)
-    link = MasterLink(client) if client is not None else None
-    node = KVNode(node_config(node_id, model_id, engine_blocks), layout,
-                  listener=link.on_event if link is not None else None)
-    lookups = connect(node_id, LOOKUP_TIMEOUT_S)
-    return NodeTransfer(node, link, RemoteFinder(lookups, node_id) if lookups is not None else None)
+    return KVNodeConfig(node_id, model_id, pool_blocks, pool_blocks // 2,
+                        master_address=master_address(), master_token=master_token())
 
 
 def build_worker(spec: EngineSpec, model_name: str) -> tuple[Any, NodeTransfer]:
@@ -124,7 +133,7 @@ def build_worker(spec: EngineSpec, model_name: str) -> tuple[Any, NodeTransfer]:
 
     loaded = load_model(spec.source, dtype=torch_dtype(spec.dtype), device=spec.device)
     layout = layout_of(loaded, spec)
-    transfer = _node(model_name, spec.source, spec.num_blocks, layout)
+    transfer = NodeTransfer(KVNode(node_config(worker_node_id(model_name), spec.source, spec.num_blocks), layout))
     try:
         engine = build_engine(spec, loaded=loaded, hooks=transfer.node.hooks)
         if KVLayoutSpec.of(engine.kv_layout) != layout:

@@ -3,7 +3,7 @@
 ``ClusterView.snapshot(prompt_ids)`` hashes the prompt's full blocks (the workers' hashing:
 block size and model id as extra key), asks the master for the longest match per node and
 for the nodes' load reports (cached for ``nodes_ttl_s``), both for this server's workers
-(keyed by model name; other servers' nodes are the workers' business: kv_remote). Blocking (run it off the event
+(keyed by model name; other servers' nodes are the workers' business: kvbridge's KVNode). Blocking (run it off the event
 loop); any master failure yields an empty snapshot, so planning degrades to load only.
 """
 
@@ -16,9 +16,7 @@ from collections.abc import Sequence
 
 from backends.serving.kv_master import connect, local_model
 from backends.serving.supervisor import ClusterSnapshot
-from kvbridge.errors import KVBridgeError
-from kvbridge.hashing import hash_blocks
-from kvbridge.master.client import MasterClient
+from kvbridge import KVBridgeError, MasterClient, hash_blocks
 
 LOG = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ class _Active:
     job: WorkerJob
     sink: ResponseSink
     kv_source: Any = None
-    remote: Any = None  # another node holding a longer prefix of the prompt (kv_remote)
+    remote: Any = None  # another node holding a longer prefix of the prompt (kvbridge NodeMatch)
 
 
 class WorkerService:

@@ -139,8 +139,30 @@ class RecvHandle(ABC):
         """Stops writing into the destination and releases the connection. Idempotent."""
 
 
+@dataclass(frozen=True, slots=True)
+class TransportOptions:
+    """What a node gives every transport it opens by name (registry.open_transport): the host
+    its block server binds, the peers' token, the deadline of one transfer and of a connect."""
+
+    host: str = "127.0.0.1"
+    token: str | None = None
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+
+
 class Transport(ABC):
     name: ClassVar[str]
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this transport's optional package (if any) is installed here."""
+        return True
+
+    @classmethod
+    def from_options(cls, options: TransportOptions) -> Transport:
+        """A new transport from ``options`` alone; ValueError for one that needs more (e.g.
+        deepep's process group: build that one directly)."""
+        raise ValueError(f"name: transport {cls.name!r} cannot be opened from TransportOptions alone")
 
     @abstractmethod
     def start_send(self, spec: TransferSpec, source: LayerBuffers, pins: SlotAllocator | None = None) -> SendHandle:

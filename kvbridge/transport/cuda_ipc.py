@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -188,3 +189,30 @@ class DeviceReader:
 
     def close(self) -> None:
         self._table.close()
+
+
+class DeviceShare:
+    """A producer engine's shared cache: its device and UUID, the block generations it keeps in
+    a GenerationTable (``block_manager.use_generations``), and its layers' IPC descriptors.
+    ``ref(block_ids)`` names blocks for a DeviceRef; ``close()`` unlinks the table."""
+
+    def __init__(self, block_manager: Any, kv_caches: list[torch.Tensor]) -> None:
+        self.device = kv_caches[0].device
+        self.table = GenerationTable(table_name(os.getpgrp(), os.getpid()), block_manager.num_total_blocks,
+                                     create=True)
+        try:
+            block_manager.use_generations(self.table.array)
+            self.uuid = device_uuid(self.device)
+            self.layers = share_layers(kv_caches)
+        except BaseException:
+            self.table.close()
+            raise
+
+    def ref(self, block_ids: Sequence[int]) -> bytes:
+        """The wire form of a DeviceRef to ``block_ids`` at their current generations."""
+        gens = tuple(int(g) for g in self.table.array[list(block_ids)])
+        return DeviceRef(self.uuid, self.layers, self.table.name, len(self.table.array),
+                         tuple(block_ids), gens).to_bytes()
+
+    def close(self) -> None:
+        self.table.close()

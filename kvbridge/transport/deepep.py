@@ -176,6 +176,10 @@ class DeepEPTransport(Transport):
 
     name = "deepep"
 
+    @classmethod
+    def available(cls) -> bool:
+        return deepep_available()
+
     def __init__(self, group: Any = None, *, store: Any = None, max_row_bytes: int = MAX_ROW_BYTES) -> None:
         RowLayout.for_layer(1, max_row_bytes)
         deep_ep = _import_deep_ep(group)

@@ -39,6 +39,7 @@ from kvbridge.transport.base import (
     SlotPins,
     TransferSpec,
     Transport,
+    TransportOptions,
     check_next_layer,
     wait_until,
 )
@@ -228,6 +229,15 @@ class NixlTransport(Transport):
 
     def __init__(self) -> None:
         self._agent: NixlAgent | None = NixlAgent()
+
+    @classmethod
+    def available(cls) -> bool:
+        return nixl_available()
+
+    @classmethod
+    def from_options(cls, options: TransportOptions) -> NixlTransport:
+        """One agent (the options' deadlines are per call here); TransportUnavailable without nixl."""
+        return cls()
 
     @property
     def agent(self) -> NixlAgent:

@@ -28,6 +28,7 @@ from kvbridge.transport.base import (
     SlotPins,
     TransferSpec,
     Transport,
+    TransportOptions,
     check_next_layer,
     wait_until,
 )
@@ -137,6 +138,11 @@ class ShmTransport(Transport):
         self.timeout_s = timeout_s
         self.connections = ConnectionPool(token=token, peer="shm-pin", connect_timeout_s=connect_timeout_s,
                                           sock_buf_bytes=0)
+
+    @classmethod
+    def from_options(cls, options: TransportOptions) -> ShmTransport:
+        return cls(token=options.token, timeout_s=options.timeout_s,
+                   connect_timeout_s=options.connect_timeout_s)
 
     @staticmethod
     def spec_for(transfer_id: str, pool: HostBlockPool, slots: tuple[int, ...]) -> TransferSpec:

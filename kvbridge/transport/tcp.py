@@ -20,7 +20,14 @@ from kvbridge.handle import KVHandle
 from kvbridge.pool import HostBlockPool
 from kvbridge.protocol import encode_frame, recv_message
 from kvbridge.slots import SlotAllocator
-from kvbridge.transport.base import LayerBuffers, RecvHandle, SendHandle, TransferSpec, Transport
+from kvbridge.transport.base import (
+    LayerBuffers,
+    RecvHandle,
+    SendHandle,
+    TransferSpec,
+    Transport,
+    TransportOptions,
+)
 from kvbridge.transport.messages import ResolveReply, ResolveRequest
 from kvbridge.transport.tcp_conn import ConnectionPool, expect_reply
 from kvbridge.transport.tcp_recv import Receiver, TcpRecvHandle
@@ -60,6 +67,12 @@ class TcpTransport(Transport):
         self._server: BlockServer | None = None
         self._receiver: Receiver | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_options(cls, options: TransportOptions) -> TcpTransport:
+        """Its block server on ``options.host``, a free port."""
+        return cls(options.host, 0, token=options.token, timeout_s=options.timeout_s,
+                   connect_timeout_s=options.connect_timeout_s)
 
     @property
     def server(self) -> BlockServer:

@@ -26,8 +26,8 @@ from backends.engine.engine import LLMEngine
 from backends.engine.engine_config import EngineConfig
 from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv import NodeTransfer, build_worker
-from backends.serving.kv_source import DeviceKVSource, PulledKVSource
 from kvbridge.handle import KVHandle
+from kvbridge.pull import DeviceKVSource, PulledKVSource
 from kvbridge.transport.cuda_ipc import DeviceRef
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def test_cpu_consumer_ignores_the_device_ref(cpu_pair: tuple[Worker, Worker]) ->
     assert parsed.device_ref == b""  # a CPU producer shares nothing
     with_ref = dataclasses.replace(parsed, device_ref=_unopenable_ref(4).to_bytes()).to_bytes()
     source = dec[1].source(with_ref)
-    assert isinstance(source, PulledKVSource)
+    assert isinstance(source.inner, PulledKVSource)
     assert decode(dec, "ignored", first, source) == expected("cpu")
 
 
@@ -140,9 +140,9 @@ def test_decode_reads_the_prefill_cache_device_to_device(gpu_pair: tuple[Produce
     handle = bytes.fromhex(answer["handle"])
     assert KVHandle.from_bytes(handle).device_ref
     source = dec[1].source(handle)
-    assert isinstance(source, DeviceKVSource)
+    assert isinstance(source.inner, DeviceKVSource)
     assert decode(dec, "dev-1", answer["first"], source) == expected("cuda")
-    assert source.path == "device"
+    assert source.inner.path == "device"
     assert dec[1].import_counts["device"] == 1
 
 
@@ -153,4 +153,4 @@ def test_blocks_reused_by_the_producer_fall_back_to_the_host_pool(gpu_pair: tupl
     assert producer.ask("reuse")["taken"] == 64  # every block handed out again: generations moved
     source = dec[1].source(bytes.fromhex(answer["handle"]))
     assert decode(dec, "dev-2", answer["first"], source) == expected("cuda")
-    assert isinstance(source, DeviceKVSource) and source.path == "host"
+    assert isinstance(source.inner, DeviceKVSource) and source.inner.path == "host"

@@ -19,12 +19,11 @@ import pytest
 from backends.engine.engine import LLMEngine
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.tokenizer import byte_level_tokenizer
-from backends.serving import kv_source
 from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv import NodeTransfer, build_worker
-from backends.serving.kv_node import KVNode, KVNodeConfig
 from backends.serving.worker import WorkerService
 from backends.serving.worker_io import WorkerJob, WorkerUpdate, merge_updates
+from kvbridge import KVNode, KVNodeConfig, pull
 from kvbridge.handle import KVHandle
 
 TOK = byte_level_tokenizer()
@@ -104,13 +103,13 @@ def test_prefill_to_decode_over_shm_equals_one_engine(workers: tuple[Worker, Wor
 def test_prefill_to_decode_over_tcp_equals_one_engine(
         workers: tuple[Worker, Worker], expected: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     prefill, dec = workers
-    monkeypatch.setattr(kv_source, "shm_reachable", lambda handle: False)
+    monkeypatch.setattr(pull, "shm_reachable", lambda handle: False)
     first, handle, _, _ = prefill_publish(prefill, "tcp-1", PROMPT)
     engine, transfer = dec
     source = transfer.source(handle)
     engine.add_request("tcp-1", PROMPT, GREEDY, kv_source=source, prior_output_ids=[first])
     tokens = [first] + [t for out in run(engine) for t in out.new_token_ids]
-    assert (tokens, source.transport_name) == (expected, "tcp")
+    assert (tokens, source.inner.transport_name) == (expected, "tcp")
     assert source.elapsed_ns > 0
     assert_no_leak(prefill, dec)
 
@@ -157,7 +156,7 @@ def test_dead_or_silent_source_falls_back_to_recompute(
     with socket.create_server(("127.0.0.1", 0)) as silent, contextlib.closing(quick):  # accepts, never answers
         quiet = dataclasses.replace(parsed, source_endpoint=f"127.0.0.1:{silent.getsockname()[1]}")
         engine = dec[0]
-        engine.add_request("silent", PROMPT, GREEDY, kv_source=quick.source(quiet.to_bytes()),
+        engine.add_request("silent", PROMPT, GREEDY, kv_source=quick.open(quiet.to_bytes()),
                            prior_output_ids=[first])
         assert [first] + [t for out in run(engine) for t in out.new_token_ids] == expected
         quick.check_integrity()
@@ -174,7 +173,7 @@ def test_pull_after_the_lease_ended_and_its_slot_was_reused_recomputes(
     that request's KV."""
     prefill, dec = workers
     if path == "tcp":
-        monkeypatch.setattr(kv_source, "shm_reachable", lambda handle: False)
+        monkeypatch.setattr(pull, "shm_reachable", lambda handle: False)
     rid = f"late-{path}"
     first, handle, _, _ = prefill_publish(prefill, rid, PROMPT)
     partial = KVHandle.from_bytes(handle).block_slots[-1]
@@ -183,7 +182,7 @@ def test_pull_after_the_lease_ended_and_its_slot_was_reused_recomputes(
     grabbed = node.allocator.allocate(node.allocator.num_free)  # another request takes every free slot
     assert grabbed is not None and partial in grabbed
     node.pool.array[:, partial] = 0x7F  # ... and writes its own KV into ours
-    with caplog.at_level(logging.WARNING, logger=kv_source.__name__):
+    with caplog.at_level(logging.WARNING, logger=pull.__name__):
         assert decode(dec, rid, PROMPT, first, handle) == expected
     assert f"[stale]: stale slot {partial}: expected generation" in caplog.text
     node.allocator.free(grabbed)

@@ -20,11 +20,11 @@ from backends.engine.tokenizer import byte_level_tokenizer
 from backends.serving import kv_master
 from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv import NodeTransfer, WorkerLoad, build_worker
-from backends.serving.kv_remote import PrefixSource, RemoteFinder
 from backends.serving.worker import WorkerService
 from backends.serving.worker_io import WorkerJob, WorkerUpdate
 from kvbridge.master.client import MasterClient
 from kvbridge.master.server import MasterConfig, MasterThread
+from kvbridge.remote import PrefixSource, RemoteFinder
 
 TOK = byte_level_tokenizer()
 SPEC = EngineSpec(source="tiny-llama", num_blocks=64, max_model_len=512, max_num_seqs=8)
@@ -105,8 +105,8 @@ def test_prefix_computed_on_a_is_pulled_by_b(master: MasterThread, pair: tuple[W
     remote = b[1].find_remote(PROMPT)
     assert remote is not None and remote.node_id == a[1].node.config.node_id and remote.num_blocks == 10
     source = b[1].prefix_source("on-b", PROMPT, remote)
-    assert isinstance(source, PrefixSource) and source.num_local == 0
-    assert source.num_pulled_bytes == 10 * BLOCK_BYTES_ALL_LAYERS
+    assert source is not None and isinstance(source.inner, PrefixSource) and source.inner.num_local == 0
+    assert source.inner.num_pulled_bytes == 10 * BLOCK_BYTES_ALL_LAYERS
     before = b[1].import_counts["remote"]
     assert run(b, "on-b", PROMPT, source) == (want, 160)
     assert b[1].import_counts["remote"] == before + 1
@@ -125,8 +125,8 @@ def test_b_pulls_only_the_blocks_it_lacks(master: MasterThread, pair: tuple[Work
     remote = b[1].find_remote(longer)
     assert remote is not None and remote.num_blocks == 15
     source = b[1].prefix_source("b-all", longer, remote)
-    assert source is not None and source.num_local == 6
-    assert source.num_pulled_bytes == 9 * BLOCK_BYTES_ALL_LAYERS
+    assert source is not None and source.inner.num_local == 6
+    assert source.inner.num_pulled_bytes == 9 * BLOCK_BYTES_ALL_LAYERS
     assert run(b, "b-all", longer, source) == (expected(longer), 240)
 
 

@@ -1,21 +1,28 @@
-"""A worker's kvbridge node: shared-memory block pool, block server, tiered store, leases.
+"""kvbridge's front door: ``KVNode``, one node of the cluster, configured by ``KVNodeConfig``.
 
-One per pd_worker (one engine). It owns:
+One per engine (e.g. per pd_worker). It owns:
 - a HostBlockPool in /dev/shm ([num_layers][pool_blocks][block_bytes]) and its SlotAllocator;
-- a TcpTransport whose BlockServer (127.0.0.1, a free port) serves the pool: peers pull slots
-  over tcp, or pin them and map the pool (shm);
-- a BlockStore over the pool (active + hot history tier, LRU) and StoreKVHooks over it, which
-  the engine uses to reuse prefix blocks locally;
-- the leases that keep published prefill KV pinned until its consumer pulled it.
+- its transports, opened through the transport registry: tcp, whose BlockServer
+  (``config.host``, a free port) serves the pool (peers pull slots over tcp, or pin them and
+  map the pool: shm), and shm;
+- a BlockStore over the pool (active + hot history tier, LRU; a cold tier in process memory
+  when ``cold_capacity_blocks`` > 0) and ``hooks``, the engine's KVHooks over it (local prefix
+  reuse);
+- the leases that keep published KV pinned until its consumer pulled it (leases.py);
+- with ``config.master_address``: a MasterLink (registration, heartbeats, the store's radix
+  events) and a RemoteFinder (which other node holds a longer prefix).
 
-``publish`` (prefill side) copies an export's blocks into the pool (only the blocks the store
+``publish`` (producer side) copies an export's blocks into the pool (only the blocks the store
 does not already hold, layer by layer), indexes its full blocks under a lease and returns the
-KVHandle. ``source`` (decode side) validates a handle and returns a PulledKVSource.
+KVHandle. ``open`` (consumer side) validates a handle and returns a KV source (pull.py);
+``find_remote`` + ``pull`` import a prefix another node holds (remote.py). Sources raise
+PullFailed when they cannot deliver.
 On a CUDA engine, ``attach_device`` shares the engine's cache (CUDA IPC) and keeps its block
 generations in /dev/shm: handles then also carry a DeviceRef, and a consumer engine on the same
 GPU reads the blocks device to device (DeviceKVSource), the pool copy being its fallback.
-Threads: every method except ``close`` runs on the engine thread (the store and the hooks are
-not thread-safe); block-server threads only report ended pulls to the lease table.
+Threads: every method except ``find_remote``, ``start_heartbeats`` and ``close`` runs on the
+engine thread (the store and the hooks are not thread-safe; block-server threads resolve
+chains under the node's lock and only report ended pulls to the lease table).
 """
 
 from __future__ import annotations
@@ -25,119 +32,98 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from backends.engine.outputs import KVExport
-from backends.serving.kv_leases import Lease, LeaseId, LeaseTable
-from backends.serving.kv_remote import LockedHooks, PrefixSource
-from backends.serving.kv_source import DeviceKVSource, PulledKVSource, open_handle
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.hashing import BlockHash, hash_blocks
-from kvbridge.hooks import StoreKVHooks
-from kvbridge.master.messages import NodeMatch
+from kvbridge.hooks import LockedHooks, PoolMover, StoreKVHooks
+from kvbridge.leases import Lease, LeaseId, LeaseTable
+from kvbridge.master.client import MasterClient
+from kvbridge.master.link import MasterLink
+from kvbridge.master.messages import LoadReport, NodeMatch
+from kvbridge.node_config import ArrayPool, KVExportLike, KVNodeConfig, Published
 from kvbridge.pool import HostBlockPool, PoolLayout
+from kvbridge.pull import DeviceKVSource, PulledKVSource, open_handle
+from kvbridge.remote import PrefixSource, RemoteFinder
 from kvbridge.slots import SlotAllocator
 from kvbridge.store import BlockStore
-from kvbridge.tiers import StoreConfig, TierEvent
+from kvbridge.tiers import InMemorySlotAllocator, StoreConfig
 from kvbridge.transport import cuda_ipc
+from kvbridge.transport.registry import TransportOptions, open_transport
 from kvbridge.transport.shm import ShmTransport
 from kvbridge.transport.tcp import TcpTransport
 
 LOG = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class KVNodeConfig:
-    """``model_id`` namespaces block hashes; ``lease_s`` bounds how long published KV waits
-    for its pull; ``pull_timeout_s`` bounds one pull on the decode side."""
-
-    node_id: str
-    model_id: str
-    pool_blocks: int
-    hot_capacity_blocks: int
-    lease_s: float = 60.0
-    pull_timeout_s: float = 10.0
-    host: str = "127.0.0.1"
-
-    def __post_init__(self) -> None:
-        if self.pool_blocks < 1:
-            raise ValueError(f"pool_blocks: expected >= 1, got {self.pool_blocks}")
-        if not 0 <= self.hot_capacity_blocks <= self.pool_blocks:
-            raise ValueError(f"hot_capacity_blocks: expected 0..{self.pool_blocks}, got {self.hot_capacity_blocks}")
-        if self.lease_s <= 0 or self.pull_timeout_s <= 0:
-            raise ValueError(f"lease_s/pull_timeout_s: expected > 0, got {self.lease_s}/{self.pull_timeout_s}")
-
-
-@dataclass(frozen=True, slots=True)
-class Published:
-    """A publish's result: the handle and the KV bytes it makes available."""
-
-    handle: KVHandle
-    num_bytes: int
-    elapsed_ns: int
-
-
-class NotifyingSlotAllocator(SlotAllocator):
-    """A SlotAllocator that reports every ``unpin`` (the block server's end of a pull or pin)."""
-
-    def __init__(self, num_slots: int, on_unpin: Callable[[tuple[int, ...]], None]) -> None:
-        super().__init__(num_slots)
-        self._on_unpin = on_unpin
-
-    def unpin(self, ids: Iterable[int]) -> None:  # type: ignore[override]
-        slots = tuple(ids)
-        self.free(slots)
-        self._on_unpin(slots)
+__all__ = ["KVNode", "KVNodeConfig", "Published", "pool_name"]
 
 
 def pool_name(pgid: int, pid: int) -> str:
-    """A fresh pool name tagged with the server's process group and the stub's pid: a worker
+    """A fresh pool name tagged with the server's process group and the owner's pid: a worker
     stub runs in tritonserver's group, so the launcher can unlink what a killed stub left
     behind (shm_cleanup.py), all of the group's at the end or one dead stub's at once."""
     return f"kvb-pool-g{pgid}-p{pid}-{secrets.token_hex(6)}"
 
 
 class KVNode:
-    """See the module docstring. ``close()`` stops the server and unlinks the pool."""
+    """See the module docstring. ``close()`` stops the master link, the block server and the
+    transports, then unlinks the pool."""
 
-    def __init__(self, config: KVNodeConfig, layout: KVLayoutSpec,
-                 listener: Callable[[TierEvent], None] | None = None) -> None:
+    def __init__(self, config: KVNodeConfig, layout: KVLayoutSpec) -> None:
         self.config = config
         self.layout = layout
         self.leases = LeaseTable()
         self.pool = HostBlockPool.create(PoolLayout(layout.num_layers, config.pool_blocks, layout.block_bytes),
                                          name=pool_name(os.getpgrp(), os.getpid()))
-        self.allocator = NotifyingSlotAllocator(config.pool_blocks, self.leases.pulled)
-        connect_s = min(config.pull_timeout_s, 5.0)
-        self.tcp = TcpTransport(config.host, 0, timeout_s=config.pull_timeout_s, connect_timeout_s=connect_s)
-        self.shm = ShmTransport(timeout_s=config.pull_timeout_s, connect_timeout_s=connect_s)
+        self.allocator = SlotAllocator(config.pool_blocks, on_unpin=self.leases.pulled)
         self._lock = threading.RLock()  # the store: the engine thread, and resolves from peers
-        self.tcp.serve_pool(self.pool, self.allocator, self.resolve)
-        self.store = BlockStore(
-            StoreConfig(config.hot_capacity_blocks, 0, layout.num_layers * layout.block_bytes),
-            self.allocator, listener=listener)
+        self.link: MasterLink | None = None
+        self.finder: RemoteFinder | None = None
+        try:
+            self.tcp, self.shm = self._open_transports()
+            self.tcp.serve_pool(self.pool, self.allocator, self.resolve)
+            if config.master_address is not None:
+                self.link = MasterLink(self._master_client(config.master_timeout_s))
+                self.finder = RemoteFinder(self._master_client(config.lookup_timeout_s), config.node_id,
+                                           config.lookup_cooldown_s)
+            self.store = self._new_store()
+        except BaseException:
+            self.close()
+            raise
         self.hooks = LockedHooks(StoreKVHooks(self.store, self.pool, layout.block_size,
                                               extra_key=config.model_id), self._lock)
-        self._device: _DeviceShare | None = None
+        self._device: cuda_ipc.DeviceShare | None = None
         self.import_counts = {"device": 0, "host": 0, "remote": 0}  # KV imports completed, by path
         self._counts_lock = threading.Lock()
 
+    def _open_transports(self) -> tuple[TcpTransport, ShmTransport]:
+        config = self.config
+        options = TransportOptions(config.host, None, config.pull_timeout_s, min(config.pull_timeout_s, 5.0))
+        tcp = open_transport("tcp", options)
+        shm = open_transport("shm", options)
+        if not isinstance(tcp, TcpTransport) or not isinstance(shm, ShmTransport):
+            raise RuntimeError(f"transport registry: tcp/shm are {type(tcp).__name__}/{type(shm).__name__}")
+        return tcp, shm
+
+    def _master_client(self, timeout_s: float) -> MasterClient:
+        host, port = self.config.master_address or ("", 0)
+        return MasterClient(host, port, node_id=self.config.node_id, token=self.config.master_token,
+                            timeout_s=timeout_s)
+
+    def _new_store(self) -> BlockStore:
+        config, layout = self.config, self.layout
+        cold = config.cold_capacity_blocks
+        mover = PoolMover(layout.num_layers, self.pool, ArrayPool(layout.num_layers, cold, layout.block_bytes)) \
+            if cold else None
+        return BlockStore(StoreConfig(config.hot_capacity_blocks, cold, layout.num_layers * layout.block_bytes),
+                          self.allocator, InMemorySlotAllocator(cold), mover,
+                          listener=self.link.on_event if self.link is not None else None)
+
     def attach_device(self, block_manager: Any, kv_caches: list[torch.Tensor]) -> None:
         """Shares a CUDA engine's cache and block generations (see the module docstring)."""
-        device = kv_caches[0].device
-        table = cuda_ipc.GenerationTable(cuda_ipc.table_name(os.getpgrp(), os.getpid()),
-                                         block_manager.num_total_blocks, create=True)
-        try:
-            block_manager.use_generations(table.array)
-            self._device = _DeviceShare(device, cuda_ipc.device_uuid(device), table,
-                                        cuda_ipc.share_layers(kv_caches))
-        except BaseException:
-            table.close()
-            raise
+        self._device = cuda_ipc.DeviceShare(block_manager, kv_caches)
 
     @property
     def endpoint(self) -> str:
@@ -158,8 +144,21 @@ class KVNode:
             slots.append(slot)
         return slots
 
-    def prefix_source(self, request_id: str, prompt_ids: Sequence[int], remote: NodeMatch) -> PrefixSource | None:
-        """A KVSource for the prompt's prefix held by ``remote`` (blocks this node's store holds
+    def start_heartbeats(self, load: Callable[[], LoadReport]) -> None:
+        """Registers with the master and reports ``load()`` every heartbeat (no master: no-op)."""
+        if self.link is not None:
+            self.link.start(self.endpoint, load)
+
+    def find_remote(self, prompt_ids: Sequence[int]) -> NodeMatch | None:
+        """Another node holding a longer usable prefix of the prompt, per the master (any
+        thread; bounded by the lookup deadline). None without a master."""
+        if self.finder is None:
+            return None
+        usable = (len(prompt_ids) - 1) // self.layout.block_size
+        return self.finder.find(self.hashes(prompt_ids[:usable * self.layout.block_size]))
+
+    def pull(self, request_id: str, prompt_ids: Sequence[int], remote: NodeMatch) -> PrefixSource | None:
+        """A KV source for the prompt's prefix held by ``remote`` (blocks this node's store holds
         come from here), or None when the local store holds at least as much (engine thread)."""
         bs = self.layout.block_size
         usable = min(remote.num_blocks, (len(prompt_ids) - 1) // bs)
@@ -181,12 +180,13 @@ class KVNode:
         return PrefixSource(request_id, self.layout, self.pool, local, chain, remote, (self.shm, self.tcp),
                             self.config.pull_timeout_s, release, self._imported)
 
-    def publish(self, export: KVExport, prompt_ids: Sequence[int]) -> Published:
+    def publish(self, export: KVExportLike, prompt_ids: Sequence[int]) -> Published:
+        """Copies the export into the pool under a lease; RuntimeError when the pool is full or
+        the export's layout differs, ValueError when ``prompt_ids`` is shorter than the export."""
         with self._lock:
             return self._publish(export, prompt_ids)
 
-    def _publish(self, export: KVExport, prompt_ids: Sequence[int]) -> Published:
-        """Copies the export into the pool under a lease; RuntimeError when the pool is full."""
+    def _publish(self, export: KVExportLike, prompt_ids: Sequence[int]) -> Published:
         start = time.perf_counter_ns()
         layout = self.layout
         if KVLayoutSpec.of(export.layout) != layout:
@@ -215,13 +215,14 @@ class KVNode:
         self.leases.add(Lease(lease_id, export.request_id, slots, partial[0] if partial else None,
                               time.monotonic() + self.config.lease_s))
         # the slots' generations: a pull after the lease ended and a slot was reused fails as stale
+        device_ref = b"" if self._device is None else self._device.ref(export.block_ids)
         handle = KVHandle(export.request_id, tuple(hashes), export.num_tokens, self.endpoint,
                           self.config.node_id, "active", layout, "shm", self.pool.handle.name, slots,
-                          self.allocator.generations(slots), self._device_ref(export.block_ids))
+                          self.allocator.generations(slots), device_ref)
         num_bytes = export.num_tokens * layout.bytes_per_token_per_layer * layout.num_layers
         return Published(handle, num_bytes, time.perf_counter_ns() - start)
 
-    def _copy(self, export: KVExport, first_block: int, slots: list[int]) -> None:
+    def _copy(self, export: KVExportLike, first_block: int, slots: list[int]) -> None:
         """Layers in order, only blocks ``first_block``.. (the ones the store does not hold)."""
         if not slots:
             return
@@ -229,28 +230,21 @@ class KVNode:
             data = export.layer(layer)[first_block:].contiguous().cpu()
             self.pool.layer(layer)[slots] = data.view(torch.uint8).reshape(len(slots), -1).numpy()
 
-    def _device_ref(self, block_ids: Sequence[int]) -> bytes:
-        share = self._device
-        if share is None:
-            return b""
-        gens = tuple(int(g) for g in share.table.array[list(block_ids)])
-        return cuda_ipc.DeviceRef(share.uuid, share.layers, share.table.name, len(share.table.array),
-                                  tuple(block_ids), gens).to_bytes()
-
-    def source(self, data: bytes) -> PulledKVSource | DeviceKVSource:
-        """A KVSource for a handle (device to device when the producer shares this engine's
+    def open(self, data: bytes) -> PulledKVSource | DeviceKVSource:
+        """A KV source for a handle (device to device when the producer shares this engine's
         GPU); ValueError naming context_phase_params when it is bad."""
         handle = open_handle(data, self.layout)
         share = self._device
+        timeout_s = self.config.pull_timeout_s
         if not handle.device_ref or share is None:
-            return PulledKVSource(handle, self.shm, self.tcp, self.config.pull_timeout_s, self._imported)
-        pulled = PulledKVSource(handle, self.shm, self.tcp, self.config.pull_timeout_s)
+            return PulledKVSource(handle, self.shm, self.tcp, timeout_s, self._imported)
+        pulled = PulledKVSource(handle, self.shm, self.tcp, timeout_s)
         try:
             ref = cuda_ipc.DeviceRef.from_bytes(handle.device_ref)
         except ValueError as exc:
             raise ValueError(f"context_phase_params: {exc}") from None
         if ref.device_uuid != share.uuid:
-            return PulledKVSource(handle, self.shm, self.tcp, self.config.pull_timeout_s, self._imported)
+            return PulledKVSource(handle, self.shm, self.tcp, timeout_s, self._imported)
         return DeviceKVSource(ref, share.device, pulled, self._imported)
 
     def _imported(self, path: str) -> None:
@@ -284,22 +278,22 @@ class KVNode:
         self.store.check_integrity()
 
     def close(self) -> None:
-        """Stops the block server and transports, then unlinks the pool. Idempotent."""
-        self.tcp.close()
-        self.shm.close()
-        if self._device is not None:
-            self._device.table.close()
+        """Stops the master link and lookups, the block server and the transports, then unlinks
+        the pool. Idempotent."""
+        finder, self.finder = self.finder, None
+        if finder is not None:
+            finder.close()
+        link, self.link = self.link, None
+        if link is not None:
+            link.close()
+        for name in ("tcp", "shm"):
+            transport = getattr(self, name, None)
+            if transport is not None:
+                transport.close()
+        device, self._device = getattr(self, "_device", None), None
+        if device is not None:
+            device.close()
         try:
             self.pool.close()
         except RuntimeError as exc:  # a leftover view: the file is unlinked regardless
             LOG.warning("closing the KV pool: %s", exc)
-
-
-@dataclass(slots=True)
-class _DeviceShare:
-    """A CUDA engine's shared cache: device, its UUID, block generations, layer descriptors."""
-
-    device: torch.device
-    uuid: str
-    table: cuda_ipc.GenerationTable
-    layers: list[list[Any]]

@@ -1,12 +1,17 @@
-"""The decode side of a hand-off: an engine ``KVSource`` that pulls a prefill's KV by handle.
+"""The pull side of a hand-off: KV sources that read a prefill's KV by handle, layer by layer.
+
+A source has the engine's KVSource shape (``num_tokens``, ``read_layer(layer, dst, deadline)``,
+``close()``, ``elapsed_ns``); kvbridge imports nothing from the engine, so a failed or late
+source raises kvbridge's PullFailed and the caller's adapter maps it to its own error.
 
 ``open_handle`` validates ``context_phase_params`` (KVHandle.from_bytes + check_layout against
-this engine) and raises ValueError naming the field, so a corrupted or mismatched handle is
-the request's own INVALID_ARG. ``PulledKVSource`` starts its pull on the first ``read_layer``
-(over shm when the source pool is mapped on this host, else tcp), receives layer by layer
-into a host staging buffer and copies each layer into the engine's destination as soon as it
-arrived. Any failure or a passed deadline raises the engine's KVImportError (the engine then
-recomputes); the pull is closed on failure, after the last layer, or by ``close()``.
+this node) and raises ValueError naming the field, so a corrupted or mismatched handle is the
+request's own INVALID_ARG. ``PulledKVSource`` starts its pull on the first ``read_layer`` over
+the transport ``pull_transport`` picks (shm when the source pool is a shared-memory file of
+this host, else tcp), receives layer by layer into a host staging buffer and copies each layer
+into the destination as soon as it arrived. Any failure or a passed deadline raises PullFailed
+(the consumer then recomputes); the pull is closed on failure, after the last layer, or by
+``close()``.
 ``DeviceKVSource`` reads a producer's blocks on the same GPU device to device (CUDA IPC), with
 a PulledKVSource as its fallback for any layer it cannot read exactly.
 """
@@ -17,12 +22,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
 
-from backends.engine.hooks import KVImportError
-from kvbridge.errors import KVBridgeError
+from kvbridge.errors import KVBridgeError, PullFailed
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.pool import SHM_DIR
 from kvbridge.transport.base import RecvHandle
@@ -33,6 +38,7 @@ from kvbridge.transport.tcp import TcpTransport, pull_spec
 
 LOG = logging.getLogger(__name__)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+PullTransport = Literal["shm", "tcp"]
 
 
 def open_handle(data: bytes, layout: KVLayoutSpec) -> KVHandle:
@@ -50,6 +56,11 @@ def shm_reachable(handle: KVHandle) -> bool:
     host, _ = handle.source_host_port
     return bool(handle.pool_name) and host in LOCAL_HOSTS and \
         os.path.exists(os.path.join(SHM_DIR, handle.pool_name))
+
+
+def pull_transport(handle: KVHandle) -> PullTransport:
+    """The transport that pulls ``handle``'s blocks: shm on the producer's host, tcp across hosts."""
+    return "shm" if shm_reachable(handle) else "tcp"
 
 
 class PulledKVSource:
@@ -73,16 +84,16 @@ class PulledKVSource:
         layout = self.handle.layout
         shape = (len(self.handle.block_slots), layout.block_size, layout.kv_width)
         if tuple(dst.shape) != shape:
-            raise KVImportError(f"layer {layer}: destination {tuple(dst.shape)}, handle holds {shape}")
+            raise PullFailed(f"layer {layer}: destination {tuple(dst.shape)}, handle holds {shape}")
         try:
             recv = self._recv or self._open()
             recv.wait_layer(layer, min(deadline, self._deadline))
         except (KVBridgeError, OSError, ValueError, RuntimeError) as exc:
             self.close()
             LOG.warning("KV pull of %s failed (%s): %s", self.handle.request_id, self.transport_name, exc)
-            raise KVImportError(f"KV pull of {self.handle.request_id} failed: {exc}") from exc
+            raise PullFailed(f"KV pull of {self.handle.request_id} failed: {exc}") from exc
         if self._staging is None:
-            raise KVImportError(f"KV pull of {self.handle.request_id} is closed")
+            raise PullFailed(f"KV pull of {self.handle.request_id} is closed")
         raw = torch.from_numpy(self._staging[layer])
         dst.copy_(raw.view(getattr(torch, layout.dtype)).view(shape))
         if layer == layout.num_layers - 1:
@@ -97,11 +108,10 @@ class PulledKVSource:
         layout = self.handle.layout
         self._staging = np.empty((layout.num_layers, len(self.handle.block_slots) * layout.block_bytes), np.uint8)
         dest = ArrayLayers(list(self._staging))
-        if shm_reachable(self.handle):
-            self.transport_name = "shm"
+        self.transport_name = pull_transport(self.handle)
+        if self.transport_name == "shm":
             self._recv = self._shm.start_recv(shm_pull_spec(self.handle), dest)
         else:
-            self.transport_name = "tcp"
             self._recv = self._tcp.start_recv(pull_spec(self.handle), dest)
         return self._recv
 

@@ -10,9 +10,7 @@ cluster) is pulled instead of recomputed (the design's "fetch remote prefix").
   engine thread), the rest pulled from the remote node: on its first layer it asks the remote's
   block server for the slots of the chain (``ResolveRequest``), then pulls them by generation
   like any hand-off (shm on one host, else tcp). The remote holding less than the master said, a
-  reused slot, a dead peer or a passed deadline raise KVImportError: the engine recomputes.
-- ``LockedHooks``: the engine's KV hooks under the node's lock, so the block server's threads can
-  resolve chains against the store while the engine thread uses it.
+  reused slot, a dead peer or a passed deadline raise PullFailed: the consumer recomputes.
 """
 
 from __future__ import annotations
@@ -26,13 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.engine.hooks import KVImportError
-from backends.serving.kv_source import PulledKVSource
-from kvbridge.errors import KVBridgeError
+from kvbridge.errors import KVBridgeError, PullFailed
 from kvbridge.handle import KVHandle, KVLayoutSpec
 from kvbridge.hashing import BlockHash
 from kvbridge.master.client import MasterClient
 from kvbridge.master.messages import NodeMatch
+from kvbridge.pull import PulledKVSource
 from kvbridge.transport.shm import ShmTransport
 from kvbridge.transport.tcp import TcpTransport
 
@@ -106,7 +103,7 @@ class PrefixSource:
             rows = np.ascontiguousarray(self._pool.layer(layer)[self._local_slots])
             dst[:n].copy_(torch.from_numpy(rows).view(dst.dtype).view(dst[:n].shape))
         if self._pull is None:
-            raise KVImportError(f"remote prefix of {self.request_id} is closed")
+            raise PullFailed(f"remote prefix of {self.request_id} is closed")
         self._pull.read_layer(layer, dst[n:], deadline)
         if layer == self.layout.num_layers - 1:
             self.elapsed_ns = time.perf_counter_ns() - self._start_ns
@@ -119,10 +116,10 @@ class PrefixSource:
         try:
             reply = self._tcp.resolve(self.remote.endpoint, self._chain, timeout_s)
         except (KVBridgeError, OSError) as exc:
-            raise KVImportError(f"remote prefix of {self.request_id}: {self.remote.node_id} "
+            raise PullFailed(f"remote prefix of {self.request_id}: {self.remote.node_id} "
                                 f"did not resolve it: {exc}") from exc
         if len(reply.slots) < len(self._chain):
-            raise KVImportError(f"remote prefix of {self.request_id}: {self.remote.node_id} holds "
+            raise PullFailed(f"remote prefix of {self.request_id}: {self.remote.node_id} holds "
                                 f"{len(reply.slots)} of {len(self._chain)} blocks now")
         n, bs = self.num_local, self.layout.block_size
         handle = KVHandle(self.request_id, tuple(self._chain[n:]), (len(self._chain) - n) * bs,
@@ -138,36 +135,3 @@ class PrefixSource:
         release, self._release = self._release, None
         if release is not None:
             release()
-
-
-class LockedHooks:
-    """The engine's KVHooks over a StoreKVHooks, each call under ``lock``."""
-
-    def __init__(self, hooks: Any, lock: threading.RLock) -> None:
-        self.inner = hooks
-        self._lock = lock
-
-    def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
-        with self._lock:
-            return int(self.inner.lookup_prefix(request_id, token_ids))
-
-    def load_prefix(self, request_id: str, token_ids: Sequence[int], block_ids: list[int], cache: Any) -> int:
-        with self._lock:
-            return int(self.inner.load_prefix(request_id, token_ids, block_ids, cache))
-
-    def blocks_computed(self, request_id: str, token_ids: Sequence[int], block_ids: Sequence[int],
-                        cache: Any) -> None:
-        with self._lock:
-            self.inner.blocks_computed(request_id, token_ids, block_ids, cache)
-
-    def request_finished(self, request_id: str) -> None:
-        with self._lock:
-            self.inner.request_finished(request_id)
-
-    def flush(self, request_id: str | None = None) -> None:
-        with self._lock:
-            self.inner.flush(request_id)
-
-    @property
-    def num_exports_in_flight(self) -> int:
-        return int(self.inner.num_exports_in_flight)
