@@ -1,7 +1,8 @@
 """The disaggregated KV path of a pd_worker: its engine wired to a kvbridge node.
 
 ``build_worker(spec, model_name)`` loads the model, sizes a kvbridge KVNode from the model's KV
-layout (pool size: ``PD_KV_POOL_BLOCKS``, default twice the engine's blocks; the master named by
+layout (pool size: ``PD_KV_POOL_BLOCKS``, default twice the engine's blocks; a cold history
+tier of ``PD_KV_COLD_BLOCKS`` blocks in the worker's memory, default none; the master named by
 KVBRIDGE_MASTER, if set), builds the engine with the node's hooks (local prefix reuse) and
 returns both with a ``NodeTransfer``: the worker's KVTransfer over the node (publish a
 prefill's KV → handle bytes; open a handle, or a remote prefix, → an engine KVSource).
@@ -30,6 +31,7 @@ from backends.serving.worker import PublishedKV
 from kvbridge import KVLayoutSpec, KVNode, KVNodeConfig, LoadReport, NodeMatch, PullFailed
 
 POOL_BLOCKS_ENV = "PD_KV_POOL_BLOCKS"
+COLD_BLOCKS_ENV = "PD_KV_COLD_BLOCKS"
 __all__ = ["EngineSource", "NodeTransfer", "WorkerLoad", "build_worker", "start_master_if_needed"]
 
 
@@ -117,12 +119,19 @@ def layout_of(loaded: Any, spec: EngineSpec) -> KVLayoutSpec:
     return KVLayoutSpec(spec.dtype, mc.num_layers, spec.block_size, mc.kv_width, mc.kv_width * elem)
 
 
-def node_config(node_id: str, model_id: str, engine_blocks: int) -> KVNodeConfig:
-    raw = os.environ.get(POOL_BLOCKS_ENV, "")
+def _env_blocks(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
     if raw and not raw.isdigit():
-        raise ValueError(f"{POOL_BLOCKS_ENV}: expected a positive integer, got {raw!r}")
-    pool_blocks = int(raw) if raw else max(2 * engine_blocks, 64)
+        raise ValueError(f"{name}: expected a positive integer, got {raw!r}")
+    return int(raw) if raw else default
+
+
+def node_config(node_id: str, model_id: str, engine_blocks: int) -> KVNodeConfig:
+    """The worker's node: sizes from the environment (see the module docstring), the master
+    from KVBRIDGE_MASTER / KVBRIDGE_TOKEN. ValueError naming the variable for a bad value."""
+    pool_blocks = _env_blocks(POOL_BLOCKS_ENV, max(2 * engine_blocks, 64))
     return KVNodeConfig(node_id, model_id, pool_blocks, pool_blocks // 2,
+                        cold_capacity_blocks=_env_blocks(COLD_BLOCKS_ENV, 0),
                         master_address=master_address(), master_token=master_token())
 
 

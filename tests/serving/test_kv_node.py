@@ -242,3 +242,23 @@ def test_worker_services_hand_off_and_report_transfer(workers: tuple[Worker, Wor
         decode_svc.close()
     assert workers[1][0].importer.closed  # the engine thread closed its engine's import threads
     assert_no_leak(*workers)
+
+
+def test_node_config_reads_pool_and_cold_sizes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backends.serving.kv import COLD_BLOCKS_ENV, POOL_BLOCKS_ENV, node_config
+
+    monkeypatch.delenv("KVBRIDGE_MASTER", raising=False)
+    monkeypatch.delenv(POOL_BLOCKS_ENV, raising=False)
+    monkeypatch.delenv(COLD_BLOCKS_ENV, raising=False)
+    default = node_config("n", "m", 64)
+    assert (default.pool_blocks, default.hot_capacity_blocks, default.cold_capacity_blocks) == (128, 64, 0)
+    assert default.master_address is None
+    monkeypatch.setenv(POOL_BLOCKS_ENV, "40")
+    monkeypatch.setenv(COLD_BLOCKS_ENV, "300")
+    monkeypatch.setenv("KVBRIDGE_MASTER", "10.0.0.7:5555")
+    sized = node_config("n", "m", 64)
+    assert (sized.pool_blocks, sized.hot_capacity_blocks, sized.cold_capacity_blocks) == (40, 20, 300)
+    assert sized.master_address == ("10.0.0.7", 5555)
+    monkeypatch.setenv(COLD_BLOCKS_ENV, "lots")
+    with pytest.raises(ValueError, match=r"^PD_KV_COLD_BLOCKS: expected a positive integer, got 'lots'$"):
+        node_config("n", "m", 64)
