@@ -26,12 +26,13 @@ from backends.engine.outputs import (
     KVLayout,
     RequestOutput,
 )
-from backends.engine.postprocess import StopChecker, TextState
+from backends.engine.postprocess import StopChecker
 from backends.engine.runner import ModelRunner
 from backends.engine.sampler import Sampler, SampleRow
 from backends.engine.sampling_params import SamplingParams
 from backends.engine.scheduler import ScheduledSeq, Scheduler
 from backends.engine.sequence import Sequence
+from backends.engine.text_stream import TextStream
 
 # A step with nothing to run but imports in flight waits this long at most for one to end, so a
 # caller looping on `step` does not spin (a new request waits at most this long for its step).
@@ -94,7 +95,7 @@ class LLMEngine:
         self.sampler = Sampler(eos, cfg.seed)
         self.stop_checker = StopChecker(self.tokenizer, eos, self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
-        self._texts: dict[str, TextState] = {}
+        self._texts: dict[str, TextStream] = {}
         self._held: dict[str, Sequence] = {}  # finished prefill-only requests holding KV
         self._pending: list[RequestOutput] = []
         # async_output: the last step's outputs whose text is made during this step's device
@@ -147,7 +148,7 @@ class LLMEngine:
         )
         self._arrivals += 1
         self._seqs[request_id] = seq
-        self._texts[request_id] = TextState()
+        self._texts[request_id] = self.stop_checker.new_text(seq)
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
@@ -189,9 +190,9 @@ class LLMEngine:
         done, self._deferred = self._deferred, []
         visible = self._visible_text
         return [RequestOutput(seq.request_id, new_ids, new_logprobs,
-                              visible(seq, state, finished), finished, reason, num_prompt,
-                              num_output, num_cached)
-                for seq, state, new_ids, new_logprobs, finished, reason, num_prompt, num_output,
+                              visible(seq, text, new_ids, reason, finished), finished, reason,
+                              num_prompt, num_output, num_cached)
+                for seq, text, new_ids, new_logprobs, finished, reason, num_prompt, num_output,
                 num_cached in done]
 
     def _schedule(self, may_wait: bool) -> list[ScheduledSeq]:
@@ -231,27 +232,28 @@ class LLMEngine:
         seq.token_ids.append(token)
         if seq.params.logprobs and logprob is not None:
             seq.logprobs.append(logprob)
-        state = self._texts[seq.request_id]
-        reason = self.stop_checker.check(seq, state)
+        text_stream = self._texts[seq.request_id]
+        reason = self.stop_checker.check(seq, text_stream)
         finished = reason is not None or seq.prefill_only
         seq.finish_reason = reason
         new_logprobs = (logprob,) if seq.params.logprobs and logprob is not None else ()
         if self.async_output and not seq.params.stop:
-            self._deferred.append((seq, state, (token,), new_logprobs, finished, reason,
+            self._deferred.append((seq, text_stream, (token,), new_logprobs, finished, reason,
                                    seq.num_prompt_tokens, seq.num_output_tokens,
                                    seq.num_cached_tokens))
             if finished:
                 self._finish(seq)
             return None
-        text = self._visible_text(seq, state, finished)
+        text = self._visible_text(seq, text_stream, (token,), reason, finished)
         if finished:
             self._finish(seq)
         return self._output(seq, (token,), new_logprobs, text, finished)
 
-    def _visible_text(self, seq: Sequence, state: TextState, finished: bool) -> str:
+    def _visible_text(self, seq: Sequence, text: TextStream, new_ids: tuple[int, ...],
+                      reason: FinishReason | None, finished: bool) -> str:
         if not self.config.detokenize:
             return ""
-        return self.stop_checker.visible_text(seq, state, finished)
+        return self.stop_checker.visible_text(seq, text, new_ids, reason, finished)
 
     def _output(
         self,
@@ -296,7 +298,7 @@ class LLMEngine:
             return
         self._pending += self._flush_text()  # its earlier outputs go first, with their text
         seq.finish_reason = "abort"
-        text = self._texts[request_id].text
+        text = self._visible_text(seq, self._texts[request_id], (), "abort", True)
         self._finish(seq)
         self._pending.append(self._output(seq, (), (), text, True))
 
@@ -352,9 +354,9 @@ class LLMEngine:
         ]
 
 
-# A deferred output (async_output): the sequence, its text state, then RequestOutput's fields
-# but text as they were when its token was sampled.
-_Deferred = tuple[Sequence, TextState, tuple[int, ...], tuple[float, ...], bool,
+# A deferred output (async_output): the sequence, its text (not yet fed this token), then
+# RequestOutput's fields but text as they were when its token was sampled.
+_Deferred = tuple[Sequence, TextStream, tuple[int, ...], tuple[float, ...], bool,
                   FinishReason | None, int, int, int]
 
 

@@ -31,8 +31,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from backends.engine.text_stream import TextStream
 from backends.serving.chat import with_chat_prompt
-from backends.serving.detokenize import TextStream
 from backends.serving.errors import (
     CANCELLED,
     INVALID_ARG,

@@ -317,7 +317,9 @@ def test_smollm2_greedy_equals_transformers(smol: LoadedModel, hf_smol: tuple[An
             ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                                  pad_token_id=2)[0, len(ids):].tolist()
         assert tokens[str(i)] == ref, i
-        assert final[str(i)].text == smol.tokenizer.decode(ref), i
+        # A character max_tokens cut is dropped from the text, not kept as U+FFFD (the engine
+        # makes text with the orchestrator's detokenizer, as vLLM does): prompt 2 ends so.
+        assert final[str(i)].text == smol.tokenizer.decode(ref).rstrip("\ufffd"), i
     assert final["0"].text.startswith(" Paris.")
     assert "Paris" in final["3"].text
     print(json.dumps({k: v.text for k, v in sorted(final.items())}, ensure_ascii=False))

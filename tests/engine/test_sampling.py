@@ -123,7 +123,10 @@ def test_stop_strings_cut_exactly(loaded: LoadedFn) -> None:
     prompt = tok.encode("The quick brown fox")
     base = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     full = engine.generate([prompt], base)[0]
-    assert full.text == tok.decode(list(full.output_token_ids))
+    # U+FFFDs the text ends with (an incomplete or invalid character when max_tokens cut it) are
+    # dropped since the engine makes text with the orchestrator's detokenizer (as vLLM does);
+    # this output ends with two of them.
+    assert full.text == tok.decode(list(full.output_token_ids)).rstrip("\ufffd")
     text = full.text
     k = next(
         i

@@ -1,4 +1,9 @@
-"""UTF-8-safe incremental detokenization with stop strings.
+"""The detokenizer: UTF-8-safe incremental detokenization with stop strings.
+
+This is the one place text is made from token ids: the engine feeds it to decide on stop
+strings (and to fill RequestOutput.text when it detokenizes), the orchestrator feeds it the
+token ids its workers return to make the client's text. Both seed it with the prompt's tail
+(``context_ids``), so a worker's stop decision and the orchestrator's text cut agree.
 
 ``TextStream.feed(ids)`` returns only text that can no longer change: characters still being
 assembled from multi-byte tokens (a trailing U+FFFD) and the last ``max(len(stop)) - 1``
@@ -35,7 +40,8 @@ class TextStream:
     """Turns a growing list of output token ids into append-only text deltas.
 
     ``context_ids`` (typically the prompt's tail) only seed the decoding window; their text is
-    never emitted. After ``stopped`` or ``finish()`` further feeds return empty deltas.
+    never emitted. After ``stopped`` or ``finish()`` further feeds return empty deltas. Not
+    thread-safe: one owner feeds it.
     """
 
     def __init__(self, decoder: Decoder, stop: Sequence[str] = (),
@@ -49,11 +55,17 @@ class TextStream:
         self._text = ""      # decoded output text (complete characters only)
         self._emitted = 0    # characters of _text already returned
         self._done = False
+        self._stopped = False
 
     @property
     def text(self) -> str:
         """All text emitted so far."""
         return self._text[: self._emitted]
+
+    @property
+    def stopped(self) -> bool:
+        """True once a stop string ended the text (the delta that found it said so too)."""
+        return self._stopped
 
     def feed(self, ids: Sequence[int]) -> TextDelta:
         if self._done:
@@ -86,7 +98,7 @@ class TextStream:
         cut = self._find_stop()
         if cut is not None:
             self._text = self._text[:cut]
-            self._done = True
+            self._done = self._stopped = True
             final = True
         end = len(self._text) if final else max(self._emitted, len(self._text) - self._hold)
         delta = self._text[self._emitted:end]

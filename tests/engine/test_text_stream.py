@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backends.engine.text_stream import TextStream
 from backends.engine.tokenizer import byte_level_tokenizer
-from backends.serving.detokenize import TextStream
 
 TOK = byte_level_tokenizer()
 
