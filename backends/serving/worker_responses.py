@@ -56,8 +56,9 @@ class Responder:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self._on_cancel = on_cancel
         self._interval = stream_interval
-        self._held: dict[str, list[WorkerUpdate]] = {}  # response thread only: updates not yet sent
-        self._started: set[str] = set()  # response thread only: requests whose first update went
+        # response thread only, per sink (a cancel job shares its target's request id, not its sink):
+        self._held: dict[ResponseSink, list[WorkerUpdate]] = {}  # updates not yet sent
+        self._started: set[ResponseSink] = set()  # sinks whose first update went
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._watched: dict[str, ResponseSink] = {}  # response thread only
         self._next_poll_s = 0.0
@@ -105,7 +106,7 @@ class Responder:
         final = item.error is not None or (item.update is not None and item.update.final)
         if final and self._watched.get(item.request_id) is item.sink:
             del self._watched[item.request_id]
-        update = self._due(item.request_id, item.update, final)
+        update = self._due(item.sink, item.update, final)
         try:
             if update is not None:
                 item.sink.send(update)
@@ -114,21 +115,21 @@ class Responder:
         except Exception:  # a broken client connection must not stop the others
             LOG.exception("sending a response failed")
 
-    def _due(self, request_id: str, update: WorkerUpdate | None, final: bool) -> WorkerUpdate | None:
-        """What to send now for ``request_id`` under the stream interval: ``update`` with every
+    def _due(self, sink: ResponseSink, update: WorkerUpdate | None, final: bool) -> WorkerUpdate | None:
+        """What to send now to ``sink`` under the stream interval: ``update`` with every
         held update merged in front of it, or None while fewer than N tokens are held. A final
         update or an error releases everything held (an error after held tokens: they go first)."""
         if self._interval == 1:
             return update
-        held = self._held.pop(request_id, [])
+        held = self._held.pop(sink, [])
         if update is not None:
             held.append(update)
         if final:
-            self._started.discard(request_id)
-        elif request_id not in self._started:
-            self._started.add(request_id)  # the first update goes at once (time to first token)
+            self._started.discard(sink)
+        elif sink not in self._started:
+            self._started.add(sink)  # the first update goes at once (time to first token)
         elif sum(len(u.new_token_ids) for u in held) < self._interval:
-            self._held[request_id] = held
+            self._held[sink] = held
             return None
         return merge_updates(held) if len(held) > 1 else (held[0] if held else None)
 

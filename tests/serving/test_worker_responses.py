@@ -167,3 +167,22 @@ def test_a_stream_interval_releases_held_tokens_before_an_error() -> None:
 def test_a_stream_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="stream_interval must be >= 1, got 0"):
         Responder(lambda rid: None, stream_interval=0)
+
+
+def test_a_stream_interval_keeps_held_tokens_for_their_own_sink() -> None:
+    """A cancel job answers on its own sink under its target's request id: the target's held
+    tokens stay with the target."""
+    responder = Responder(lambda rid: None, stream_interval=8)
+    target, cancel = Sink(), Sink()
+    try:
+        responder.watch("r", target)
+        for token in (1, 2, 3):
+            responder.send("r", target, update(token))
+            time.sleep(0.02)
+        responder.send("r", cancel, WorkerUpdate((), (), True, "", 0, 0, 0))
+        time.sleep(0.05)
+        responder.send("r", target, update(4, final=True))
+    finally:
+        responder.close()
+    assert _sent_tokens(cancel.calls) == [()]
+    assert [t for g in _sent_tokens(target.calls) for t in g] == [1, 2, 3, 4]
