@@ -17,8 +17,7 @@ boundaries on the following token (sentencepiece "▁") keep their spaces.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 4
@@ -28,8 +27,7 @@ class Decoder(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
-@dataclass(frozen=True, slots=True)
-class TextDelta:
+class TextDelta(NamedTuple):  # a NamedTuple: built for every token, cheaper than a dataclass
     """New output text; ``stopped`` is True when a stop string ended the text (cut before it)."""
 
     text: str
@@ -108,6 +106,10 @@ class TextStream:
     def _find_stop(self) -> int | None:
         if not self._stop:
             return None
-        start = max(0, self._emitted - self._hold)
-        hits = [i for i in (self._text.find(s, start) for s in self._stop) if i >= 0]
-        return min(hits) if hits else None
+        text, start = self._text, max(0, self._emitted - self._hold)
+        cut = None
+        for stop in self._stop:
+            found = text.find(stop, start)
+            if found >= 0 and (cut is None or found < cut):
+                cut = found
+        return cut
