@@ -89,9 +89,8 @@ class WorkerService:
 
     def submit(self, job: WorkerJob, sink: ResponseSink) -> None:
         """Queue ``job``; its responses go to ``sink``. Cancel jobs answer at once."""
-        if job.request_type == "cancel":
-            self._commands.put(("abort", job.request_id))
-            self._responder.send(job.request_id, sink, WorkerUpdate((), (), True, "", 0, 0, 0))
+        if job.request_type == "cancel":  # answered by the engine thread once applied (a liveness probe)
+            self._commands.put(("cancel", (job.request_id, sink)))
             return
         remote = None
         if self._kv is not None and job.request_type != "generation_only":
@@ -112,6 +111,7 @@ class WorkerService:
                 self._maintain_kv()
         for rid in list(self._active):
             self._finish_error(rid, WorkerUnavailable("worker is shutting down"))
+        self._answer_queued()
         self._engine.close()  # its KV import threads (cancels imports still in flight)
 
     def _drain_commands(self, block: bool) -> None:
@@ -132,12 +132,32 @@ class WorkerService:
     def _apply(self, kind: str, arg: Any) -> None:
         if kind == "close":
             self._closed = True
-        elif kind == "abort" and arg in self._active:
-            self._abort(arg)
-        elif kind == "abort" and self._kv is not None:
-            self._kv.discard(arg)  # a prefill already handed off: its KV's consumer is gone
+        elif kind == "abort":
+            self._cancel(arg)
+        elif kind == "cancel":
+            rid, sink = arg
+            self._cancel(rid)
+            self._responder.send(rid, sink, WorkerUpdate((), (), True, "", 0, 0, 0))
         elif kind == "add":
             self._add(arg)
+
+    def _cancel(self, rid: str) -> None:
+        if rid in self._active:
+            self._abort(rid)
+        elif self._kv is not None:
+            self._kv.discard(rid)  # a prefill already handed off: its KV's consumer is gone
+
+    def _answer_queued(self) -> None:
+        """After the loop: every job still queued gets its final answer (nothing is left waiting)."""
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "cancel":
+                self._responder.send(arg[0], arg[1], WorkerUpdate((), (), True, "", 0, 0, 0))
+            elif kind == "add":
+                self._responder.fail(arg.job.request_id, arg.sink, WorkerUnavailable("worker is shutting down"))
 
     def _add(self, active: _Active) -> None:
         job = active.job
