@@ -14,19 +14,22 @@ One per engine (e.g. per pd_worker). It owns:
 
 ``publish`` (producer side) copies an export's blocks into the pool (only the blocks the store
 does not already hold, layer by layer), indexes its full blocks under a lease and returns the
-KVHandle. ``open`` (consumer side) validates a handle and returns a KV source (pull.py);
-``find_remote`` + ``pull`` import a prefix another node holds (remote.py). Sources raise
-PullFailed when they cannot deliver.
+KVHandle. ``open`` (consumer side) validates a handle and returns a KV source (pull.py) that
+reads the handle's leading blocks this node's store holds from its own pool and pulls only the
+others; ``find_remote`` + ``pull`` import a prefix another node holds (remote.py). Sources raise
+PullFailed when they cannot deliver and say what they move (``num_pulled_bytes``).
 On a CUDA engine, ``attach_device`` shares the engine's cache (CUDA IPC) and keeps its block
 generations in /dev/shm: handles then also carry a DeviceRef, and a consumer engine on the same
 GPU reads the blocks device to device (DeviceKVSource), the pool copy being its fallback.
 Threads: every method except ``find_remote``, ``start_heartbeats`` and ``close`` runs on the
 engine thread (the store and the hooks are not thread-safe; block-server threads resolve
-chains under the node's lock and only report ended pulls to the lease table).
+chains under the node's lock and only report ended pulls to the lease table; a source's
+import thread releases its store lease under the node's lock).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -46,8 +49,8 @@ from kvbridge.master.link import MasterLink
 from kvbridge.master.messages import LoadReport, NodeMatch
 from kvbridge.node_config import ArrayPool, KVExportLike, KVNodeConfig, Published
 from kvbridge.pool import HostBlockPool, PoolLayout
-from kvbridge.pull import DeviceKVSource, PulledKVSource, open_handle
-from kvbridge.remote import PrefixSource, RemoteFinder
+from kvbridge.pull import DeviceKVSource, PrefixSource, PulledKVSource, open_handle
+from kvbridge.remote import RemoteFinder, RemoteRest
 from kvbridge.slots import SlotAllocator
 from kvbridge.store import BlockStore
 from kvbridge.tiers import InMemorySlotAllocator, StoreConfig
@@ -96,6 +99,7 @@ class KVNode:
                                               extra_key=config.model_id), self._lock)
         self._device: cuda_ipc.DeviceShare | None = None
         self.import_counts = {"device": 0, "host": 0, "remote": 0}  # KV imports completed, by path
+        self._open_ids = itertools.count()  # a handle opened twice gets two leases
         self._counts_lock = threading.Lock()
 
     def _open_transports(self) -> tuple[TcpTransport, ShmTransport]:
@@ -172,13 +176,19 @@ class KVNode:
                 return None
             local = self.store.acquire(lease_id, chain[:held]) if held else []
 
+        rest = RemoteRest(request_id, self.layout, chain, len(local), remote, (self.shm, self.tcp),
+                          self.config.pull_timeout_s)
+        return PrefixSource(request_id, self.layout, self.pool, local, len(chain), len(chain) * bs, rest,
+                            self._releaser(lease_id if local else None), self._imported, "remote")
+
+    def _releaser(self, lease_id: LeaseId | None) -> Callable[[], None]:
+        """Releases the store lease ``lease_id`` (None: nothing held) under the node's lock, so
+        any thread may call it (the store's listener only queues)."""
         def release() -> None:
-            if local:
+            if lease_id is not None:
                 with self._lock:
                     self.store.release(lease_id)
-
-        return PrefixSource(request_id, self.layout, self.pool, local, chain, remote, (self.shm, self.tcp),
-                            self.config.pull_timeout_s, release, self._imported)
+        return release
 
     def publish(self, export: KVExportLike, prompt_ids: Sequence[int]) -> Published:
         """Copies the export into the pool under a lease; RuntimeError when the pool is full or
@@ -230,22 +240,38 @@ class KVNode:
             data = export.layer(layer)[first_block:].contiguous().cpu()
             self.pool.layer(layer)[slots] = data.view(torch.uint8).reshape(len(slots), -1).numpy()
 
-    def open(self, data: bytes) -> PulledKVSource | DeviceKVSource:
-        """A KV source for a handle (device to device when the producer shares this engine's
-        GPU); ValueError naming context_phase_params when it is bad."""
+    def open(self, data: bytes) -> PrefixSource | PulledKVSource | DeviceKVSource:
+        """A KV source for a handle; ValueError naming context_phase_params when it is bad.
+
+        The leading blocks of the handle's chain that this node's store holds (e.g. a later
+        turn's history) are leased now (engine thread) and read from this node's pool; only the
+        others are pulled from the producer (PrefixSource; a PulledKVSource when none is held).
+        The source releases the lease after its last layer, when it fails, or on ``close()``.
+        A producer sharing this engine's GPU is read device to device, the whole handle."""
         handle = open_handle(data, self.layout)
         share = self._device
         timeout_s = self.config.pull_timeout_s
-        if not handle.device_ref or share is None:
+        if handle.device_ref and share is not None:
+            try:
+                ref = cuda_ipc.DeviceRef.from_bytes(handle.device_ref)
+            except ValueError as exc:
+                raise ValueError(f"context_phase_params: {exc}") from None
+            if ref.device_uuid == share.uuid:
+                return DeviceKVSource(ref, share.device, PulledKVSource(handle, self.shm, self.tcp, timeout_s),
+                                      self._imported)
+        lease_id = LeaseId(f"{handle.request_id}#held{next(self._open_ids)}")
+        with self._lock:
+            local = self.store.acquire(lease_id, [BlockHash(h) for h in handle.block_hashes])
+            if not local:
+                self.store.release(lease_id)
+        if not local:
             return PulledKVSource(handle, self.shm, self.tcp, timeout_s, self._imported)
-        pulled = PulledKVSource(handle, self.shm, self.tcp, timeout_s)
-        try:
-            ref = cuda_ipc.DeviceRef.from_bytes(handle.device_ref)
-        except ValueError as exc:
-            raise ValueError(f"context_phase_params: {exc}") from None
-        if ref.device_uuid != share.uuid:
-            return PulledKVSource(handle, self.shm, self.tcp, timeout_s, self._imported)
-        return DeviceKVSource(ref, share.device, pulled, self._imported)
+
+        def rest(_deadline: float) -> PulledKVSource:
+            return PulledKVSource(handle, self.shm, self.tcp, timeout_s, num_held=len(local))
+
+        return PrefixSource(handle.request_id, self.layout, self.pool, local, len(handle.block_slots),
+                            handle.num_tokens, rest, self._releaser(lease_id), self._imported, "host")
 
     def _imported(self, path: str) -> None:
         """A source finished its last layer over ``path`` (import threads call this)."""

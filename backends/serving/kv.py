@@ -57,6 +57,11 @@ class EngineSource:
     def elapsed_ns(self) -> int:
         return int(self.inner.elapsed_ns)
 
+    @property
+    def num_pulled_bytes(self) -> int:
+        """The KV bytes the import moves between nodes (only the blocks this node lacked)."""
+        return int(self.inner.num_pulled_bytes)
+
     def read_layer(self, layer: int, dst: torch.Tensor, deadline: float) -> None:
         try:
             self.inner.read_layer(layer, dst, deadline)

@@ -50,6 +50,11 @@ class TransferSpec:
     ``source_gens`` (from a KV handle's ``block_gens``, one per source slot) their generations:
     the server then pins only slots that still have them and answers a stale pull with
     ErrorReply("stale"). A pull by slots must carry them; a published transfer has none.
+    ``num_held`` (a pull by slots only): the first ``num_held`` source slots are blocks the
+    consumer already holds. They are pinned with the rest for the pull, so the producer sees
+    the same slots pinned and unpinned as for a whole pull (its lease on a handle ends exactly
+    as then), but only ``source_slots[num_held:]`` move: ``layer_nbytes`` counts those, and at
+    least one must remain (nothing to move: ``TcpTransport.release``).
     """
 
     transfer_id: str
@@ -60,6 +65,7 @@ class TransferSpec:
     source_slots: tuple[int, ...] = ()
     pool_name: str = ""
     source_gens: tuple[int, ...] = ()
+    num_held: int = 0
 
     def __post_init__(self) -> None:
         if len(self.transfer_id) > 200 or not all(c.isalnum() or c in "._-" for c in self.transfer_id):
@@ -70,6 +76,14 @@ class TransferSpec:
         if (pull_by_slots or self.source_gens) and len(self.source_gens) != len(self.source_slots):
             raise ValueError(f"source_gens: expected {len(self.source_slots)} generations (one per source slot), "
                              f"got {len(self.source_gens)}")
+        if self.num_held and not (pull_by_slots and 0 < self.num_held < len(self.source_slots)):
+            raise ValueError(f"num_held: expected 0, or 1..{len(self.source_slots) - 1} for a pull by slots "
+                             f"(transfer_id {self.transfer_id!r}, {len(self.source_slots)} slots), got {self.num_held}")
+
+    @property
+    def moved_slots(self) -> tuple[int, ...]:
+        """The source slots whose bytes move (all but the ``num_held`` the consumer holds)."""
+        return self.source_slots[self.num_held:]
 
     def check_buffers(self, buffers: LayerBuffers, side: str) -> None:
         if (buffers.num_layers, buffers.layer_nbytes) != (self.num_layers, self.layer_nbytes):

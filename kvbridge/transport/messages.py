@@ -8,6 +8,9 @@ requests, one at a time, so clients pool their connections:
   which may run on into the next layers when the producer has published them (``checksum`` is the xxh3_64 of those bytes when the
   request asked for checksums, else 0); for a published transfer, finally client PullDone
   (a pull of pool slots ends with its last chunk: one wake-up less per pull).
+  A pull of pool slots with ``num_held`` > 0 pins every slot named but streams only
+  ``slots[num_held:]`` (the consumer holds the first ones), so the pin and unpin the
+  producer's node sees are those of a whole pull.
 - pin (shm pull by handle): client PinRequest; the server pins the slots and answers
   PinGranted (with the pool to map); the client copies from the shared pool and sends Unpin.
   The server unpins on Unpin, on the pin's deadline, or when the connection drops.
@@ -52,7 +55,8 @@ def _check_gens(gens: tuple[int, ...], slots: tuple[int, ...]) -> None:
 class PullRequest:
     """Pull a published transfer (``transfer_id``) or, with an empty id, ``slots`` of the
     served pool (named ``pool_name``; '' skips that check) that still have generations
-    ``gens`` (one per slot, required; a published transfer has none)."""
+    ``gens`` (one per slot, required; a published transfer has none). ``num_held``: the
+    first slots are pinned for the pull but not sent (``layer_nbytes`` counts the rest)."""
 
     transfer_id: str
     slots: tuple[int, ...]
@@ -62,6 +66,7 @@ class PullRequest:
     timeout_s: float
     checksum: bool
     gens: tuple[int, ...] = ()
+    num_held: int = 0
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or self.layer_nbytes < 1:
@@ -72,8 +77,12 @@ class PullRequest:
         if self.transfer_id:
             if self.gens:
                 raise ValueError("gens: a published transfer is pulled by id, not by slot generations")
+            if self.num_held:
+                raise ValueError(f"num_held: a published transfer moves all it publishes, got {self.num_held}")
         else:
             _check_gens(self.gens, self.slots)
+            if not 0 <= self.num_held < len(self.slots):
+                raise ValueError(f"num_held: expected 0..{len(self.slots) - 1} (some slot must move), got {self.num_held}")
 
 
 @message("chunk")

@@ -99,15 +99,15 @@ class ShmSendHandle(SendHandle):
         self._pins.release()
 
 
-def shm_pull_spec(handle: KVHandle) -> TransferSpec:
+def shm_pull_spec(handle: KVHandle, num_held: int = 0) -> TransferSpec:
     """The spec that pulls a finished prefill's blocks by handle (pinned by slot and generation
-    through its block server)."""
+    through its block server), all but the first ``num_held`` (which the consumer holds)."""
     if not handle.pool_name:
         raise ValueError(f"handle.pool_name: request {handle.request_id!r} has no shared-memory pool")
     layout = handle.layout
-    return TransferSpec("", layout.num_layers, len(handle.block_slots) * layout.block_bytes,
+    return TransferSpec("", layout.num_layers, (len(handle.block_slots) - num_held) * layout.block_bytes,
                         endpoint=handle.source_endpoint, source_slots=handle.block_slots,
-                        pool_name=handle.pool_name, source_gens=handle.block_gens)
+                        pool_name=handle.pool_name, source_gens=handle.block_gens, num_held=num_held)
 
 
 class ShmTransport(Transport):

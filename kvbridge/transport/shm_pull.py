@@ -7,7 +7,8 @@ from the producer's blocks into the destination runs (one copy); the last layer'
 ``close()``, sends Unpin and returns the connection to the pool. A failed pull closes its
 connection, which unpins on the server side; an abandoned pin expires at its deadline. The
 pin names the slots' generations (``spec.source_gens``): slots freed and reused since the
-handle was built fail ``start_recv`` with RemoteError("stale", ...), nothing pinned.
+handle was built fail ``start_recv`` with RemoteError("stale", ...), nothing pinned. With
+``spec.num_held`` the pin covers every source slot and only ``spec.moved_slots`` are copied.
 
 Safety: the server unpins only after Unpin, after its deadline, or after shutting the
 connection down; so a layer counts as copied only if it was copied before this side's own
@@ -53,7 +54,7 @@ class ShmPullHandle(RecvHandle):
             granted = expect_reply(recv_message(sock), PinGranted)
             if spec.pool_name and granted.pool.name != spec.pool_name:
                 raise ProtocolError(f"pinned pool {granted.pool.name!r}, the handle names {spec.pool_name!r}")
-            source = PoolRegion.of_pool(attach(granted.pool), spec.source_slots)
+            source = PoolRegion.of_pool(attach(granted.pool), spec.moved_slots)
         except BaseException:
             sock.close()  # the server unpins when the connection ends
             raise

@@ -28,7 +28,7 @@ from kvbridge.transport.base import (
     Transport,
     TransportOptions,
 )
-from kvbridge.transport.messages import ResolveReply, ResolveRequest
+from kvbridge.transport.messages import PinGranted, PinRequest, ResolveReply, ResolveRequest, Unpin
 from kvbridge.transport.tcp_conn import ConnectionPool, expect_reply
 from kvbridge.transport.tcp_recv import Receiver, TcpRecvHandle
 from kvbridge.transport.tcp_server import BlockServer, PublishedTransfer, Resolver
@@ -37,13 +37,13 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024
 DEFAULT_SOCK_BUF_BYTES = 4 * 1024 * 1024
 
 
-def pull_spec(handle: KVHandle) -> TransferSpec:
+def pull_spec(handle: KVHandle, num_held: int = 0) -> TransferSpec:
     """The spec that pulls a finished prefill's blocks (by slot and generation) from the
-    handle's block server."""
+    handle's block server, all but the first ``num_held`` (which the consumer holds)."""
     layout = handle.layout
-    return TransferSpec("", layout.num_layers, len(handle.block_slots) * layout.block_bytes,
+    return TransferSpec("", layout.num_layers, (len(handle.block_slots) - num_held) * layout.block_bytes,
                         endpoint=handle.source_endpoint, source_slots=handle.block_slots,
-                        pool_name=handle.pool_name, source_gens=handle.block_gens)
+                        pool_name=handle.pool_name, source_gens=handle.block_gens, num_held=num_held)
 
 
 class TcpTransport(Transport):
@@ -111,6 +111,23 @@ class TcpTransport(Transport):
             raise
         self.connections.release(endpoint, sock)
         return reply
+
+    def release(self, handle: KVHandle, timeout_s: float) -> None:
+        """Tells ``handle``'s block server that this consumer is done with the handle's slots
+        without moving a byte (it holds every block): a pin by generation, granted, then
+        unpinned, so the producer's lease ends as after a pull. Errors: KVBridgeError (e.g.
+        RemoteError("stale")) or OSError; the connection is then closed."""
+        endpoint = handle.source_endpoint
+        sock = self.connections.acquire(endpoint)
+        try:
+            sock.settimeout(timeout_s)
+            sock.sendall(encode_frame(PinRequest(handle.pool_name, handle.block_slots, timeout_s, handle.block_gens)))
+            expect_reply(recv_message(sock), PinGranted)
+            sock.sendall(encode_frame(Unpin(len(handle.block_slots))))
+        except BaseException:
+            sock.close()
+            raise
+        self.connections.release(endpoint, sock)
 
     def start_send(self, spec: TransferSpec, source: LayerBuffers, pins: SlotAllocator | None = None) -> SendHandle:
         if not spec.transfer_id:

@@ -68,7 +68,8 @@ class TcpRecvHandle(RecvHandle):
         try:
             self.sock.settimeout(timeout_s)
             self.sock.sendall(encode_frame(PullRequest(spec.transfer_id, spec.source_slots, spec.pool_name, spec.num_layers,
-                                                       spec.layer_nbytes, timeout_s, checksum_on, spec.source_gens)))
+                                                       spec.layer_nbytes, timeout_s, checksum_on, spec.source_gens,
+                                                       spec.num_held)))
             self.sock.setblocking(False)
             receiver.add(self)
         except BaseException:

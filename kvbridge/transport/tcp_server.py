@@ -313,8 +313,8 @@ class BlockServer:
             transfer.claim()
             return _Source(transfer.source, transfer)
         pool, allocator = self._served_pool(request.pool_name)
-        allocator.pin(request.slots, request.gens)
-        return _Source(PoolRegion.of_pool(pool, request.slots), None, allocator, request.slots)
+        allocator.pin(request.slots, request.gens)  # the held ones too: the unpin names the handle's slots
+        return _Source(PoolRegion.of_pool(pool, request.slots[request.num_held:]), None, allocator, request.slots)
 
     def _stream(self, sock: socket.socket, request: PullRequest, source: _Source, deadline: float,
                 start: float) -> None:

@@ -135,10 +135,12 @@ def test_a_bad_handle_is_a_value_error_and_a_dead_source_a_pull_failure(node: KV
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     dead = dataclasses.replace(handle, source_endpoint=f"127.0.0.1:{closed}", pool_name="")
-    source = node.open(dead.to_bytes())
-    with pytest.raises(PullFailed, match=r"^KV pull of a failed: "):
-        source.read_layer(0, torch.empty(2, 4, 8), time.monotonic() + 5)
-    source.close()
+    with KVNodeHolder(KVNodeConfig("consumer", "m", 4, 2)) as consumer:  # holds none of it: pulls all
+        source = consumer.open(dead.to_bytes())
+        with pytest.raises(PullFailed, match=r"^KV pull of a failed: "):
+            source.read_layer(0, torch.empty(2, 4, 8), time.monotonic() + 5)
+        source.close()
+        consumer.check_integrity()
     node.discard("a")
     node.check_integrity()
 

@@ -24,7 +24,8 @@ from backends.serving.worker import WorkerService
 from backends.serving.worker_io import WorkerJob, WorkerUpdate
 from kvbridge.master.client import MasterClient
 from kvbridge.master.server import MasterConfig, MasterThread
-from kvbridge.remote import PrefixSource, RemoteFinder
+from kvbridge.pull import PrefixSource
+from kvbridge.remote import RemoteFinder
 
 TOK = byte_level_tokenizer()
 SPEC = EngineSpec(source="tiny-llama", num_blocks=64, max_model_len=512, max_num_seqs=8)
