@@ -7,15 +7,19 @@ runs need only the library, not a GPU). ``install()`` puts it under ``cache_root
 the wheel through ``pip download`` (only the binary is kept: the 2.48 client library would
 downgrade the installed one), libb64 from the system when the loader knows it, else through
 ``apt-get download`` + ``dpkg -x`` (no root needed once apt's package lists exist). It then
-writes ``bin/perf_analyzer``, a wrapper that sets LD_LIBRARY_PATH, so that genai-perf (which runs
-``perf_analyzer`` from PATH) finds it through ``PerfAnalyzer.env()``. ``find()`` reads what
-``install()`` left; nothing here runs inside tritonserver.
+writes ``envs/<this Python environment>/bin/perf_analyzer``, a wrapper that sets LD_LIBRARY_PATH
+(libcudart lives in this environment's site-packages, so each environment has its own wrapper:
+a shared one pointed into whichever virtual environment installed last, and broke when CI
+removed it), so that genai-perf (which runs ``perf_analyzer`` from PATH) finds it through
+``PerfAnalyzer.env()``. ``find()`` reads what ``install()`` left for this environment; nothing
+here runs inside tritonserver.
 
     python3 -m backends.launch.perf_analyzer install   # what scripts/test.sh runs
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -55,9 +59,16 @@ def home() -> Path:
     return cache_root() / "perf_analyzer"
 
 
+def env_bin_dir() -> Path:
+    """Where this Python environment's wrapper goes (keyed by ``sys.prefix``)."""
+    key = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:16]
+    return home() / "envs" / key / "bin"
+
+
 def find() -> PerfAnalyzer | None:
-    """The installed perf_analyzer, or None when ``install()`` has not run (or did not finish)."""
-    tool = PerfAnalyzer(home() / "bin")
+    """The perf_analyzer installed for this Python environment, or None when ``install()`` has
+    not run here (or did not finish)."""
+    tool = PerfAnalyzer(env_bin_dir())
     return tool if os.access(tool.path, os.X_OK) else None
 
 
@@ -123,8 +134,8 @@ def install() -> PerfAnalyzer:
     root.mkdir(parents=True, exist_ok=True)
     binary = _binary(root)
     lib_dirs = [d for d in (_libb64_dir(root / "libb64"), cudart_dir()) if d is not None]
-    tool = PerfAnalyzer(root / "bin")
-    tool.bin_dir.mkdir(exist_ok=True)
+    tool = PerfAnalyzer(env_bin_dir())
+    tool.bin_dir.mkdir(parents=True, exist_ok=True)
     libs = os.pathsep.join(str(d) for d in lib_dirs)
     wrapper = f'#!/bin/sh\nLD_LIBRARY_PATH="{libs}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}" exec "{binary}" "$@"\n'
     tool.path.with_suffix(".part").write_text(wrapper)

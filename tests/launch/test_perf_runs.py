@@ -46,3 +46,18 @@ def test_read_export_sums_each_requests_tokens(tmp_path: Path) -> None:
     summary = perf_runs.summarize([first, second])
     assert (summary.num_requests, summary.request_s, summary.output_tok_s, summary.ttft_p50_ms) == \
         (2, 200.0, 20500.0, 2.5)
+
+
+def test_each_python_environment_gets_its_own_perf_analyzer_wrapper(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """The wrapper names this environment's libcudart: a virtual environment (CI's, removed
+    after its run) must not overwrite the one another environment uses."""
+    from backends.launch import perf_analyzer
+
+    monkeypatch.setattr(perf_analyzer, "home", lambda: tmp_path)
+    monkeypatch.setattr(perf_analyzer.sys, "prefix", str(tmp_path / "venv-a"))
+    a = perf_analyzer.env_bin_dir()
+    monkeypatch.setattr(perf_analyzer.sys, "prefix", str(tmp_path / "venv-b"))
+    b = perf_analyzer.env_bin_dir()
+    assert a != b and a.parent.parent == b.parent.parent == tmp_path / "envs"
+    assert perf_analyzer.find() is None  # nothing installed for venv-b
