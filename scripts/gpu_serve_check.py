@@ -121,6 +121,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
             results[p["name"]] = {"token_ids": ids, "text": tok.decode(ids)}
         layout = engine.kv_layout
         kv_bytes_per_token = layout.num_layers * layout.bytes_per_token_per_layer
+        kv_block_size = layout.block_size
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
@@ -128,7 +129,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     out = {"engine_spec": {f.name: getattr(spec, f.name) for f in fields(spec)},
            "torch": torch.__version__,
            "cuda_device": torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else None,
-           "kv_bytes_per_token": kv_bytes_per_token, "seconds": round(time.monotonic() - start, 2),
+           "kv_bytes_per_token": kv_bytes_per_token, "kv_block_size": kv_block_size, "seconds": round(time.monotonic() - start, 2),
            "results": results}
     (work / "ref.json").write_text(json.dumps(out, indent=1))
     print(f"reference: {len(results)} prompts on {spec.device} ({spec.dtype}) in {out['seconds']}s")
@@ -283,7 +284,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         before = metric_value(_read(work / f"metrics_{i}_before.txt"), METRIC_BYTES, "llm")
         after = metric_value(_read(work / f"metrics_{i}_after.txt"), METRIC_BYTES, "llm")
         moved = None if after is None else int(after - (before or 0.0))
-        want_bytes = p["num_prompt_tokens"] * ref["kv_bytes_per_token"] if ref.get("kv_bytes_per_token") else None
+        # the decode node pulls whole blocks (the ones it lacks: every one for a fresh prompt)
+        bs = ref.get("kv_block_size") or 0
+        want_bytes = (-(-p["num_prompt_tokens"] // bs) * bs * ref["kv_bytes_per_token"]
+                      if bs and ref.get("kv_bytes_per_token") else None)
         entry = {
             "name": p["name"], "num_prompt_tokens": p["num_prompt_tokens"], "http_code": code,
             # the server holds back an incomplete UTF-8 tail at the max_tokens cut (no U+FFFD)

@@ -82,9 +82,9 @@ def _fake_results(work: Path, texts: dict[str, str]) -> None:
             {"text_output": texts.get(name, f"text {name}"), "num_output_tokens": plan["max_tokens"]}))
         page = 'pd_kv_transfer_bytes_total{{model="llm"}} {}\n'
         (work / f"metrics_{i}_before.txt").write_text(page.format(total) if total else "")
-        total += p["num_prompt_tokens"] * 2048
+        total += -(-p["num_prompt_tokens"] // 16) * 16 * 2048  # whole blocks: the decode pulls blocks
         (work / f"metrics_{i}_after.txt").write_text(page.format(total))
-    (work / "ref.json").write_text(json.dumps({"kv_bytes_per_token": 2048, "results": results}))
+    (work / "ref.json").write_text(json.dumps({"kv_bytes_per_token": 2048, "kv_block_size": 16, "results": results}))
     (work / "ready").write_text("")
     (work / "server.log").write_text("I1204 model_lifecycle.cc] successfully loaded 'decode'\n")
 
@@ -95,7 +95,7 @@ def test_compare_passes_on_equal_texts_and_moved_kv(planned: Path) -> None:
                        "--out", str(planned / "serve.json")]) == 0
     result = json.loads((planned / "serve.json").read_text())
     assert result["verdict"] == "PASS" and result["kv_bytes_exact_every_request"]
-    assert [r["kv_bytes_moved"] for r in result["requests"]] == [n * 2048 for n in (2, 24, 32, 51, 297)]
+    assert [r["kv_bytes_moved"] for r in result["requests"]] == [b * 16 * 2048 for b in (1, 2, 2, 4, 19)]
 
 
 def test_compare_fails_on_a_different_text_a_kv_failure_or_workers_off_the_gpu(planned: Path) -> None:

@@ -87,7 +87,7 @@ class RequestMetrics:
         self.prompt_tokens = counter("pd_prompt_tokens_total", "prompt tokens")
         self.generation_tokens = counter("pd_generation_tokens_total", "generated tokens")
         self.prefix_hits = counter("pd_prefix_hit_tokens_total", "prompt tokens served from cache")
-        self.kv_bytes = counter("pd_kv_transfer_bytes_total", "KV bytes handed from prefill to decode")
+        self.kv_bytes = counter("pd_kv_transfer_bytes_total", "KV bytes pulled from another node (the blocks this one lacked)")
 
     def close(self) -> None:
         """Release the metrics, then their families, while the stub is still connected (see

@@ -214,13 +214,14 @@ class WorkerService:
         if out.finish_reason == "abort":
             self._finish_error(out.request_id, RequestCancelled(f"request {out.request_id} cancelled"))
             return
-        pull_ns = self._pull_ns(active)
+        pull_bytes, pull_ns = self._pulled(active)
         # Prefix-cache hits only: a generation_only request's prompt KV was imported from its
         # prefill (the engine counts it as cached), not reused from this node's store.
         cached = 0 if active.job.request_type == "generation_only" else out.num_cached_tokens
         update = WorkerUpdate(
             out.new_token_ids, out.new_logprobs, out.finished, out.finish_reason or "",
-            out.num_prompt_tokens, out.num_output_tokens, cached, kv_transfer_ns=pull_ns)
+            out.num_prompt_tokens, out.num_output_tokens, cached, kv_transfer_bytes=pull_bytes,
+            kv_transfer_ns=pull_ns)
         if active.job.request_type == "context_only" and out.finished and out.finish_reason is None:
             # The first token goes out before the KV publish (the response thread sends it
             # while this thread publishes); the hand-off follows as the final response.
@@ -230,8 +231,10 @@ class WorkerService:
             except Exception as exc:
                 self._finish_error(out.request_id, exc)
                 return
+            # The publish is a copy into this node's pool: its time counts toward the transfer,
+            # its bytes do not (the consumer reports the bytes it pulls: the blocks it lacked).
             update = WorkerUpdate((), (), True, "", out.num_prompt_tokens, out.num_output_tokens, cached,
-                                  published.handle, published.num_bytes, published.elapsed_ns)
+                                  published.handle, 0, published.elapsed_ns)
         elif active.job.request_type == "context_only" and out.finished:
             self._release(out.request_id)  # the first token ended it: nothing to hand off
         if out.finished:
@@ -240,14 +243,17 @@ class WorkerService:
         self._responder.send(out.request_id, active.sink, update)
 
     @staticmethod
-    def _pull_ns(active: _Active) -> int:
-        """The KV pull's duration, reported once (on the first response after it)."""
+    def _pulled(active: _Active) -> tuple[int, int]:
+        """The KV pull's bytes moved (only the blocks this node lacked) and duration, reported
+        once (on the first response after it)."""
         source = active.kv_source
         elapsed = int(getattr(source, "elapsed_ns", 0) or 0)
-        if elapsed:
-            _close_source(source)
-            active.kv_source = None
-        return elapsed
+        if not elapsed:
+            return 0, 0
+        moved = int(getattr(source, "num_pulled_bytes", 0) or 0)
+        _close_source(source)
+        active.kv_source = None
+        return moved, elapsed
 
     def _hand_off(self, out: RequestOutput) -> PublishedKV:
         """Publish a finished prefill's KV and free its blocks."""

@@ -226,13 +226,22 @@ def test_worker_services_hand_off_and_report_transfer(workers: tuple[Worker, Wor
             assert len(prefill_updates[0].new_token_ids) == 1 and prefill_updates[-1].context_phase_params
             assert len(prefill_updates) <= 2
             handoff = merge_updates(prefill_updates)
-            assert handoff.kv_transfer_bytes == 50 * BYTES_PER_TOKEN and handoff.kv_transfer_ns > 0
+            # the publish is a local copy: its time counts toward the transfer, its bytes do not
+            assert handoff.kv_transfer_bytes == 0 and handoff.kv_transfer_ns > 0
+            node = workers[1][1].node
+            with node._lock:
+                held = node.store.lookup(node.hashes(PROMPT[:48])).num_blocks
+            assert held == 3 or i == 0  # after the first request, its 3 full blocks stay here
             sink = QueueSink()
             decode_svc.submit(WorkerJob(rid, "generation_only", tuple(PROMPT), GREEDY,
                                         handoff.new_token_ids, handoff.context_phase_params), sink)
             updates = sink.collect()
             assert list(handoff.new_token_ids) + [t for u in updates for t in u.new_token_ids] == expected
-            assert updates[0].kv_transfer_ns > 0 and updates[0].kv_transfer_bytes == 0
+            # the decode pulls the blocks it lacks: the prompt's 4 (3 full + the partial one,
+            # which no store holds) less the full ones its store held (from earlier requests)
+            lacked = 4 - held
+            assert updates[0].kv_transfer_ns > 0
+            assert updates[0].kv_transfer_bytes == lacked * 16 * BYTES_PER_TOKEN
             # Imported KV is a transfer, not a prefix hit of the decode worker's own cache.
             assert [u.num_cached_tokens for u in updates] == [0] * len(updates)
             if i > 0:  # the prefill node now holds the prompt's 3 full blocks
