@@ -119,7 +119,7 @@ def engine_texts(model: str, prompts: tuple[str, ...], max_tokens: int) -> dict[
     results = engine.generate([tok.encode(p) for p in prompts],
                               SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     # What the server sends in all: the decode without its trailing U+FFFD (bytes that max_tokens
-    # cut or that form no character are never sent; backends/serving/detokenize.py)
+    # cut or that form no character are never sent; backends/engine/text_stream.py)
     return {p: tok.decode(list(r.output_token_ids)).rstrip("\ufffd") for p, r in zip(prompts, results, strict=True)}
 
 

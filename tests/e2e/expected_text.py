@@ -12,6 +12,6 @@ def finished_text(decoded: str) -> str:
 
     A character that max_tokens cut before its last byte, or bytes the model ended with that form
     no character, are never sent, as in vLLM's incremental detokenizer (the server's side of this
-    rule is backends/serving/detokenize.py). A U+FFFD inside the text is kept.
+    rule is backends/engine/text_stream.py). A U+FFFD inside the text is kept.
     """
     return decoded.rstrip(REPLACEMENT)

@@ -9,10 +9,10 @@ import dataclasses
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 import torch
+from kv_exports import Export, random_export
 
 from kvbridge import KVLayoutSpec, KVNode, KVNodeConfig, PullFailed
 from kvbridge.handle import KVHandle
@@ -26,24 +26,8 @@ P1 = list(range(100, 108))  # two full blocks each
 P2 = list(range(200, 208))
 
 
-@dataclass(frozen=True)
-class Export:
-    request_id: str
-    num_tokens: int
-    layout: KVLayoutSpec
-    block_ids: tuple[int, ...]
-    layers: list[torch.Tensor]
-
-    def layer(self, index: int) -> torch.Tensor:
-        return self.layers[index].clone()
-
-
 def export(rid: str, num_tokens: int, seed: int) -> Export:
-    num_blocks = -(-num_tokens // LAYOUT.block_size)
-    gen = torch.Generator().manual_seed(seed)
-    layers = [torch.randn(num_blocks, LAYOUT.block_size, LAYOUT.kv_width, generator=gen)
-              for _ in range(LAYOUT.num_layers)]
-    return Export(rid, num_tokens, LAYOUT, tuple(range(num_blocks)), layers)
+    return random_export(rid, num_tokens, seed, LAYOUT)
 
 
 def pull_all(node: KVNode, handle: bytes) -> list[torch.Tensor]:

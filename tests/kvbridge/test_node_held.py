@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from kv_exports import Export, random_export
 
 import kvbridge.pull
 from kvbridge import KVLayoutSpec, KVNode, KVNodeConfig, PullFailed
@@ -26,24 +27,8 @@ BLOCK_BYTES_ALL_LAYERS = LAYOUT.block_bytes * LAYOUT.num_layers  # 384
 PROMPT = list(range(300, 322))  # 22 tokens: 5 full blocks and a partial one
 
 
-@dataclasses.dataclass(frozen=True)
-class Export:
-    request_id: str
-    num_tokens: int
-    layout: KVLayoutSpec
-    block_ids: tuple[int, ...]
-    layers: list[torch.Tensor]
-
-    def layer(self, index: int) -> torch.Tensor:
-        return self.layers[index].clone()
-
-
 def export(rid: str, num_tokens: int, seed: int) -> Export:
-    num_blocks = -(-num_tokens // LAYOUT.block_size)
-    gen = torch.Generator().manual_seed(seed)
-    layers = [torch.randn(num_blocks, LAYOUT.block_size, LAYOUT.kv_width, generator=gen)
-              for _ in range(LAYOUT.num_layers)]
-    return Export(rid, num_tokens, LAYOUT, tuple(range(num_blocks)), layers)
+    return random_export(rid, num_tokens, seed, LAYOUT)
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import queue
 import socket
 from collections.abc import Iterator
 
 import pytest
+from queue_sink import QueueSink
 
 from backends.engine.engine import LLMEngine
 from backends.engine.sampling_params import SamplingParams
@@ -22,7 +22,7 @@ from backends.engine.tokenizer import byte_level_tokenizer
 from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv import NodeTransfer, build_worker
 from backends.serving.worker import WorkerService
-from backends.serving.worker_io import WorkerJob, WorkerUpdate, merge_updates
+from backends.serving.worker_io import WorkerJob, merge_updates
 from kvbridge import KVNode, KVNodeConfig, pull
 from kvbridge.handle import KVHandle
 
@@ -187,29 +187,6 @@ def test_pull_after_the_lease_ended_and_its_slot_was_reused_recomputes(
     assert f"[stale]: stale slot {partial}: expected generation" in caplog.text
     node.allocator.free(grabbed)
     assert_no_leak(prefill, dec)
-
-
-class QueueSink:
-    def __init__(self) -> None:
-        self.updates: queue.Queue[WorkerUpdate | BaseException] = queue.Queue()
-
-    def send(self, update: WorkerUpdate) -> None:
-        self.updates.put(update)
-
-    def fail(self, exc: BaseException) -> None:
-        self.updates.put(exc)
-
-    def is_cancelled(self) -> bool:
-        return False
-
-    def collect(self) -> list[WorkerUpdate]:
-        out: list[WorkerUpdate] = []
-        while not out or not out[-1].final:
-            item = self.updates.get(timeout=30)
-            if isinstance(item, BaseException):
-                raise item
-            out.append(item)
-        return out
 
 
 def test_worker_services_hand_off_and_report_transfer(workers: tuple[Worker, Worker], expected: list[int]) -> None:

@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 import pytest
+from queue_sink import QueueSink
 
 from backends.engine.engine import LLMEngine
 from backends.engine.sampling_params import SamplingParams
@@ -17,26 +18,6 @@ from backends.serving.worker import WorkerService
 from backends.serving.worker_io import WorkerJob, WorkerUpdate
 
 LONG = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-
-
-class QueueSink:
-    def __init__(self) -> None:
-        self.items: queue.Queue[WorkerUpdate | BaseException] = queue.Queue()
-
-    def send(self, update: WorkerUpdate) -> None:
-        self.items.put(update)
-
-    def fail(self, exc: BaseException) -> None:
-        self.items.put(exc)
-
-    def is_cancelled(self) -> bool:
-        return False
-
-    def final(self, timeout_s: float) -> WorkerUpdate | BaseException:
-        while True:
-            item = self.items.get(timeout=timeout_s)
-            if isinstance(item, BaseException) or item.final:
-                return item
 
 
 @pytest.fixture
