@@ -53,7 +53,7 @@ from kvbridge.pull import DeviceKVSource, PrefixSource, PulledKVSource, open_han
 from kvbridge.remote import RemoteFinder, RemoteRest
 from kvbridge.slots import SlotAllocator
 from kvbridge.store import BlockStore
-from kvbridge.tiers import InMemorySlotAllocator, StoreConfig
+from kvbridge.tiers import TIERS, InMemorySlotAllocator, StoreConfig
 from kvbridge.transport import cuda_ipc
 from kvbridge.transport.registry import TransportOptions, open_transport
 from kvbridge.transport.shm import ShmTransport
@@ -88,7 +88,7 @@ class KVNode:
             self.tcp, self.shm = self._open_transports()
             self.tcp.serve_pool(self.pool, self.allocator, self.resolve)
             if config.master_address is not None:
-                self.link = MasterLink(self._master_client(config.master_timeout_s))
+                self.link = MasterLink(self._master_client(config.master_timeout_s), self._holdings)
                 self.finder = RemoteFinder(self._master_client(config.lookup_timeout_s), config.node_id,
                                            config.lookup_cooldown_s)
             self.store = self._new_store()
@@ -110,6 +110,11 @@ class KVNode:
         if not isinstance(tcp, TcpTransport) or not isinstance(shm, ShmTransport):
             raise RuntimeError(f"transport registry: tcp/shm are {type(tcp).__name__}/{type(shm).__name__}")
         return tcp, shm
+
+    def _holdings(self) -> list[tuple[str, list[bytes]]]:
+        """Every block hash the store holds, per tier (for a re-publish to the master)."""
+        with self._lock:
+            return [(tier, [bytes(h) for h, _ in self.store.blocks(tier)]) for tier in TIERS]
 
     def _master_client(self, timeout_s: float) -> MasterClient:
         host, port = self.config.master_address or ("", 0)

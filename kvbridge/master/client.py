@@ -53,6 +53,9 @@ class MasterClient:
         self._endpoint: str | None = None
         self._stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        # called (heartbeat thread) after the master forgot this node and it registered again
+        # (the master restarted, or expired it): the owner re-publishes what it holds
+        self.on_registered_again: Callable[[], None] | None = None
 
     # ----- requests
 
@@ -139,6 +142,8 @@ class MasterClient:
                     if exc.code != UNKNOWN_NODE or self._endpoint is None:
                         raise
                     self.register(self._endpoint, load)
+                    if self.on_registered_again is not None:
+                        self.on_registered_again()
             except (KVBridgeError, OSError) as exc:
                 log.warning("kvbridge heartbeat from %s failed: %s", self.node_id, exc)
 

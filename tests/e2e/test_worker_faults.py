@@ -258,6 +258,17 @@ def _registered(port: int) -> list[str]:
         return []
 
 
+def _blocks(port: int) -> dict[str, int]:
+    """Per worker model, the blocks the master lists for it."""
+    from kvbridge.master.client import MasterClient
+
+    try:
+        with MasterClient("127.0.0.1", port, node_id="e2e-observer", timeout_s=2.0) as client:
+            return {n.node_id.partition("/")[2].rpartition("#")[0]: n.num_blocks for n in client.nodes()}
+    except OSError:
+        return {}
+
+
 def test_killed_master_is_restarted_and_workers_register_again(serve: Serve) -> None:
     pid, port = _master(serve)
     # A reloaded worker's old registration lingers until the master's heartbeat timeout (10 s).
@@ -282,6 +293,10 @@ def test_killed_master_is_restarted_and_workers_register_again(serve: Serve) -> 
     while _registered(port) != ["decode", "prefill"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _registered(port) == ["decode", "prefill"]
+    # and re-published what they hold: the restarted master knows the streams' prompt blocks
+    while not all(_blocks(port).get(m, 0) > 0 for m in ("decode", "prefill")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_blocks(port).get(m, 0) > 0 for m in ("decode", "prefill")), _blocks(port)
     new_pid, new_port = _master(serve)
     print(f"\nmaster SIGKILL: both workers registered with the restarted master after "
           f"{time.monotonic() - killed:.1f} s")
