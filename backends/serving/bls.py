@@ -25,7 +25,13 @@ import numpy as np
 
 from backends.serving import specs
 from backends.serving.daemon_executor import DaemonExecutor
-from backends.serving.errors import WorkerError, code_name, split_worker_message, triton_error
+from backends.serving.errors import (
+    CANCELLED,
+    WorkerError,
+    code_name,
+    split_worker_message,
+    triton_error,
+)
 from backends.serving.pb_lifetimes import CancelCheck, Keeper, requested_outputs
 from backends.serving.public_io import Chunk, ensemble_tensors, llm_tensors
 from backends.serving.requests import GenerateRequest
@@ -113,7 +119,11 @@ class BlsWorkers:
                     continue
                 outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
                 if outputs:  # not the empty flag-only final response
-                    inbox.put(parse_update(outputs))
+                    update = parse_update(outputs)
+                    if update.final and update.finish_reason == "abort":  # worker.py _finish_aborted
+                        inbox.put(WorkerError(f"{model}: request cancelled", CANCELLED))
+                    else:
+                        inbox.put(update)
             inbox.put(_DONE)
         except BaseException as exc:  # a broken response: the stream ends with it
             inbox.put(exc)

@@ -210,3 +210,39 @@ def test_responses_that_arrive_while_the_loop_is_busy_come_as_one_update() -> No
         _wait_held(keeper, 1)
     finally:
         workers.close()
+
+
+def test_an_abort_final_becomes_a_cancelled_worker_error() -> None:
+    """A worker ends an aborted request with a final update whose finish_reason is "abort" (an
+    error response after data responses is lost by python_backend 2.51 on its way here:
+    worker._finish_aborted); the caller sees the CANCELLED WorkerError it saw before."""
+    from backends.serving.errors import CANCELLED, WorkerError
+
+    transport = _Transport([7])
+
+    def responses() -> Iterator[_Response]:
+        yield _Response(WorkerUpdate((7,), (), False, "", 3, 1, 0))
+        yield _Response(WorkerUpdate((), (), True, "abort", 0, 0, 0))
+        transport.ended.set()
+
+    transport.responses = responses  # type: ignore[method-assign]
+
+    async def run(workers: BlsWorkers) -> tuple[list[tuple[int, ...]], BaseException | None]:
+        seen: list[tuple[int, ...]] = []
+        try:
+            async for update in workers.stream("worker", WorkerJob("r4", "context_and_generation", (1,))):
+                seen.append(update.new_token_ids)
+        except WorkerError as exc:
+            return seen, exc
+        return seen, None
+
+    keeper = Keeper()
+    workers = BlsWorkers(_PbUtils(transport), keeper)
+    try:
+        seen, error = asyncio.run(run(workers))
+        assert transport.ended.wait(5)
+    finally:
+        workers.close()
+    assert seen == [(7,)]
+    assert isinstance(error, WorkerError) and error.code == CANCELLED
+    assert str(error) == "worker: request cancelled"
