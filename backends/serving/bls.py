@@ -38,6 +38,7 @@ from backends.serving.requests import GenerateRequest
 from backends.serving.triton_io import make_response
 from backends.serving.worker_health import ABANDON
 from backends.serving.worker_io import (
+    ABORTED,
     WorkerJob,
     WorkerUpdate,
     job_parameters,
@@ -120,7 +121,7 @@ class BlsWorkers:
                 outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
                 if outputs:  # not the empty flag-only final response
                     update = parse_update(outputs)
-                    if update.final and update.finish_reason == "abort":  # worker.py _finish_aborted
+                    if update.final and update.finish_reason == ABORTED.finish_reason:
                         inbox.put(WorkerError(f"{model}: request cancelled", CANCELLED))
                     else:
                         inbox.put(update)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from backends.engine.outputs import KVExport, RequestOutput
 from backends.serving.errors import WorkerUnavailable
-from backends.serving.worker_io import WorkerJob, WorkerUpdate
+from backends.serving.worker_io import ABORTED, CANCEL_ACK, WorkerJob, WorkerUpdate
 from backends.serving.worker_responses import Responder, ResponseSink
 
 LOG = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class WorkerService:
         elif kind == "cancel":
             rid, sink = arg
             self._cancel(rid)
-            self._responder.send(rid, sink, WorkerUpdate((), (), True, "", 0, 0, 0))
+            self._responder.send(rid, sink, CANCEL_ACK)
         elif kind == "add":
             self._add(arg)
 
@@ -155,7 +155,7 @@ class WorkerService:
             except queue.Empty:
                 return
             if kind == "cancel":
-                self._responder.send(arg[0], arg[1], WorkerUpdate((), (), True, "", 0, 0, 0))
+                self._responder.send(arg[0], arg[1], CANCEL_ACK)
             elif kind == "add":
                 self._responder.fail(arg.job.request_id, arg.sink, WorkerUnavailable("worker is shutting down"))
 
@@ -277,7 +277,7 @@ class WorkerService:
         active = self._active.pop(rid, None)
         if active is not None:
             _close_source(active.kv_source)
-            self._responder.send(rid, active.sink, WorkerUpdate((), (), True, "abort", 0, 0, 0))
+            self._responder.send(rid, active.sink, ABORTED)
 
     def _finish_error(self, rid: str, exc: BaseException) -> None:
         active = self._active.pop(rid, None)

@@ -58,6 +58,13 @@ class WorkerUpdate:
     kv_transfer_ns: int = 0
 
 
+CANCEL_ACK = WorkerUpdate((), (), True, "", 0, 0, 0)  # a cancel job's answer
+# An aborted request's end: a final update, not an error response (python_backend 2.51 loses an
+# error response that follows data responses; worker._finish_aborted). BLS callers read it as
+# a CANCELLED WorkerError.
+ABORTED = WorkerUpdate((), (), True, "abort", 0, 0, 0)
+
+
 def _i32(values: object) -> np.ndarray:
     return np.asarray(values, dtype=np.int32).reshape(-1)
 
