@@ -26,7 +26,7 @@ import numpy as np
 from backends.serving import specs
 from backends.serving.daemon_executor import DaemonExecutor
 from backends.serving.errors import (
-    CANCELLED,
+    INTERNAL,
     WorkerError,
     code_name,
     split_worker_message,
@@ -38,7 +38,6 @@ from backends.serving.requests import GenerateRequest
 from backends.serving.triton_io import make_response
 from backends.serving.worker_health import ABANDON
 from backends.serving.worker_io import (
-    ABORTED,
     WorkerJob,
     WorkerUpdate,
     job_parameters,
@@ -121,8 +120,9 @@ class BlsWorkers:
                 outputs = {t.name(): t.as_numpy() for t in response.output_tensors()}
                 if outputs:  # not the empty flag-only final response
                     update = parse_update(outputs)
-                    if update.final and update.finish_reason == ABORTED.finish_reason:
-                        inbox.put(WorkerError(f"{model}: request cancelled", CANCELLED))
+                    if update.error:  # a failure after data (worker_io.failure_update)
+                        message, code = split_worker_message(update.error, INTERNAL)
+                        inbox.put(WorkerError(f"{model}: {message}", code))
                     else:
                         inbox.put(update)
             inbox.put(_DONE)

@@ -56,10 +56,14 @@ def triton_error(pb_utils: Any, exc: BaseException) -> Any:
     return pb_utils.TritonError(str(exc) or type(exc).__name__, getattr(pb_utils.TritonError, code))
 
 
+def tagged_message(exc: BaseException) -> str:
+    """``exc``'s message with its code at the head ("[INVALID_ARG] ..."; split_worker_message)."""
+    return f"[{error_code(exc)}] {str(exc) or type(exc).__name__}"
+
+
 def worker_error(pb_utils: Any, exc: BaseException) -> Any:
     """``triton_error`` for a worker's response, its code also at the head of the message."""
-    code = error_code(exc)
-    return pb_utils.TritonError(f"[{code}] {str(exc) or type(exc).__name__}", getattr(pb_utils.TritonError, code))
+    return pb_utils.TritonError(tagged_message(exc), getattr(pb_utils.TritonError, error_code(exc)))
 
 
 def split_worker_message(message: str, code: str) -> tuple[str, str]:

@@ -98,6 +98,7 @@ WORKER_OUTPUTS = (
     _t("context_phase_params", "TYPE_UINT8", (-1,)),
     _t("kv_transfer_bytes", "TYPE_INT64", (1,)),
     _t("kv_transfer_ns", "TYPE_INT64", (1,)),
+    _t("error", "TYPE_STRING", (1,)),
 )
 
 

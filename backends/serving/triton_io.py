@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from backends.serving.errors import worker_error
+from backends.serving.errors import tagged_message, worker_error
 from backends.serving.pb_lifetimes import CancelCheck, Keeper, requested_outputs
-from backends.serving.worker_io import WorkerUpdate, update_tensors
+from backends.serving.worker_io import WorkerUpdate, failure_update, update_tensors
 
 
 def request_inputs(request: Any) -> dict[str, np.ndarray]:
@@ -54,7 +54,8 @@ def make_response(pb_utils: Any, tensors: Mapping[str, np.ndarray]) -> Any:
 class TritonSink:
     """A worker request's response sender, as WorkerService's ResponseSink (its response thread
     alone calls it once the request is submitted). The final ``send`` or ``fail`` hands the
-    request to ``keeper``; ``is_cancelled`` asks python_backend at most every 0.5 s."""
+    request to ``keeper``; ``is_cancelled`` asks python_backend at most every 0.5 s. ``fail``
+    after data is a final update (worker_io.failure_update), before any data an error response."""
 
     def __init__(self, pb_utils: Any, request: Any, keeper: Keeper) -> None:
         self._pb = pb_utils
@@ -62,6 +63,7 @@ class TritonSink:
         self._sender = request.get_response_sender()
         self._outputs = tuple(request.requested_output_names())
         self._keeper = keeper
+        self._streamed = False  # a data response went out: a failure is then a final update
         self.is_cancelled = CancelCheck(self._sender.is_cancelled, keeper)
 
     def send(self, update: WorkerUpdate) -> None:
@@ -69,11 +71,15 @@ class TritonSink:
         tensors = requested_outputs(update_tensors(update), self._outputs)
         try:
             self._sender.send(make_response(self._pb, tensors), flags=flags)
+            self._streamed = True
         finally:
             if update.final:
                 self._keeper.hold(self._request, self._sender)
 
     def fail(self, exc: BaseException) -> None:
+        if self._streamed:
+            self.send(failure_update(tagged_message(exc)))
+            return
         response = self._pb.InferenceResponse(output_tensors=[], error=worker_error(self._pb, exc))
         try:
             self._sender.send(response, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

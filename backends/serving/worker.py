@@ -24,8 +24,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from backends.engine.outputs import KVExport, RequestOutput
-from backends.serving.errors import WorkerUnavailable
-from backends.serving.worker_io import ABORTED, CANCEL_ACK, WorkerJob, WorkerUpdate
+from backends.serving.errors import RequestCancelled, WorkerUnavailable
+from backends.serving.worker_io import CANCEL_ACK, WorkerJob, WorkerUpdate
 from backends.serving.worker_responses import Responder, ResponseSink
 
 LOG = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class WorkerService:
         for out in outputs:
             self._route(out)
         for rid in self._aborted:  # an abort whose final output the engine did not report
-            self._finish_aborted(rid)
+            self._finish_error(rid, RequestCancelled("request cancelled"))
         self._aborted.clear()
         self.stats = self._read_stats()
 
@@ -212,7 +212,7 @@ class WorkerService:
         if active is None:
             return
         if out.finish_reason == "abort":
-            self._finish_aborted(out.request_id)
+            self._finish_error(out.request_id, RequestCancelled("request cancelled"))
             return
         pull_bytes, pull_ns = self._pulled(active)
         # Prefix-cache hits only: a generation_only request's prompt KV was imported from its
@@ -267,17 +267,6 @@ class WorkerService:
     def _release(self, request_id: str) -> None:
         with contextlib.suppress(ValueError):  # nothing held: the engine already freed it
             self._engine.release_kv(request_id)
-
-    def _finish_aborted(self, rid: str) -> None:
-        """An aborted request ends with a final update whose finish_reason is "abort", not an
-        error response: python_backend 2.51 loses a decoupled model's error response that
-        follows data responses on its way to a BLS caller (under load every one was lost; the
-        caller's reader then waits forever, a thread and ~100 KB in the llm stub and tritonserver
-        per cancelled request). BlsWorkers turns it back into a CANCELLED WorkerError."""
-        active = self._active.pop(rid, None)
-        if active is not None:
-            _close_source(active.kv_source)
-            self._responder.send(rid, active.sink, ABORTED)
 
     def _finish_error(self, rid: str, exc: BaseException) -> None:
         active = self._active.pop(rid, None)

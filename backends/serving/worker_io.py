@@ -8,9 +8,15 @@ Request parameters: ``request_type`` (context_only | generation_only | context_a
 Response tensors: output_ids INT32 [-1] (this response's new tokens), sequence_length INT32 [1],
 output_log_probs FP32 [-1], finish_reason STRING [1] ("" while running or at hand-off),
 num_input_tokens / num_cached_tokens INT32 [1], context_phase_params UINT8 [-1] (prefill
-hand-off only), kv_transfer_bytes INT64 [1], kv_transfer_ns INT64 [1]. A response carries
-only output_ids, the counts when final, and the tensors whose value is not the default (empty,
-"", 0): a missing tensor reads as its default.
+hand-off only), kv_transfer_bytes INT64 [1], kv_transfer_ns INT64 [1], error STRING [1]. A
+response carries only output_ids, the counts when final, and the tensors whose value is not the
+default (empty, "", 0): a missing tensor reads as its default.
+A request that fails after it has streamed data ends with a final update whose finish_reason
+is "error" and whose ``error`` is the failure as ``errors.tagged_message`` writes it ("[CODE]
+message"), not with an error response: python_backend 2.51 loses a decoupled model's error
+response that follows data responses on its way to a BLS caller (under 64 streams with half
+of them cancelled, every one was lost; the caller's reader then waits forever, a thread and
+~100 KB in the llm stub and tritonserver each). A failure before any data is an error response.
 """
 
 from __future__ import annotations
@@ -56,13 +62,15 @@ class WorkerUpdate:
     context_phase_params: bytes = b""
     kv_transfer_bytes: int = 0
     kv_transfer_ns: int = 0
+    error: str = ""  # "[CODE] message" when finish_reason is "error"
 
 
 CANCEL_ACK = WorkerUpdate((), (), True, "", 0, 0, 0)  # a cancel job's answer
-# An aborted request's end: a final update, not an error response (python_backend 2.51 loses an
-# error response that follows data responses; worker._finish_aborted). BLS callers read it as
-# a CANCELLED WorkerError.
-ABORTED = WorkerUpdate((), (), True, "abort", 0, 0, 0)
+
+
+def failure_update(tagged_error: str) -> WorkerUpdate:
+    """The final update of a request that failed after streaming data (see the module doc)."""
+    return WorkerUpdate((), (), True, "error", 0, 0, 0, error=tagged_error)
 
 
 def _i32(values: object) -> np.ndarray:
@@ -130,6 +138,8 @@ def update_tensors(update: WorkerUpdate) -> dict[str, np.ndarray]:
             tensors[name] = np.array([value], dtype=np.int32 if name == "num_cached_tokens" else np.int64)
     if update.context_phase_params:
         tensors["context_phase_params"] = np.frombuffer(update.context_phase_params, dtype=np.uint8).copy()
+    if update.error:
+        tensors["error"] = np.array([update.error.encode()], dtype=np.object_)
     return tensors
 
 
@@ -145,7 +155,7 @@ def merge_updates(updates: Sequence[WorkerUpdate]) -> WorkerUpdate:
         last.final, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens,
         max(u.num_cached_tokens for u in updates),
         next((u.context_phase_params for u in reversed(updates) if u.context_phase_params), b""),
-        sum(u.kv_transfer_bytes for u in updates), sum(u.kv_transfer_ns for u in updates))
+        sum(u.kv_transfer_bytes for u in updates), sum(u.kv_transfer_ns for u in updates), last.error)
 
 
 def parse_update(outputs: Mapping[str, np.ndarray]) -> WorkerUpdate:
@@ -154,8 +164,11 @@ def parse_update(outputs: Mapping[str, np.ndarray]) -> WorkerUpdate:
     def one(name: str) -> int:
         value = outputs.get(name)
         return 0 if value is None else int(np.asarray(value).reshape(-1)[0])
-    reason_tensor = outputs.get("finish_reason")
-    reason = b"" if reason_tensor is None else np.asarray(reason_tensor).reshape(-1)[0]
+    def text(name: str) -> str:
+        value = outputs.get(name)
+        item = b"" if value is None else np.asarray(value).reshape(-1)[0]
+        return item.decode(errors="replace") if isinstance(item, bytes) else str(item)
+    reason = text("finish_reason")
     handle = outputs.get("context_phase_params")
     context = b"" if handle is None else np.asarray(handle, dtype=np.uint8).tobytes()
     logprobs = outputs.get("output_log_probs")
@@ -163,7 +176,7 @@ def parse_update(outputs: Mapping[str, np.ndarray]) -> WorkerUpdate:
         new_token_ids=tuple(np.asarray(outputs["output_ids"]).reshape(-1).tolist()),
         new_logprobs=() if logprobs is None else tuple(np.asarray(logprobs).reshape(-1).tolist()),
         final=bool(reason) or bool(context),
-        finish_reason=reason.decode() if isinstance(reason, bytes) else str(reason),
+        finish_reason=reason,
         num_prompt_tokens=one("num_input_tokens"), num_output_tokens=one("num_output_tokens"),
         num_cached_tokens=one("num_cached_tokens"), context_phase_params=context,
-        kv_transfer_bytes=one("kv_transfer_bytes"), kv_transfer_ns=one("kv_transfer_ns"))
+        kv_transfer_bytes=one("kv_transfer_bytes"), kv_transfer_ns=one("kv_transfer_ns"), error=text("error"))

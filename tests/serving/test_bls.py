@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pytest
 
 from backends.serving.bls import BlsWorkers
 from backends.serving.pb_lifetimes import Keeper
@@ -212,17 +213,23 @@ def test_responses_that_arrive_while_the_loop_is_busy_come_as_one_update() -> No
         workers.close()
 
 
-def test_an_abort_final_becomes_a_cancelled_worker_error() -> None:
-    """A worker ends an aborted request with a final update whose finish_reason is "abort" (an
-    error response after data responses is lost by python_backend 2.51 on its way here:
-    worker._finish_aborted); the caller sees the CANCELLED WorkerError it saw before."""
-    from backends.serving.errors import CANCELLED, WorkerError
+@pytest.mark.parametrize(("tagged", "code", "message"), [
+    ("[CANCELLED] request cancelled", "CANCELLED", "worker: request cancelled"),
+    ("[INTERNAL] engine step failed: boom", "INTERNAL", "worker: engine step failed: boom"),
+    ("no tag", "INTERNAL", "worker: no tag"),
+])
+def test_a_failure_after_data_becomes_the_worker_error_it_carries(tagged: str, code: str, message: str) -> None:
+    """A worker ends a request that fails after streaming data with a final update carrying the
+    error (an error response after data responses is lost by python_backend 2.51 on its way
+    here: worker_io.failure_update); the caller sees the WorkerError with the code it names."""
+    from backends.serving.errors import WorkerError
+    from backends.serving.worker_io import failure_update
 
     transport = _Transport([7])
 
     def responses() -> Iterator[_Response]:
         yield _Response(WorkerUpdate((7,), (), False, "", 3, 1, 0))
-        yield _Response(WorkerUpdate((), (), True, "abort", 0, 0, 0))
+        yield _Response(failure_update(tagged))
         transport.ended.set()
 
     transport.responses = responses  # type: ignore[method-assign]
@@ -244,5 +251,5 @@ def test_an_abort_final_becomes_a_cancelled_worker_error() -> None:
     finally:
         workers.close()
     assert seen == [(7,)]
-    assert isinstance(error, WorkerError) and error.code == CANCELLED
-    assert str(error) == "worker: request cancelled"
+    assert isinstance(error, WorkerError) and error.code == code
+    assert str(error) == message
