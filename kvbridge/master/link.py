@@ -8,6 +8,9 @@ node (it restarted, or expired the node) and the heartbeat thread registers it a
 forwarding thread re-publishes every block the store holds, per tier (``holdings``), in order
 with the events: inserts and removes are idempotent at the master, so events queued around
 the snapshot leave the index as the store is, including inserts made while the master was down.
+With etcd, the client follows the leading master, so a new leader hears the re-publish.
+The one registration failure that is not ignored: DuplicateNodeId (another live node has this
+node's id) propagates from ``start``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable, Sequence
 from kvbridge.errors import KVBridgeError
 from kvbridge.master.client import MasterClient
 from kvbridge.master.messages import LoadReport
+from kvbridge.membership import DuplicateNodeId
 from kvbridge.radix import BlockStored
 from kvbridge.tiers import TierEvent
 
@@ -46,6 +50,8 @@ class MasterLink:
     def start(self, endpoint: str, load: Callable[[], LoadReport]) -> None:
         try:
             self.client.register(endpoint, load())
+        except DuplicateNodeId:
+            raise
         except (KVBridgeError, OSError) as exc:  # the heartbeat thread registers again later
             LOG.warning("kvbridge master registration of %s failed: %s", self.client.node_id, exc)
         self.client.start_heartbeats(HEARTBEAT_S, load)

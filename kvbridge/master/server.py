@@ -6,6 +6,12 @@ index rejects (unknown node, bad value) gets ``ErrorReply`` and the connection s
 bad frame (malformed, oversized, wrong version) or failed authentication gets ``ErrorReply``
 and the connection is closed. Neither affects other connections.
 Nodes silent for ``heartbeat_timeout_s`` are dropped with all their entries by the reaper.
+With etcd (``config.etcd``), several masters run and one leads (election.py): a standing-by
+master answers every request with ``ErrorReply(NOT_LEADER)`` (clients then ask etcd who leads);
+the leader admits a RegisterNode only from a node holding its key in etcd at that endpoint,
+and drops a node (with its entries) once its etcd lease has gone. A master that comes to lead
+starts with an empty index: nodes register again and re-publish what they hold. Etcd calls run
+on the server's own etcd thread, each bounded by the etcd client's deadline.
 Limits: at most ``max_connections`` connections (a further one is closed at once); the Hello
 frame may announce at most ``HELLO_MAX_FRAME_BYTES``; batch inserts and removes are applied in
 slices of ``INDEX_SLICE`` hashes with the loop free in between, so heartbeats and lookups on
@@ -19,10 +25,15 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kvbridge.auth import HelloAck, check_bind, check_hello
-from kvbridge.errors import AuthError, PeerClosed, ProtocolError
+from kvbridge.errors import AuthError, KVBridgeError, PeerClosed, ProtocolError
+from kvbridge.etcd import Etcd, EtcdConfig
+from kvbridge.master.election import NOT_LEADER, Election, Role
 from kvbridge.master.index import UNKNOWN_NODE, ClusterIndex, UnknownNode
 from kvbridge.master.messages import (
     Heartbeat,
@@ -34,11 +45,13 @@ from kvbridge.master.messages import (
     RegisterNode,
     RemoveBlocks,
 )
+from kvbridge.membership import DuplicateNodeId
 from kvbridge.protocol import DEFAULT_MAX_FRAME_BYTES, ErrorReply, Ok, read_message, write_message
 
 log = logging.getLogger(__name__)
 HELLO_MAX_FRAME_BYTES = 4096
 INDEX_SLICE = 4096
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +64,9 @@ class MasterConfig:
     idle_timeout_s: float = 600.0
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_connections: int = 256
+    etcd: EtcdConfig | None = None   # None: the only master, no election
+    leader_ttl_s: int = 5            # with etcd: a dead leader is replaced after about this long
+    advertise: str | None = None     # with etcd: the "host:port" clients reach (default: bound one)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -59,6 +75,11 @@ class MasterConfig:
             raise ValueError(f"port: expected 0..65535, got {self.port}")
         if self.heartbeat_timeout_s <= 0:
             raise ValueError(f"heartbeat_timeout_s: expected > 0, got {self.heartbeat_timeout_s}")
+        if self.leader_ttl_s < 2:
+            raise ValueError(f"leader_ttl_s: expected >= 2 (etcd's shortest lease), got {self.leader_ttl_s}")
+        if self.etcd is not None and self.advertise is None and self.host in ("0.0.0.0", "::", ""):
+            raise ValueError(f"advertise: required with etcd when binding {self.host!r} (the host:port "
+                             "other servers reach this master at)")
         check_bind(self.host, self.token)
 
 
@@ -71,6 +92,11 @@ class MasterServer:
         self._server: asyncio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self.role = Role(config.etcd is None, None)
+        self._election: Election | None = None
+        self._campaign: asyncio.Task[None] | None = None
+        self._etcd_thread: ThreadPoolExecutor | None = None
+        self._registered_at: dict[str, float] = {}  # node id -> when it last registered
 
     @property
     def address(self) -> tuple[str, int]:
@@ -83,22 +109,107 @@ class MasterServer:
         self._server = await asyncio.start_server(self._on_connect, self.config.host, self.config.port)
         self._reaper = asyncio.create_task(self._reap_forever())
         log.info("kvbridge master listening on %s:%d", *self.address)
+        if self.config.etcd is not None:
+            host, port = self.address
+            self._etcd_thread = ThreadPoolExecutor(1, thread_name_prefix="kvbridge-master-etcd")
+            self._election = Election(Etcd(self.config.etcd), self.config.advertise or f"{host}:{port}",
+                                      self.config.leader_ttl_s)
+            log.info("kvbridge master %s campaigns in etcd %s (leader ttl %d s)", self._election.address,
+                     self.config.etcd.describe(), self.config.leader_ttl_s)
+            self._campaign = asyncio.create_task(self._campaign_forever(self._election))
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        tasks = [t for t in (self._reaper, *self._conns) if t is not None]
+        tasks = [t for t in (self._reaper, self._campaign, *self._conns) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._election is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await self._in_etcd(self._election.resign)  # a standby takes over at once
+            self._election.etcd.close()
+        if self._etcd_thread is not None:
+            self._etcd_thread.shutdown(wait=False)
         if self._server is not None:
             await self._server.wait_closed()
+
+    async def _in_etcd(self, call: Callable[[], T]) -> T:
+        """Runs a blocking etcd call on the etcd thread; each HTTP request in it has the etcd
+        client's deadline, and the whole call a bound of a few of them."""
+        if self._election is None or self._etcd_thread is None:
+            raise RuntimeError("this master runs without etcd")
+        config = self._election.etcd.config
+        bound = 4 * config.timeout_s * len(config.endpoints) + 1.0
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(self._etcd_thread, call), bound)
+
+    async def _campaign_forever(self, election: Election) -> None:
+        period = max(0.2, election.ttl_s / 3)
+        while True:
+            started = time.monotonic()
+            members: dict[str, str] | None = None
+            try:
+                role = await self._in_etcd(election.step)
+                if role.leading:
+                    members = await self._in_etcd(election.members)
+            except (KVBridgeError, asyncio.TimeoutError) as exc:
+                # without etcd, lead on only while the lease may still be alive
+                role = Role(self.role.leading and election.lease_alive(time.monotonic()), self.role.leader)
+                log.warning("kvbridge master %s: etcd did not answer (%s)%s", election.address, exc,
+                            "" if role.leading or not self.role.leading else "; standing down")
+            self._set_role(role, election.address)
+            if members is not None:
+                self._drop_departed(members, started)
+            await asyncio.sleep(period)
+
+    def _set_role(self, role: Role, address: str) -> None:
+        """Takes ``role``; the index starts empty whenever this master comes to lead or stops."""
+        before, self.role = self.role, role
+        if role.leading != before.leading:
+            self.index = ClusterIndex()
+            self._registered_at.clear()
+        if role.leading and not before.leading:
+            log.info("kvbridge master %s leads (nodes register again and re-publish their blocks)", address)
+        elif not role.leading and (before.leading or role.leader != before.leader):
+            log.info("kvbridge master %s stands by; the leader is %s", address, role.leader or "not elected yet")
+
+    def _drop_departed(self, members: dict[str, str], since: float) -> None:
+        """Drops the nodes, registered before ``since``, whose etcd key is gone (lease expired
+        or revoked) or now names another endpoint."""
+        for info in self.index.nodes(time.monotonic()):
+            node = info.node_id
+            if members.get(node) == info.endpoint or self._registered_at.get(node, float("-inf")) >= since:
+                continue
+            self.index.drop(node)
+            self._registered_at.pop(node, None)
+            log.info("kvbridge master: node %s left etcd (its lease expired or was revoked); dropped "
+                     "it and its %d block entries", node, info.num_blocks)
+
+    async def _check_member(self, request: RegisterNode) -> ErrorReply | None:
+        """With etcd: None when the node holds its key at its endpoint, else why not."""
+        election = self._election
+        if election is None:
+            return None
+        key = election.etcd.config.node_key(request.node_id)
+        try:
+            found = await self._in_etcd(lambda: election.etcd.get(key))
+        except (KVBridgeError, asyncio.TimeoutError) as exc:
+            return ErrorReply("etcd_unavailable", f"cannot check node {request.node_id!r} in etcd: {exc}")
+        if found is None:
+            return ErrorReply("not_member", f"node_id: {request.node_id!r} holds no key in etcd ({key}); "
+                              "a node joins etcd before it registers (set KVBRIDGE_ETCD for it too)")
+        if found.value != request.endpoint:
+            return ErrorReply("invalid", str(DuplicateNodeId(request.node_id, found.value, request.endpoint, key)))
+        return None
 
     async def _reap_forever(self) -> None:
         period = min(0.5, self.config.heartbeat_timeout_s / 4)
         while True:
             await asyncio.sleep(period)
             dropped = self.index.expire(time.monotonic(), self.config.heartbeat_timeout_s)
+            for node in dropped:
+                self._registered_at.pop(node, None)
             if dropped:
                 log.warning("kvbridge master dropped silent nodes %s", dropped)
 
@@ -143,6 +254,10 @@ class MasterServer:
 
     async def _handle(self, request: object) -> object:
         """Applies one request to the index; a rejected request is an ErrorReply, not a raise."""
+        if not self.role.leading:
+            address = self._election.address if self._election is not None else "?"
+            return ErrorReply(NOT_LEADER, f"master {address} stands by; the leader is "
+                                          f"{self.role.leader or 'not elected yet'}")
         now = time.monotonic()
         index = self.index
         try:
@@ -158,6 +273,12 @@ class MasterServer:
             elif isinstance(request, Heartbeat):
                 index.heartbeat(request.node_id, request.load, now)
             elif isinstance(request, RegisterNode):
+                refused = await self._check_member(request)
+                if refused is not None:
+                    return refused
+                if index is not self.index or not self.role.leading:
+                    return ErrorReply(NOT_LEADER, "this master's term ended while it checked the node")
+                self._registered_at[request.node_id] = now
                 known = {n.node_id: n.num_blocks for n in index.nodes(now)}
                 if index.register(request.node_id, request.endpoint, request.load, now,
                                   self.config.heartbeat_timeout_s):
