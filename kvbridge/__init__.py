@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvbridge.errors import KVBridgeError, PullFailed
+    from kvbridge.etcd import EtcdConfig
     from kvbridge.handle import KVLayoutSpec
     from kvbridge.hashing import BlockHash, hash_blocks
     from kvbridge.master.client import MasterClient
     from kvbridge.master.messages import LoadReport, NodeMatch
     from kvbridge.master.server import MasterConfig, MasterThread
+    from kvbridge.membership import DuplicateNodeId
     from kvbridge.node import KVNode
     from kvbridge.node_config import KVNodeConfig, Published
 
@@ -37,10 +39,14 @@ _EXPORTS: dict[str, str] = {
     "LoadReport": "kvbridge.master.messages",
     "NodeMatch": "kvbridge.master.messages",
     "KVBridgeError": "kvbridge.errors",
+    "EtcdConfig": "kvbridge.etcd",
+    "DuplicateNodeId": "kvbridge.membership",
     "PullFailed": "kvbridge.errors",
 }
 __all__ = [
     "BlockHash",
+    "DuplicateNodeId",
+    "EtcdConfig",
     "KVBridgeError",
     "KVLayoutSpec",
     "KVNode",

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from kvbridge.auth import is_loopback
 from kvbridge.errors import KVBridgeError
 
 LOG = logging.getLogger(__name__)
@@ -90,6 +91,11 @@ class EtcdConfig:
         """The config named by KVBRIDGE_ETCD; None when it is unset or empty."""
         value = os.environ.get(ETCD_ENV, "").strip()
         return cls.parse(value) if value else None
+
+    @property
+    def on_loopback(self) -> bool:
+        """Whether every endpoint is on this host (a single-host cluster)."""
+        return all(is_loopback(host) for host, _ in self.endpoints)
 
     def describe(self) -> str:
         return ",".join(f"{host}:{port}" for host, port in self.endpoints)

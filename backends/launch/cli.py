@@ -141,7 +141,10 @@ def _serve(args: argparse.Namespace, work: Path, note: Note) -> int:
     # disagg hook (owner of kv*.py): a loopback kvbridge master unless KVBRIDGE_MASTER names one;
     # it exports KVBRIDGE_MASTER, which tritonserver's workers and orchestrators inherit. Its own
     # process, restarted when it dies (issue 8: master_process.py).
-    master = MasterProcess.start_if_needed(lambda line: note(line.removeprefix("triton-pd: ")))
+    try:
+        master = MasterProcess.start_if_needed(lambda line: note(line.removeprefix("triton-pd: ")))
+    except ValueError as exc:  # KVBRIDGE_ETCD beyond this host without KVBRIDGE_MASTER
+        raise SystemExit(f"triton-pd serve: {exc}") from None
     server.start()
     guard = Guard.start(server.pid or 0)  # stops the server and cleans /dev/shm if we die
     status = 0

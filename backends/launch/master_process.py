@@ -7,8 +7,12 @@ picks a loopback port, exports KVBRIDGE_MASTER for tritonserver's models, and ru
 terminal's Ctrl-C is for the launcher) with PR_SET_PDEATHSIG (it never outlives the launcher).
 A watch thread restarts it on the same port whenever it exits, every ``RESTART_S`` at most.
 The workers' MasterClients reconnect by themselves and, told ``unknown_node`` by the new
-master, register again (kvbridge/master/client.py); the new master's prefix index starts empty
-and fills as workers store blocks. ``close()`` stops the thread, then the master (SIGTERM,
+master, register again and re-publish what they hold (kvbridge/master/client.py, link.py).
+With KVBRIDGE_ETCD naming an etcd on this host, the master is one candidate of the election
+(kvbridge/master/election.py): each server's master campaigns, one leads, and the workers of
+every server follow the leader that etcd names. An etcd beyond this host needs masters that
+other hosts reach (`triton-pd master --etcd ... --advertise ...`) named by KVBRIDGE_MASTER:
+``start_if_needed`` refuses (ValueError) to start a loopback one then. ``close()`` stops the thread, then the master (SIGTERM,
 then SIGKILL after a grace period). Every wait has a deadline.
 """
 
@@ -25,6 +29,9 @@ from collections.abc import Callable
 
 from backends.launch.launcher import free_ports, parent_death_signal
 from backends.serving.kv_master import MASTER_ENV, master_address
+from kvbridge import EtcdConfig
+
+ETCD_ENV = "KVBRIDGE_ETCD"
 
 RESTART_S = 1.0
 START_TIMEOUT_S = 20.0
@@ -56,6 +63,13 @@ class MasterProcess:
                         heartbeat_timeout_s: float = 10.0) -> MasterProcess | None:
         if master_address() is not None:
             return None
+        etcd = EtcdConfig.from_env()
+        if etcd is not None and not etcd.on_loopback:
+            raise ValueError(
+                f"{ETCD_ENV} names an etcd beyond this host ({etcd.describe()}) and {MASTER_ENV} is unset: "
+                f"a master started here would listen on loopback only. Start masters with `triton-pd master "
+                f"--etcd {etcd.describe()} --host <ip> --advertise <ip>:<port> --token ...` and set "
+                f"{MASTER_ENV} to one of them (and KVBRIDGE_TOKEN) for every server")
         [port] = free_ports(1)
         master = cls(port, heartbeat_timeout_s, report)
         os.environ[MASTER_ENV] = f"127.0.0.1:{port}"
@@ -77,7 +91,9 @@ class MasterProcess:
                 raise RuntimeError(f"kvbridge master on 127.0.0.1:{self.port} did not start "
                                    f"(exit status {proc.returncode})")
             time.sleep(0.05)
-        self._report(f"triton-pd: kvbridge master (pid {proc.pid}) on 127.0.0.1:{self.port}")
+        etcd = EtcdConfig.from_env()
+        role = f" (a candidate for the lead in etcd {etcd.describe()})" if etcd is not None else ""
+        self._report(f"triton-pd: kvbridge master (pid {proc.pid}) on 127.0.0.1:{self.port}{role}")
         return proc
 
     def _watch(self) -> None:
@@ -111,13 +127,14 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """The master process: serves until SIGTERM."""
+    """The master process: serves until SIGTERM (with KVBRIDGE_ETCD: campaigns for the lead)."""
     from kvbridge import MasterConfig, MasterThread
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    master = MasterThread(MasterConfig(port=int(argv[1]), heartbeat_timeout_s=float(argv[2])))
+    master = MasterThread(MasterConfig(port=int(argv[1]), heartbeat_timeout_s=float(argv[2]),
+                                       etcd=EtcdConfig.from_env()))
     try:
         while not stop.wait(1.0):
             pass

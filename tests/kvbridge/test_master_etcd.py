@@ -284,3 +284,43 @@ def test_a_hung_etcd_costs_a_deadline_not_a_hang(etcd: EtcdServer) -> None:
         etcd.proc.send_signal(signal.SIGCONT)
         n1.close()
         master.close()
+
+
+def test_serve_starts_a_candidate_master_and_a_closed_leader_hands_over_at_once(
+        etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`triton-pd serve`'s master process (backends/launch) joins the election when
+    KVBRIDGE_ETCD names a loopback etcd; a leader that stops cleanly revokes its lease, so the
+    other leads within a round (1.7 s at the default ttl of 5 s), not after the ttl."""
+    from backends.launch.master_process import MasterProcess as ServeMaster
+
+    monkeypatch.setenv("KVBRIDGE_ETCD", etcd.endpoint)
+    monkeypatch.delenv("KVBRIDGE_MASTER", raising=False)
+    view = Etcd(EtcdConfig.parse(etcd.endpoint))
+    notes: list[str] = []
+    first = ServeMaster.start_if_needed(notes.append)
+    assert first is not None
+    second = ServeMaster(free_port(), 10.0, notes.append)
+    try:
+        assert os.environ["KVBRIDGE_MASTER"] == f"127.0.0.1:{first.port}"
+        assert notes[0] == (f"triton-pd: kvbridge master (pid {first.pid}) on 127.0.0.1:{first.port} "
+                            f"(a candidate for the lead in etcd {etcd.endpoint})")
+        wait_for(lambda: current_leader(view) is not None, 10.0, "a serve master leads")
+        leader, other = (first, second) if current_leader(view) == ("127.0.0.1", first.port) else (second, first)
+        leader.close()
+        waited = wait_for(lambda: current_leader(view) == ("127.0.0.1", other.port), 10.0, "the other leads")
+        assert waited < 3.0
+    finally:
+        first.close()
+        second.close()
+        view.close()
+
+
+def test_serve_refuses_a_loopback_master_for_an_etcd_beyond_this_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backends.launch.master_process import MasterProcess as ServeMaster
+
+    monkeypatch.setenv("KVBRIDGE_ETCD", "10.1.2.3:2379")
+    monkeypatch.delenv("KVBRIDGE_MASTER", raising=False)
+    with pytest.raises(ValueError, match=r"^KVBRIDGE_ETCD names an etcd beyond this host \(10.1.2.3:2379\) and "
+                                         r"KVBRIDGE_MASTER is unset: a master started here would listen on "
+                                         r"loopback only\."):
+        ServeMaster.start_if_needed(print)
