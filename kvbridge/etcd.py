@@ -128,8 +128,12 @@ class Etcd:
     """A blocking etcd client (see the module docstring); ``close()`` closes its sessions."""
 
     def __init__(self, config: EtcdConfig, timeout_s: float | None = None) -> None:
-        import etcd3gw  # the optional etcd client: imported only where etcd is configured
-        import requests
+        try:
+            import etcd3gw  # the optional etcd client: imported only where etcd is configured
+            import requests
+        except ImportError as exc:
+            raise ImportError(f"etcd {config.describe()} is configured ({ETCD_ENV} or --etcd) but its client "
+                              f"is missing: pip install etcd3gw ({exc})") from exc
 
         self.config = config
         self._timeout_s = min(config.timeout_s, timeout_s or config.timeout_s)

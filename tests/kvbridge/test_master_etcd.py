@@ -150,7 +150,7 @@ def test_a_node_whose_lease_expires_leaves_the_index(etcd: EtcdServer) -> None:
         proc.kill()
         proc.wait(10)
         waited = wait_for(lambda: listed(master) == [], 8.0, "the dead node's entries dropped")
-        assert 1.0 <= waited <= 4.5  # the 2 s lease runs out, the leader polls every 0.67 s
+        assert 1.0 <= waited <= 6.0  # the 2 s lease runs out, the leader polls every 0.67 s
         with MasterClient(*master.address, node_id="observer", timeout_s=2.0, etcd=None) as observer:
             assert observer.lookup(H[:3]) == ()
         etcd_client = Etcd(EtcdConfig.parse(etcd.endpoint))
@@ -231,7 +231,7 @@ def test_sigkill_of_the_leader_the_standby_leads_and_the_index_is_rebuilt(
             leader.proc.wait(10)
             waited = wait_for(lambda: current_leader(view) == ("127.0.0.1", standby.port), 10.0,
                               "the standby leads")
-            assert waited <= 4.0  # the dead leader's 2 s lease, then a round of the standby
+            assert waited <= 6.0  # the dead leader's 2 s lease, then a round of the standby (0.67 s)
             # no new request: the node registers again with the new leader and re-publishes
             wait_for(lambda: _lookup(obs, chain) == expected, 10.0, "the new leader finds the prefix again")
             assert obs.address == ("127.0.0.1", standby.port)
@@ -273,7 +273,7 @@ def test_a_hung_etcd_costs_a_deadline_not_a_hang(etcd: EtcdServer) -> None:
         with MasterClient(*master.address, node_id="lookup", timeout_s=1.0, etcd=config) as client:
             start = time.monotonic()
             assert client.lookup(H[:3]) == (NodeMatch("n1", "127.0.0.1:9200", 2),)
-            assert time.monotonic() - start < 1.0
+            assert time.monotonic() - start < 1.5  # the etcd deadline (0.2 s), then the configured master
         wait_for(lambda: not master.server.role.leading, 8.0, "the leader stands down without etcd")
         with MasterClient(*master.address, node_id="lookup", timeout_s=1.0, etcd=config) as client:
             start = time.monotonic()
@@ -308,7 +308,7 @@ def test_serve_starts_a_candidate_master_and_a_closed_leader_hands_over_at_once(
         leader, other = (first, second) if current_leader(view) == ("127.0.0.1", first.port) else (second, first)
         leader.close()
         waited = wait_for(lambda: current_leader(view) == ("127.0.0.1", other.port), 10.0, "the other leads")
-        assert waited < 3.0
+        assert waited < 4.5  # a round (1.7 s), well before the 5 s lease would have run out
     finally:
         first.close()
         second.close()
@@ -324,3 +324,19 @@ def test_serve_refuses_a_loopback_master_for_an_etcd_beyond_this_host(monkeypatc
                                          r"KVBRIDGE_MASTER is unset: a master started here would listen on "
                                          r"loopback only\."):
         ServeMaster.start_if_needed(print)
+
+
+def test_etcd_config_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVBRIDGE_ETCD", raising=False)
+    assert EtcdConfig.from_env() is None
+    monkeypatch.setenv("KVBRIDGE_ETCD", "http://10.0.0.1:2379, 10.0.0.2:2380/")
+    config = EtcdConfig.from_env()
+    assert config == EtcdConfig((("10.0.0.1", 2379), ("10.0.0.2", 2380)))
+    assert (config.describe(), config.on_loopback) == ("10.0.0.1:2379,10.0.0.2:2380", False)
+    assert config.node_key("a/decode#7") == "/kvbridge/nodes/a/decode#7"
+    for bad in ("10.0.0.1", "10.0.0.1:0", ":2379", "a:1,b"):
+        with pytest.raises(ValueError, match=rf"^KVBRIDGE_ETCD: expected 'host:port\[,host:port...\]', "
+                                             rf"got '{bad}'$"):
+            EtcdConfig.parse(bad)
+    with pytest.raises(ValueError, match=r"^node_ttl_s: expected >= 2 \(etcd's shortest lease\), got 1$"):
+        EtcdConfig((("127.0.0.1", 2379),), node_ttl_s=1)
