@@ -155,7 +155,8 @@ class MasterServer:
                     members = await self._in_etcd(election.members)
             except (KVBridgeError, asyncio.TimeoutError) as exc:
                 # without etcd, lead on only while the lease may still be alive
-                role = Role(self.role.leading and election.lease_alive(time.monotonic()), self.role.leader)
+                leading = self.role.leading and election.lease_alive(time.monotonic())
+                role = Role(leading, self.role.leader if leading else None)
                 log.warning("kvbridge master %s: etcd did not answer (%s)%s", election.address, exc,
                             "" if role.leading or not self.role.leading else "; standing down")
             self._set_role(role, election.address)
@@ -172,7 +173,7 @@ class MasterServer:
         if role.leading and not before.leading:
             log.info("kvbridge master %s leads (nodes register again and re-publish their blocks)", address)
         elif not role.leading and (before.leading or role.leader != before.leader):
-            log.info("kvbridge master %s stands by; the leader is %s", address, role.leader or "not elected yet")
+            log.info("kvbridge master %s stands by; the leader is %s", address, role.leader or "unknown")
 
     def _drop_departed(self, members: dict[str, str], since: float) -> None:
         """Drops the nodes, registered before ``since``, whose etcd key is gone (lease expired
@@ -257,7 +258,7 @@ class MasterServer:
         if not self.role.leading:
             address = self._election.address if self._election is not None else "?"
             return ErrorReply(NOT_LEADER, f"master {address} stands by; the leader is "
-                                          f"{self.role.leader or 'not elected yet'}")
+                                          f"{self.role.leader or 'unknown'}")
         now = time.monotonic()
         index = self.index
         try:
