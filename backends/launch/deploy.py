@@ -9,7 +9,8 @@ naming the key path)::
     decode: {count: 1, devices: [cpu]}
     engine: {block_size: 16, num_blocks: 512, max_num_seqs: 32,
              max_num_batched_tokens: 1024, max_model_len: 1024, dtype: float32}
-    serving: {max_tokens: 1024, prefix: "", decoupled: true, stream_interval: 1}
+    serving: {max_tokens: 1024, prefix: "", decoupled: true, stream_interval: 1,
+              cluster_lookup_ms: 100}
 
 Models generated: ``<prefix>llm`` and ``<prefix>ensemble`` (pd_orchestrator), and workers
 ``<prefix>prefill[_i]`` / ``<prefix>decode[_i]`` (disaggregated) or ``<prefix>worker[_i]``.
@@ -20,6 +21,8 @@ Workers are decoupled either way (the orchestrator streams from them over BLS).
 ``serving.stream_interval`` is vLLM's ``stream_interval``: N > 1 sends a request's first token at
 once and then its tokens N at a time (fewer responses through every hop at high load; TPOT as
 seen by the client gets burstier). Updates that are ready together are merged at any setting.
+``serving.cluster_lookup_ms`` bounds how long a request waits for the kvbridge master's prefix
+lookup before it is planned from the local view (kv_cluster.ClusterView.within).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Deployment:
     prefix: str = ""
     decoupled: bool = True
     stream_interval: int = 1
+    cluster_lookup_ms: int = 100
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -102,7 +106,7 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
         raise ValueError(f"deployment: expected a mapping at the top level, got {type(data).__name__}")
     check_keys(data, {"model", "disaggregation", "prefill", "decode", "engine", "serving"}, "")
     serving = _mapping(data.get("serving"), "serving")
-    check_keys(serving, {"max_tokens", "prefix", "decoupled", "stream_interval"}, "serving.")
+    check_keys(serving, {"max_tokens", "prefix", "decoupled", "stream_interval", "cluster_lookup_ms"}, "serving.")
     engine_data = _mapping(data.get("engine"), "engine")
     # The model and the devices are set at the top level and per pool, never per engine;
     # host_workers is counted from the pools.
@@ -122,7 +126,8 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
         prefill=_pool(data.get("prefill", {}), "prefill"), decode=_pool(data.get("decode", {}), "decode"),
         engine=engine, max_tokens=max_tokens, prefix=prefix,
         decoupled=typed(serving.get("decoupled", True), bool, "serving.decoupled"),
-        stream_interval=typed(serving.get("stream_interval", 1), int, "serving.stream_interval"))
+        stream_interval=typed(serving.get("stream_interval", 1), int, "serving.stream_interval"),
+        cluster_lookup_ms=typed(serving.get("cluster_lookup_ms", 100), int, "serving.cluster_lookup_ms"))
 
 
 def load_deployment(path: str | Path) -> Deployment:
@@ -172,6 +177,7 @@ def model_specs(dep: Deployment) -> list[tuple[specs.ModelSpec, EngineSpec | Non
                for r in ("prefill", "decode", "both")}
     common = {"source": dep.model, "max_tokens": str(dep.max_tokens),
               "max_model_len": str(dep.engine.max_model_len),
+              "cluster_lookup_ms": str(dep.cluster_lookup_ms),
               "block_size": str(dep.engine.block_size),
               "disaggregation": "on" if dep.disaggregation else "off",
               "prefill_models": by_role["prefill"],

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -102,10 +102,10 @@ class _Run:
 class Orchestrator:
     def __init__(self, tokenizer: Any, supervisor: Supervisor, workers: WorkerClient,
                  max_model_len: int,
-                 cluster: Callable[[Sequence[int]], ClusterSnapshot] | None = None,
+                 cluster: Callable[[Sequence[int]], Awaitable[ClusterSnapshot | None]] | None = None,
                  health: WorkerHealth | None = None) -> None:
         self._health = health
-        self._cluster = cluster  # the master's view for planning (kv_cluster.ClusterView.snapshot)
+        self._cluster = cluster  # the master's view for planning (kv_cluster.ClusterView.within)
         self._tokenizer = tokenizer
         self._supervisor = supervisor
         self._workers = workers
@@ -152,7 +152,7 @@ class Orchestrator:
         if self._cluster is None:
             return None
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self._cluster, prompt_ids)
+            return await self._cluster(prompt_ids)
         except Exception as exc:  # planning degrades to load only
             LOG.info("cluster snapshot failed: %r", exc)
             return None

@@ -51,6 +51,7 @@ class TritonPythonModel:
             tokenizer = load_tokenizer(p.get("source", "tiny-llama"))
             health_config = HealthConfig(float(p.get("worker_silence_s", "2")),
                                          float(p.get("worker_probe_timeout_s", "8")))
+            lookup_s = int(p.get("cluster_lookup_ms", "100")) / 1000
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from exc
         self.block_size = int(p.get("block_size", "16"))
@@ -59,10 +60,10 @@ class TritonPythonModel:
         self.keeper = Keeper()  # finished BLS iterators and requests, until python_backend lets go
         self.workers = BlsWorkers(pb_utils, self.keeper)
         # disagg hook (owner of kv*.py): plan with the kvbridge master's prefix hits and loads when one is set
-        self.cluster = ClusterView.from_env(p.get("source", "tiny-llama"), self.block_size)
+        self.cluster = ClusterView.from_env(p.get("source", "tiny-llama"), self.block_size, lookup_s)
         self.health = WorkerHealth(self.workers.cancel, health_config, on_change=supervisor.set_down)
         self.orchestrator = Orchestrator(tokenizer, supervisor, self.workers, int(p.get("max_model_len", "1024")),
-                                         self.cluster.snapshot if self.cluster is not None else None,
+                                         self.cluster.within if self.cluster is not None else None,
                                          health=self.health)
         self.metrics = RequestMetrics(pb_utils, args["model_name"])
         self.tasks: set[asyncio.Task[None]] = set()

@@ -64,8 +64,9 @@ def test_full_file(tmp_path: Path) -> None:
     ({"engine": {"source": "x"}}, f"engine.source: unknown key (expected one of {ENGINE_KEYS})"),
     ({"engine": {"device": "cuda"}}, f"engine.device: unknown key (expected one of {ENGINE_KEYS})"),
     ({"serving": 5}, "serving: expected a mapping, got 5"),
-    ({"serving": {"x": 1}}, "serving.x: unknown key (expected one of ['decoupled', 'max_tokens', 'prefix', "
-                                 "'stream_interval'])"),
+    ({"serving": {"x": 1}}, "serving.x: unknown key (expected one of ['cluster_lookup_ms', 'decoupled', "
+                                 "'max_tokens', 'prefix', 'stream_interval'])"),
+    ({"serving": {"cluster_lookup_ms": 0}}, "serving.cluster_lookup_ms: expected a positive integer, got 0"),
     ({"serving": {"stream_interval": 0}}, "serving.stream_interval: expected a positive integer, got 0"),
     ({"serving": {"stream_interval": "4"}}, "serving.stream_interval: expected a positive integer, got '4'"),
     ({"serving": {"decoupled": "no"}}, "serving.decoupled: expected true or false, got 'no'"),
@@ -99,7 +100,8 @@ def test_n_prefill_m_decode_models_and_parameters() -> None:
     dep = parse_deployment({"prefill": {"count": 2, "devices": ["cuda:0", "cuda:1"]},
                             "decode": {"count": 3, "devices": ["cuda:2", "cuda:3"]},
                             "serving": {"max_tokens": 100, "prefix": "x_"}})
-    common = {"source": "smollm2-135m-instruct", "max_tokens": "100", "max_model_len": "1024", "block_size": "16",
+    common = {"source": "smollm2-135m-instruct", "max_tokens": "100", "max_model_len": "1024",
+              "cluster_lookup_ms": "100", "block_size": "16",
               "disaggregation": "on", "prefill_models": "x_prefill,x_prefill_1",
               "decode_models": "x_decode,x_decode_1,x_decode_2"}
     assert _summary(dep) == [
@@ -116,7 +118,8 @@ def test_n_prefill_m_decode_models_and_parameters() -> None:
 def test_disaggregation_off_is_colocated_workers_with_role_both() -> None:
     """The decode pool sizes the colocated workers; the prefill pool is unused."""
     dep = parse_deployment({"disaggregation": False, "prefill": {"count": 4}, "decode": {"count": 2}})
-    common = {"source": "smollm2-135m-instruct", "max_tokens": "1024", "max_model_len": "1024", "block_size": "16",
+    common = {"source": "smollm2-135m-instruct", "max_tokens": "1024", "max_model_len": "1024",
+              "cluster_lookup_ms": "100", "block_size": "16",
               "disaggregation": "off", "prefill_models": "", "decode_models": "worker,worker_1"}
     assert _summary(dep) == [
         ("llm", "pd_orchestrator", 0, {**common, "api": "llm"}, None),
