@@ -50,10 +50,11 @@ from kvbridge.master.messages import LoadReport, NodeMatch
 from kvbridge.node_config import ArrayPool, KVExportLike, KVNodeConfig, Published
 from kvbridge.pool import HostBlockPool, PoolLayout
 from kvbridge.pull import DeviceKVSource, PrefixSource, PulledKVSource, open_handle
+from kvbridge.radix import TIERS
 from kvbridge.remote import RemoteFinder, RemoteRest
 from kvbridge.slots import SlotAllocator
 from kvbridge.store import BlockStore
-from kvbridge.tiers import TIERS, InMemorySlotAllocator, StoreConfig
+from kvbridge.tiers import InMemorySlotAllocator, StoreConfig
 from kvbridge.transport import cuda_ipc
 from kvbridge.transport.registry import TransportOptions, open_transport
 from kvbridge.transport.shm import ShmTransport

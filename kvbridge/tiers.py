@@ -1,7 +1,7 @@
 """Building blocks of the tiered block store: config, statistics, slot allocation, movers.
 
-Tier names (``TierName``, ``TIERS``) belong to the radix index, where the tier is a property
-of a node; they are re-exported here for the store's callers.
+Tier names (``TierName``, ``TIERS``) belong to the radix index (kvbridge.radix), where the
+tier is a property of a node.
 
 The store never touches KV bytes itself: slots come from a ``BlockAllocator`` per pool (the
 *hot* pool holds the active and hot tiers, the *cold* pool the cold tier; kvbridge.pool's
@@ -16,12 +16,11 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Literal, NewType, Protocol
 
-from kvbridge.radix import TIERS, RadixEvent, TierName
+from kvbridge.radix import RadixEvent, TierName
 
 __all__ = [
-    "TIERS", "BlockAllocator", "BlockMover", "InMemorySlotAllocator", "NullMover", "PoolName",
-    "RequestId", "StoreConfig", "StoreMatch", "StoreStats", "TierCounters", "TierEvent",
-    "TierName", "TierStats",
+    "BlockAllocator", "BlockMover", "InMemorySlotAllocator", "NullMover", "PoolName", "RequestId",
+    "StoreConfig", "StoreMatch", "StoreStats", "TierCounters", "TierEvent", "TierStats",
 ]  # fmt: skip
 
 PoolName = Literal["hot", "cold"]
