@@ -27,7 +27,8 @@ class TRTLLMContext:
     params: Any  # tensorrt_llm.disaggregated_params.DisaggregatedParams
 
 
-def _import_trtllm() -> Any:
+def import_trtllm() -> Any:
+    """The tensorrt_llm module; RuntimeError (its ImportError as the cause) when it does not import."""
     try:
         return importlib.import_module("tensorrt_llm")
     except ImportError as exc:  # the package also fails to import without CUDA libraries
@@ -40,7 +41,7 @@ class TRTLLMEngine:
     """`model` is an HF checkpoint directory; `llm_kwargs` go to `tensorrt_llm.LLM`."""
 
     def __init__(self, model: str, **llm_kwargs: Any) -> None:
-        trt = _import_trtllm()
+        trt = import_trtllm()
         self._trt = trt
         self._disagg = importlib.import_module("tensorrt_llm.disaggregated_params")
         self.llm = trt.LLM(model=model, **llm_kwargs)

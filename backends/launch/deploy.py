@@ -7,7 +7,7 @@ naming the key path)::
     disaggregation: true         # false: colocated workers with role "both"
     prefill: {count: 1, devices: [cpu]}
     decode: {count: 1, devices: [cpu]}
-    engine: {block_size: 16, num_blocks: 512, max_num_seqs: 32,
+    engine: {backend: torch, block_size: 16, num_blocks: 512, max_num_seqs: 32,
              max_num_batched_tokens: 1024, max_model_len: 1024, dtype: float32}
     serving: {max_tokens: 1024, prefix: "", decoupled: true, stream_interval: 1,
               cluster_lookup_ms: 100}
@@ -21,6 +21,9 @@ Workers are decoupled either way (the orchestrator streams from them over BLS).
 ``serving.stream_interval`` is vLLM's ``stream_interval``: N > 1 sends a request's first token at
 once and then its tokens N at a time (fewer responses through every hop at high load; TPOT as
 seen by the client gets burstier). Updates that are ready together are merged at any setting.
+``engine.backend`` picks the workers' engine: ``torch`` (default; the paged-attention PyTorch
+engine) or ``tensorrt_llm`` (TensorRT-LLM's LLM API: needs the tensorrt_llm package, CUDA devices
+in every pool and an HF checkpoint directory as the model; refused at parse time otherwise).
 ``serving.cluster_lookup_ms`` bounds how long a request waits for the kvbridge master's prefix
 lookup before it is planned from the local view (kv_cluster.ClusterView.within).
 """
@@ -40,6 +43,7 @@ from backends.serving import specs
 from backends.serving.engine_spec import (
     EngineSpec,
     check_keys,
+    check_trtllm_target,
     engine_spec_yaml,
     parse_engine_spec,
     typed,
@@ -117,13 +121,16 @@ def parse_deployment(data: Mapping[str, Any]) -> Deployment:
     if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"serving.prefix: expected letters, digits, '_' or '-', got {prefix!r}")
     engine = parse_engine_spec({"source": model, **engine_data})
+    prefill, decode = _pool(data.get("prefill", {}), "prefill"), _pool(data.get("decode", {}), "decode")
+    if engine.backend == "tensorrt_llm":
+        check_trtllm_target(model, {"prefill.devices": prefill.devices, "decode.devices": decode.devices})
     max_tokens = typed(serving.get("max_tokens", 1024), int, "serving.max_tokens")
     if max_tokens > engine.max_model_len:
         raise ValueError(f"serving.max_tokens: must be <= engine.max_model_len={engine.max_model_len}, "
                          f"got {max_tokens}")
     return Deployment(
         model=model, disaggregation=typed(data.get("disaggregation", True), bool, "disaggregation"),
-        prefill=_pool(data.get("prefill", {}), "prefill"), decode=_pool(data.get("decode", {}), "decode"),
+        prefill=prefill, decode=decode,
         engine=engine, max_tokens=max_tokens, prefix=prefix,
         decoupled=typed(serving.get("decoupled", True), bool, "serving.decoupled"),
         stream_interval=typed(serving.get("stream_interval", 1), int, "serving.stream_interval"),

@@ -1,4 +1,5 @@
-"""Building a worker's LLMEngine from its ``1/engine.yaml``."""
+"""Building a worker's engine from its ``1/engine.yaml``: the PyTorch LLMEngine, or with
+``backend: tensorrt_llm`` TensorRT-LLM's LLM API through backends/engine/trtllm.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from backends.serving.engine_spec import EngineSpec, load_engine_spec
+from backends.serving.engine_spec import BACKENDS, EngineSpec, check_trtllm_target, load_engine_spec
 
 
 def engine_spec_for(model_dir: Path) -> EngineSpec:
@@ -38,9 +39,12 @@ def torch_dtype(name: str) -> Any:
 
 
 def build_engine(spec: EngineSpec, *, loaded: Any = None, hooks: Any = None) -> Any:
-    """A worker's LLMEngine for ``spec`` (imports torch and the engine lazily). ``loaded`` is an
-    already loaded model for ``spec.source``; ``hooks`` the engine's KVHooks (kvbridge). It
-    returns token ids without text (``detokenize=False``): the orchestrator makes the text."""
+    """A worker's engine for ``spec`` (imports torch and the engine lazily). ``loaded`` is an
+    already loaded model for ``spec.source``; ``hooks`` the engine's KVHooks (kvbridge). The
+    torch engine returns token ids without text (``detokenize=False``): the orchestrator makes
+    the text. ``spec.backend == "tensorrt_llm"``: see :func:`build_trtllm_engine`."""
+    if spec.backend == "tensorrt_llm":
+        return build_trtllm_engine(spec)
     from backends.engine.engine import LLMEngine
     from backends.engine.engine_config import EngineConfig
 
@@ -49,3 +53,25 @@ def build_engine(spec: EngineSpec, *, loaded: Any = None, hooks: Any = None) -> 
         max_num_batched_tokens=spec.max_num_batched_tokens, max_model_len=spec.max_model_len,
         device=spec.device, dtype=spec.dtype, detokenize=False)
     return LLMEngine(loaded if loaded is not None else spec.source, config, hooks)
+
+
+def trtllm_kwargs(spec: EngineSpec) -> dict[str, Any]:
+    """The ``tensorrt_llm.LLM`` arguments ``spec`` sets: batch and length limits and the dtype.
+    TensorRT-LLM sizes its own KV cache (``num_blocks``/``block_size`` do not apply)."""
+    return {"max_batch_size": spec.max_num_seqs, "max_num_tokens": spec.max_num_batched_tokens,
+            "max_seq_len": spec.max_model_len, "dtype": spec.dtype}
+
+
+def build_trtllm_engine(spec: EngineSpec) -> Any:
+    """A TRTLLMEngine over ``spec.source``, which must be an HF checkpoint directory. ValueError
+    naming ``engine.backend`` when tensorrt_llm does not import here (a real import: the message
+    carries its reason) or naming ``model`` when the source is not a checkpoint directory."""
+    from backends.engine.trtllm import TRTLLMEngine, import_trtllm
+
+    try:
+        import_trtllm()
+    except RuntimeError as exc:
+        raise ValueError(f"engine.backend: 'tensorrt_llm' needs the {BACKENDS['tensorrt_llm']} package, "
+                         f"which does not import here ({exc.__cause__ or exc})") from exc
+    check_trtllm_target(spec.source, {"device": (spec.device,)})
+    return TRTLLMEngine(spec.source, **trtllm_kwargs(spec))

@@ -7,7 +7,8 @@ keys, defaults and checks live in one place and the worker imports no launch too
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib.util
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,18 @@ import yaml
 
 from backends.engine.sources import DEFAULT_MODEL
 
+# engine.backend -> the package it needs (None: always there). "torch" is the paged-attention
+# PyTorch engine (backends/engine/engine.py); "tensorrt_llm" TensorRT-LLM's LLM API through
+# backends/engine/trtllm.py (GPU only; an HF checkpoint directory as the model).
+BACKENDS: dict[str, str | None] = {"torch": None, "tensorrt_llm": "tensorrt_llm"}
+
 
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
     """What ``1/engine.yaml`` holds: the model source and the EngineConfig fields we expose."""
 
     source: str = DEFAULT_MODEL
+    backend: str = "torch"  # a key of BACKENDS
     device: str = "cpu"
     block_size: int = 16
     num_blocks: int = 512
@@ -68,7 +75,19 @@ def parse_engine_spec(data: Mapping[str, Any], where: str = "engine.") -> Engine
     values["threads"] = threads
     if values.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"{where}dtype: expected float32, float16 or bfloat16, got {values['dtype']!r}")
+    check_backend(values.get("backend", "torch"), where)
     return EngineSpec(**values)
+
+
+def check_backend(backend: str, where: str = "engine.") -> None:
+    """ValueError naming ``where + "backend"`` for an unknown backend, or for one whose package
+    is not installed here (found by spec: nothing is imported; the engine factory's real import
+    may still fail, e.g. without CUDA libraries, and says so then)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{where}backend: expected one of {sorted(BACKENDS)}, got {backend!r}")
+    package = BACKENDS[backend]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ValueError(f"{where}backend: {backend!r} needs the {package} package, which is not installed")
 
 
 def load_engine_spec(path: str | Path) -> EngineSpec:
@@ -83,3 +102,20 @@ def engine_spec_yaml(spec: EngineSpec) -> str:
     """``spec`` as the text of an ``engine.yaml`` (every field, in declaration order)."""
     return yaml.safe_dump({f.name: getattr(spec, f.name) for f in fields(EngineSpec)},
                           sort_keys=False)
+
+
+def check_trtllm_target(source: str, devices: Mapping[str, Sequence[str]]) -> None:
+    """What TensorRT-LLM workers need besides the package: every device CUDA (``devices``: the
+    field naming them -> the devices) and ``source`` an HF checkpoint directory. ValueError
+    naming the field otherwise (resolving the source imports torch)."""
+    from backends.engine.sources import SourceKind, resolve_source
+
+    for field, names in devices.items():
+        for device in names:
+            if not device.startswith("cuda"):
+                raise ValueError(f"{field}: engine.backend 'tensorrt_llm' runs on CUDA devices only, "
+                                 f"got {device!r}")
+    kind = resolve_source(source, field="model").kind
+    if kind is not SourceKind.CHECKPOINT:
+        raise ValueError(f"model: engine.backend 'tensorrt_llm' needs an HF checkpoint directory, "
+                         f"got the {kind.value} {source!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from backends.launch.deploy import (
 from backends.launch.install import repo_root
 from backends.serving.engine_spec import EngineSpec, load_engine_spec
 
-ENGINE_KEYS = "['block_size', 'dtype', 'max_model_len', 'max_num_batched_tokens', 'max_num_seqs', 'num_blocks', 'threads']"
+ENGINE_KEYS = "['backend', 'block_size', 'dtype', 'max_model_len', 'max_num_batched_tokens', 'max_num_seqs', 'num_blocks', 'threads']"
 
 
 def test_empty_file_is_the_default_deployment(tmp_path: Path) -> None:
@@ -60,6 +61,9 @@ def test_full_file(tmp_path: Path) -> None:
     ({"engine": {"block_size": True}}, "engine.block_size: expected a positive integer, got True"),
     ({"engine": {"dtype": "int8"}}, "engine.dtype: expected float32, float16 or bfloat16, got 'int8'"),
     ({"engine": {"dtype": None}}, "engine.dtype: missing value"),
+    ({"engine": {"backend": "vllm"}}, "engine.backend: expected one of ['tensorrt_llm', 'torch'], got 'vllm'"),
+    ({"engine": {"backend": 5}}, "engine.backend: expected a string, got 5"),
+    ({"engine": {"backend": None}}, "engine.backend: missing value"),
     ({"engine": {"foo": 1}}, f"engine.foo: unknown key (expected one of {ENGINE_KEYS})"),
     ({"engine": {"source": "x"}}, f"engine.source: unknown key (expected one of {ENGINE_KEYS})"),
     ({"engine": {"device": "cuda"}}, f"engine.device: unknown key (expected one of {ENGINE_KEYS})"),
@@ -196,3 +200,46 @@ def test_stream_interval_reaches_every_worker_and_no_orchestrator() -> None:
     params = {spec.name: spec.parameters.get("stream_interval") for spec, _ in model_specs(dep)}
     assert params == {"llm": None, "ensemble": None, "prefill": "4", "decode": "4"}
     assert Deployment().stream_interval == 1
+
+
+HAVE_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
+
+
+def test_engine_backend_defaults_to_torch_and_reaches_engine_yaml(tmp_path: Path) -> None:
+    dep = parse_deployment({"model": "tiny-llama", "engine": {"backend": "torch"}})
+    assert dep == parse_deployment({"model": "tiny-llama"})
+    assert dep.engine.backend == "torch"
+    write_repository(dep, tmp_path)
+    assert "backend: torch\n" in (tmp_path / "prefill/1/engine.yaml").read_text()
+    assert load_engine_spec(tmp_path / "prefill/1/engine.yaml").backend == "torch"
+
+
+@pytest.mark.skipif(HAVE_TRTLLM, reason="tensorrt_llm is installed here")
+def test_tensorrt_llm_backend_without_the_package_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_deployment({"engine": {"backend": "tensorrt_llm"}})
+    assert str(info.value) == "engine.backend: 'tensorrt_llm' needs the tensorrt_llm package, which is not installed"
+    # the worker reading its engine.yaml says the same, naming the file
+    path = tmp_path / "engine.yaml"
+    path.write_text("backend: tensorrt_llm\n")
+    with pytest.raises(ValueError) as info:
+        load_engine_spec(path)
+    assert str(info.value) == f"{path}: backend: 'tensorrt_llm' needs the tensorrt_llm package, which is not installed"
+
+
+@pytest.mark.skipif(not HAVE_TRTLLM, reason="tensorrt_llm is not installed (optional 'gpu' extra)")
+def test_tensorrt_llm_backend_needs_cuda_devices_and_a_checkpoint(tmp_path: Path) -> None:
+    from backends.engine.loader import export_preset
+
+    checkpoint = str(export_preset("tiny-llama", str(tmp_path)))
+    cuda = {"devices": ["cuda:0"]}
+    dep = parse_deployment({"model": checkpoint, "engine": {"backend": "tensorrt_llm"},
+                            "prefill": cuda, "decode": cuda})
+    assert {e.backend for _, e in model_specs(dep) if e is not None} == {"tensorrt_llm"}
+    with pytest.raises(ValueError, match=r"^decode.devices: engine.backend 'tensorrt_llm' runs on CUDA "
+                                         r"devices only, got 'cpu'$"):
+        parse_deployment({"model": checkpoint, "engine": {"backend": "tensorrt_llm"}, "prefill": cuda})
+    with pytest.raises(ValueError, match=r"^model: engine.backend 'tensorrt_llm' needs an HF checkpoint "
+                                         r"directory, got the preset 'tiny-llama'$"):
+        parse_deployment({"model": "tiny-llama", "engine": {"backend": "tensorrt_llm"},
+                          "prefill": cuda, "decode": cuda})
