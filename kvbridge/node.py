@@ -4,7 +4,8 @@ One per engine (e.g. per pd_worker). It owns:
 - a HostBlockPool in /dev/shm ([num_layers][pool_blocks][block_bytes]) and its SlotAllocator;
 - its transports, opened through the transport registry: tcp, whose BlockServer
   (``config.host``, a free port) serves the pool (peers pull slots over tcp, or pin them and
-  map the pool: shm), and shm;
+  map the pool: shm), and shm; the registry also picks which one pulls a handle
+  (``config.transport`` or KVBRIDGE_TRANSPORT, default "auto": see configured_transport);
 - a BlockStore over the pool (active + hot history tier, LRU; a cold tier in process memory
   when ``cold_capacity_blocks`` > 0) and ``hooks``, the engine's KVHooks over it (local prefix
   reuse);
@@ -56,7 +57,14 @@ from kvbridge.slots import SlotAllocator
 from kvbridge.store import BlockStore
 from kvbridge.tiers import InMemorySlotAllocator, StoreConfig
 from kvbridge.transport import cuda_ipc
-from kvbridge.transport.registry import TransportOptions, open_transport
+from kvbridge.transport.registry import (
+    AUTO,
+    TRANSPORT_ENV,
+    TransportOptions,
+    check_transport,
+    choose_pull_transport,
+    open_transport,
+)
 from kvbridge.transport.shm import ShmTransport
 from kvbridge.transport.tcp import TcpTransport
 
@@ -71,12 +79,26 @@ def pool_name(pgid: int, pid: int) -> str:
     return f"kvb-pool-g{pgid}-p{pid}-{secrets.token_hex(6)}"
 
 
+def configured_transport(config: KVNodeConfig) -> str:
+    """``config.transport``, else KVBRIDGE_TRANSPORT, else "auto", checked through the registry:
+    ValueError / TransportUnavailable naming the field or the variable (registry.check_transport)."""
+    if config.transport is not None:
+        check_transport(config.transport, "transport")
+        return config.transport
+    value = os.environ.get(TRANSPORT_ENV, "").strip() or AUTO
+    check_transport(value, TRANSPORT_ENV)
+    return value
+
+
 class KVNode:
     """See the module docstring. ``close()`` stops the master link, the block server and the
     transports, then unlinks the pool."""
 
     def __init__(self, config: KVNodeConfig, layout: KVLayoutSpec) -> None:
         self.config = config
+        self.transport = configured_transport(config)  # before anything is opened: nothing to undo
+        LOG.info("KV pulls of %s: %s; %s", config.node_id, choose_pull_transport(self.transport, True).reason,
+                 choose_pull_transport(self.transport, False).reason)
         self.layout = layout
         self.leases = LeaseTable()
         self.pool = HostBlockPool.create(PoolLayout(layout.num_layers, config.pool_blocks, layout.block_bytes),
@@ -256,28 +278,32 @@ class KVNode:
         A producer sharing this engine's GPU is read device to device, the whole handle."""
         handle = open_handle(data, self.layout)
         share = self._device
-        timeout_s = self.config.pull_timeout_s
         if handle.device_ref and share is not None:
             try:
                 ref = cuda_ipc.DeviceRef.from_bytes(handle.device_ref)
             except ValueError as exc:
                 raise ValueError(f"context_phase_params: {exc}") from None
             if ref.device_uuid == share.uuid:
-                return DeviceKVSource(ref, share.device, PulledKVSource(handle, self.shm, self.tcp, timeout_s),
-                                      self._imported)
+                return DeviceKVSource(ref, share.device, self._pulled(handle), self._imported)
         lease_id = LeaseId(f"{handle.request_id}#held{next(self._open_ids)}")
         with self._lock:
             local = self.store.acquire(lease_id, [BlockHash(h) for h in handle.block_hashes])
             if not local:
                 self.store.release(lease_id)
         if not local:
-            return PulledKVSource(handle, self.shm, self.tcp, timeout_s, self._imported)
+            return self._pulled(handle, self._imported)
 
         def rest(_deadline: float) -> PulledKVSource:
-            return PulledKVSource(handle, self.shm, self.tcp, timeout_s, num_held=len(local))
+            return self._pulled(handle, num_held=len(local))
 
         return PrefixSource(handle.request_id, self.layout, self.pool, local, len(handle.block_slots),
                             handle.num_tokens, rest, self._releaser(lease_id), self._imported, "host")
+
+    def _pulled(self, handle: KVHandle, on_done: Callable[[str], None] | None = None,
+                num_held: int = 0) -> PulledKVSource:
+        """A pull of ``handle``'s blocks from ``num_held`` on, over the configured transport."""
+        return PulledKVSource(handle, self.shm, self.tcp, self.config.pull_timeout_s, on_done, num_held,
+                              self.transport)
 
     def _imported(self, path: str) -> None:
         """A source finished its last layer over ``path`` (import threads call this)."""

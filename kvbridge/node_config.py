@@ -27,7 +27,9 @@ class KVNodeConfig:
     listens. ``master_address`` ((host, port); None: no cluster) names the kvbridge master,
     ``master_token`` its token; ``master_timeout_s`` bounds registration and index updates,
     ``lookup_timeout_s`` a prefix lookup, after whose failure lookups pause for
-    ``lookup_cooldown_s``."""
+    ``lookup_cooldown_s``. ``transport`` names what pulls a handle's blocks ("auto", "shm",
+    "tcp", "nixl", "deepep"; None: KVBRIDGE_TRANSPORT, else "auto"); KVNode checks it through
+    the transport registry (registry.choose_pull_transport says what "auto" picks and why)."""
 
     node_id: str
     model_id: str
@@ -42,6 +44,7 @@ class KVNodeConfig:
     master_timeout_s: float = 2.0
     lookup_timeout_s: float = 0.05
     lookup_cooldown_s: float = 5.0
+    transport: str | None = None
 
     def __post_init__(self) -> None:
         if self.pool_blocks < 1:

@@ -8,8 +8,10 @@ caller's adapter maps it to its own error.
 ``open_handle`` validates ``context_phase_params`` (KVHandle.from_bytes + check_layout against
 this node) and raises ValueError naming the field, so a corrupted or mismatched handle is the
 request's own INVALID_ARG. ``PulledKVSource`` starts its pull on the first ``read_layer`` over
-the transport ``pull_transport`` picks (shm when the source pool is a shared-memory file of
-this host, else tcp), receives layer by layer into a host staging buffer and copies each layer
+the transport ``pull_transport`` picks through the transport registry
+(``registry.choose_pull_transport``: the node's configured transport, or "auto": an optional
+one that is installed and pulls by handle, else shm when the source pool is a shared-memory
+file of this host, else tcp), receives layer by layer into a host staging buffer and copies each layer
 into the destination as soon as it arrived. It may skip the handle's first blocks
 (``num_held``): the transports then move only the others (TransferSpec.num_held). Any failure
 or a passed deadline raises PullFailed (the consumer then recomputes); the pull is closed on
@@ -40,6 +42,7 @@ from kvbridge.pool import SHM_DIR
 from kvbridge.transport.base import RecvHandle
 from kvbridge.transport.cuda_ipc import DeviceReader, DeviceRef
 from kvbridge.transport.regions import ArrayLayers
+from kvbridge.transport.registry import AUTO, choose_pull_transport
 from kvbridge.transport.shm import ShmTransport, shm_pull_spec
 from kvbridge.transport.tcp import TcpTransport, pull_spec
 
@@ -65,9 +68,14 @@ def shm_reachable(handle: KVHandle) -> bool:
         os.path.exists(os.path.join(SHM_DIR, handle.pool_name))
 
 
-def pull_transport(handle: KVHandle) -> PullTransport:
-    """The transport that pulls ``handle``'s blocks: shm on the producer's host, tcp across hosts."""
-    return "shm" if shm_reachable(handle) else "tcp"
+def pull_transport(handle: KVHandle, wanted: str = AUTO) -> PullTransport:
+    """The transport that pulls ``handle``'s blocks for a node configured with ``wanted`` (the
+    registry's choice: with "auto", shm on the producer's host, tcp across hosts, while no
+    optional transport pulls by handle)."""
+    choice = choose_pull_transport(wanted, shm_reachable(handle))
+    if choice.name not in ("shm", "tcp"):
+        raise RuntimeError(f"transport registry chose {choice.name!r}, which this pull side cannot drive")
+    return "shm" if choice.name == "shm" else "tcp"
 
 
 class PulledKVSource:
@@ -78,7 +86,8 @@ class PulledKVSource:
     (``TcpTransport.release``; a failure there is logged, the read goes on)."""
 
     def __init__(self, handle: KVHandle, shm: ShmTransport, tcp: TcpTransport, timeout_s: float,
-                 on_done: Callable[[str], None] | None = None, num_held: int = 0) -> None:
+                 on_done: Callable[[str], None] | None = None, num_held: int = 0,
+                 transport: str = AUTO) -> None:
         if not 0 <= num_held <= len(handle.block_slots):
             raise ValueError(f"num_held: expected 0..{len(handle.block_slots)}, got {num_held}")
         self.handle = handle
@@ -90,6 +99,7 @@ class PulledKVSource:
         self.num_pulled_bytes = self.num_blocks * layout.block_bytes * layout.num_layers
         self.elapsed_ns = 0
         self.transport_name = ""
+        self._wanted = transport  # the node's configured transport (registry.choose_pull_transport)
         self._shm, self._tcp = shm, tcp
         self._timeout_s = timeout_s
         self._recv: RecvHandle | None = None
@@ -141,7 +151,7 @@ class PulledKVSource:
         layout = self.handle.layout
         self._staging = np.empty((layout.num_layers, self.num_blocks * layout.block_bytes), np.uint8)
         dest = ArrayLayers(list(self._staging))
-        self.transport_name = pull_transport(self.handle)
+        self.transport_name = pull_transport(self.handle, self._wanted)
         if self.transport_name == "shm":
             self._recv = self._shm.start_recv(shm_pull_spec(self.handle, self.num_held), dest)
         else:

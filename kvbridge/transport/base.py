@@ -166,6 +166,11 @@ class TransportOptions:
 
 class Transport(ABC):
     name: ClassVar[str]
+    # the optional package it needs ("": none); registry.choose_pull_transport names it
+    package: ClassVar[str] = ""
+    # whether it moves a finished prefill's blocks by KV handle (TransferSpec with an empty
+    # transfer_id: what KVNode's pull side needs), not only published transfers
+    pulls_by_handle: ClassVar[bool] = False
 
     @classmethod
     def available(cls) -> bool:

@@ -175,6 +175,7 @@ class DeepEPTransport(Transport):
     """
 
     name = "deepep"
+    package = "deep_ep"
 
     @classmethod
     def available(cls) -> bool:

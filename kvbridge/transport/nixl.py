@@ -226,6 +226,7 @@ class NixlTransport(Transport):
     """
 
     name = "nixl"
+    package = "nixl"
 
     def __init__(self) -> None:
         self._agent: NixlAgent | None = NixlAgent()

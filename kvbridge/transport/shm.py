@@ -120,6 +120,7 @@ class ShmTransport(Transport):
     """
 
     name = "shm"
+    pulls_by_handle = True
 
     def __init__(self, *, token: str | None = None, timeout_s: float = 60.0, connect_timeout_s: float = 5.0,
                  control_entries: int = 1024, reclaim_grace_s: float = 1.0) -> None:

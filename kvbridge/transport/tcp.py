@@ -50,6 +50,7 @@ class TcpTransport(Transport):
     """One per node: its block server (producer side, started lazily) and its pulls."""
 
     name = "tcp"
+    pulls_by_handle = True
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
                  checksum: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,

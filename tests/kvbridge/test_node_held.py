@@ -45,7 +45,7 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """Forces the pull's transport; yields the specs the consumer's pulls started with (and
     checks that they all went over that transport)."""
     name = request.param
-    monkeypatch.setattr(kvbridge.pull, "pull_transport", lambda handle: name)
+    monkeypatch.setattr(kvbridge.pull, "pull_transport", lambda handle, wanted="auto": name)
     specs: list[TransferSpec] = []
     used: list[str] = []
     for cls in (kvbridge.pull.ShmTransport, kvbridge.pull.TcpTransport):
