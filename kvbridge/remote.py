@@ -44,8 +44,9 @@ class RemoteFinder:
         self._cooldown_s = cooldown_s
         self._skip_until = float("-inf")
         self._lock = threading.Lock()
-        self.lookups = 0
-        self.failures = 0
+        self.lookups = 0   # started
+        self.answered = 0  # the master answered in time
+        self.failures = 0  # late or failed
 
     def find(self, hashes: Sequence[BlockHash]) -> NodeMatch | None:
         """The other node holding the most leading blocks of ``hashes`` (None: no one, or the
@@ -61,6 +62,7 @@ class RemoteFinder:
                 self._skip_until = time.monotonic() + self._cooldown_s
                 LOG.info("cluster lookup failed (%s); no remote prefixes for %.0f s", exc, self._cooldown_s)
                 return None
+            self.answered += 1
         others = [m for m in matches if m.node_id != self._node_id and m.num_blocks > 0]
         return max(others, key=lambda m: m.num_blocks, default=None)
 

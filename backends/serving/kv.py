@@ -7,14 +7,17 @@ KVBRIDGE_MASTER, if set), builds the engine with the node's hooks (local prefix 
 returns both with a ``NodeTransfer``: the worker's KVTransfer over the node (publish a
 prefill's KV → handle bytes; open a handle, or a remote prefix, → an engine KVSource).
 kvbridge's sources raise PullFailed; ``EngineSource`` maps that to the engine's KVImportError.
+``start_worker`` starts the worker's service and registers its node; ``NodeTransfer.cluster_stats``
+counts what the node did with the cluster (prefix lookups, prefix imports from other nodes).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,17 +25,21 @@ from backends.engine.hooks import KVImportError
 from backends.engine.outputs import KVExport
 from backends.serving.engine_spec import EngineSpec
 from backends.serving.kv_master import (
+    local_model,
     master_address,
     master_token,
     start_master_if_needed,
     worker_node_id,
 )
-from backends.serving.worker import PublishedKV
+from backends.serving.worker import PublishedKV, WorkerService
 from kvbridge import KVLayoutSpec, KVNode, KVNodeConfig, LoadReport, NodeMatch, PullFailed
 
 POOL_BLOCKS_ENV = "PD_KV_POOL_BLOCKS"
 COLD_BLOCKS_ENV = "PD_KV_COLD_BLOCKS"
-__all__ = ["EngineSource", "NodeTransfer", "WorkerLoad", "build_worker", "start_master_if_needed"]
+__all__ = ["ClusterStats", "EngineSource", "NodeTransfer", "RemotePulls", "WorkerLoad", "build_worker",
+           "start_master_if_needed", "start_worker"]
+OTHER_SERVER = "other_server"  # a prefix import's origin: a node of another server
+SAME_SERVER = "same_server"    # another worker's node of this server
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +51,38 @@ class WorkerLoad:
     num_free_blocks: int
 
 
+class RemotePulls(NamedTuple):
+    """Completed prefix imports from other nodes of one ``origin`` (OTHER_SERVER, SAME_SERVER):
+    requests, KV bytes moved (only the blocks this node lacked), pull time."""
+
+    origin: str
+    num_requests: int
+    num_bytes: int
+    elapsed_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStats:
+    """A worker node's dealings with the cluster since it started (counters): prefix lookups
+    the master answered within the lookup deadline, lookups it missed (late or failed; lookups
+    skipped during the cooldown after a miss are not counted), and completed prefix imports by
+    origin (one entry per origin seen, sorted)."""
+
+    num_lookups_answered: int = 0
+    num_lookups_missed: int = 0
+    pulls: tuple[RemotePulls, ...] = ()
+
+
 class EngineSource:
     """A kvbridge KV source as the engine's KVSource: PullFailed becomes KVImportError (the
     engine recomputes either way; KVImportError is the expected failure it logs without a
-    traceback). ``inner`` is the kvbridge source; ``close()`` closes it."""
+    traceback). ``inner`` is the kvbridge source; ``close()`` closes it. ``on_done(bytes,
+    elapsed_ns)`` is called once, on the import thread that read the last layer."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, on_done: Callable[[int, int], None] | None = None) -> None:
         self.inner = inner
         self.num_tokens: int = inner.num_tokens
+        self._on_done = on_done
 
     @property
     def elapsed_ns(self) -> int:
@@ -67,6 +98,9 @@ class EngineSource:
             self.inner.read_layer(layer, dst, deadline)
         except PullFailed as exc:
             raise KVImportError(str(exc)) from exc
+        if self._on_done is not None and self.inner.elapsed_ns:  # the last layer arrived
+            on_done, self._on_done = self._on_done, None
+            on_done(self.num_pulled_bytes, self.elapsed_ns)
 
     def close(self) -> None:
         self.inner.close()
@@ -78,6 +112,8 @@ class NodeTransfer:
 
     def __init__(self, node: KVNode) -> None:
         self.node = node
+        self._pulls: dict[str, RemotePulls] = {}  # origin -> totals; import threads add
+        self._pulls_lock = threading.Lock()
 
     def find_remote(self, prompt_ids: Sequence[int]) -> NodeMatch | None:
         """Another node holding a longer usable prefix of the prompt, per the master (any
@@ -86,7 +122,24 @@ class NodeTransfer:
 
     def prefix_source(self, request_id: str, prompt_ids: Sequence[int], remote: NodeMatch) -> EngineSource | None:
         source = self.node.pull(request_id, prompt_ids, remote)
-        return None if source is None else EngineSource(source)
+        if source is None:
+            return None
+        origin = SAME_SERVER if local_model(remote.node_id) is not None else OTHER_SERVER
+        return EngineSource(source, lambda num_bytes, elapsed_ns: self._pulled(origin, num_bytes, elapsed_ns))
+
+    def _pulled(self, origin: str, num_bytes: int, elapsed_ns: int) -> None:
+        with self._pulls_lock:
+            _, requests, total_bytes, total_ns = self._pulls.get(origin, RemotePulls(origin, 0, 0, 0))
+            self._pulls[origin] = RemotePulls(origin, requests + 1, total_bytes + num_bytes, total_ns + elapsed_ns)
+
+    @property
+    def cluster_stats(self) -> ClusterStats:
+        """See ClusterStats (any thread)."""
+        finder = self.node.finder
+        answered, missed = (finder.answered, finder.failures) if finder is not None else (0, 0)
+        with self._pulls_lock:
+            pulls = tuple(sorted(self._pulls.values()))
+        return ClusterStats(answered, missed, pulls)
 
     def publish(self, export: KVExport, prompt_ids: Sequence[int]) -> PublishedKV:
         published = self.node.publish(export, prompt_ids)
@@ -138,6 +191,26 @@ def node_config(node_id: str, model_id: str, engine_blocks: int) -> KVNodeConfig
     return KVNodeConfig(node_id, model_id, pool_blocks, pool_blocks // 2,
                         cold_capacity_blocks=_env_blocks(COLD_BLOCKS_ENV, 0),
                         master_address=master_address(), master_token=master_token())
+
+
+def start_worker(engine: Any, transfer: NodeTransfer, role: str, stream_interval: int = 1) -> WorkerService:
+    """The worker's service over ``engine`` and ``transfer``, its node registered with the
+    master (heartbeats started: their load is the service's). If the node cannot start
+    (DuplicateNodeId: another live node holds its id, the message names it), the service and
+    the node are closed (threads joined, pool unlinked) before the error propagates."""
+    service = WorkerService(engine, role, transfer, stream_interval=stream_interval)
+    try:
+        transfer.start_heartbeats(lambda: _load_of(service))
+    except BaseException:
+        service.close()
+        transfer.close()
+        raise
+    return service
+
+
+def _load_of(service: WorkerService) -> WorkerLoad:
+    s = service.stats
+    return WorkerLoad(s.num_waiting, s.num_running, s.num_free_blocks)
 
 
 def build_worker(spec: EngineSpec, model_name: str) -> tuple[Any, NodeTransfer]:

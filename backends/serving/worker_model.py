@@ -4,7 +4,9 @@ Thin: parses the request, hands it to backends.serving.worker.WorkerService (eng
 response thread), which answers through the request's response sender (decoupled).
 Model parameter ``role``: prefill | decode | both. Engine settings: ``1/engine.yaml``.
 Each instance owns a kvbridge node (backends.serving.kv): its KV pool, block server and prefix
-store; it registers with the master named by KVBRIDGE_MASTER when one is set.
+store; it registers with the master named by KVBRIDGE_MASTER when one is set. A node that
+cannot start (another live node holds its id in etcd) fails ``initialize`` with a message naming
+the id, its service and node closed first.
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ import triton_python_backend_utils as pb_utils
 
 from backends.serving import triton_io
 from backends.serving.engine_factory import engine_spec_for, worker_threads
-from backends.serving.kv import WorkerLoad, build_worker
+from backends.serving.kv import build_worker, start_worker
 from backends.serving.metrics import WorkerMetrics
 from backends.serving.pb_lifetimes import Keeper
-from backends.serving.worker import WorkerService
 from backends.serving.worker_io import parse_job
 
 
@@ -40,17 +41,14 @@ class TritonPythonModel:
 
             torch.set_num_threads(worker_threads(spec))
             engine, self.kv = build_worker(spec, args["model_name"])
+            # DuplicateNodeId (a ValueError) closes the service and the node, then lands here
+            self.service = start_worker(engine, self.kv, role, int(interval))
         except (ValueError, OSError) as exc:
             raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from exc
         self.name = args["model_name"]
         self.keeper = Keeper()  # finished requests, until python_backend lets go (pb_lifetimes.py)
-        self.service = WorkerService(engine, role, self.kv, stream_interval=int(interval))
-        self.kv.start_heartbeats(self._load)
-        self.metrics = WorkerMetrics(pb_utils, self.name, lambda: self.service.stats)
-
-    def _load(self) -> WorkerLoad:
-        s = self.service.stats
-        return WorkerLoad(s.num_waiting, s.num_running, s.num_free_blocks)
+        self.metrics = WorkerMetrics(pb_utils, self.name, lambda: self.service.stats,
+                                     lambda: self.kv.cluster_stats)
 
     def execute(self, requests: list) -> None:
         for request in requests:

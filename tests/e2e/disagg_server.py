@@ -1,5 +1,6 @@
 """A real tritonserver serving a disaggregated deployment (1 prefill + 1 decode, tiny preset),
-with a kvbridge master in the test process; plus metric and gRPC helpers for its tests.
+with a kvbridge master in the test process (or the cluster its ``cluster_env`` names: etcd and
+master processes); plus metric and gRPC helpers for its tests.
 The session-scoped fixture over it lives in disagg_plugin.py."""
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ class DisaggServer:
     http_url: str
     grpc_url: str
     metrics_url: str
-    master: MasterThread
+    master: MasterThread | None  # None: the cluster named by serve_disaggregated's cluster_env
 
     def master_client(self) -> MasterClient:
+        if self.master is None:
+            raise RuntimeError("this server's master is not in the test process (cluster_env)")
         host, port = self.master.address
         return MasterClient(host, port, node_id="e2e-observer")
 
@@ -55,10 +58,12 @@ def _stub_pids(pgid: int) -> list[int]:
             if line.split()[1] == str(pgid) and "triton" in line]
 
 
-def serve_disaggregated(root: Path, model: str = "tiny-llama",
-                        master: MasterThread | None = None) -> Iterator[DisaggServer]:
+def serve_disaggregated(root: Path, model: str = "tiny-llama", master: MasterThread | None = None,
+                        cluster_env: tuple[tuple[str, str], ...] = ()) -> Iterator[DisaggServer]:
     """Starts the server (skips when no tritonserver), yields it, stops it; no stub survives.
-    Its kvbridge master is ``master`` (another server's: one cluster), else a new one."""
+    Its kvbridge master is ``master`` (another server's: one cluster), else a new one; with
+    ``cluster_env`` (KVBRIDGE_MASTER, KVBRIDGE_ETCD, ...) none in this process: the server's
+    environment names the cluster."""
     try:
         install = find_triton()
     except RuntimeError as exc:
@@ -68,11 +73,11 @@ def serve_disaggregated(root: Path, model: str = "tiny-llama",
     write_repository(deployment, root / "models")
     backend_dir = layout_backend_dir(install, root / "backends")
     http_port, grpc_port, metrics_port = free_ports(3)
-    with contextlib.nullcontext(master) if master is not None else \
+    with contextlib.nullcontext(master) if master is not None or cluster_env else \
             MasterThread(MasterConfig(heartbeat_timeout_s=10.0)) as master:
-        host, port = master.address
+        env = cluster_env if master is None else (("KVBRIDGE_MASTER", "{}:{}".format(*master.address)),)
         spec = LaunchSpec(install, root / "models", backend_dir, ServerPorts(http_port, grpc_port, metrics_port),
-                          extra_env=(("KVBRIDGE_MASTER", f"{host}:{port}"),))
+                          extra_env=env)
         server = TritonServer(spec, root / "tritonserver.log")
         server.start()
         pgid = server.pid
