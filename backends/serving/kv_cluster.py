@@ -9,8 +9,9 @@ Blocking; any master failure yields an empty snapshot, so planning degrades to l
 The request path uses ``await view.within(prompt_ids)``: the lookup runs on the view's own
 thread and the request waits at most ``deadline_s`` for it (None after that: the plan is made
 from the local view). A lookup the master failed (a timeout, a refused connection) stops
-lookups for ``backoff_s``, so a dead or hung master costs requests nothing but reuse; a lookup
-whose caller already gave up is skipped.
+lookups for ``backoff_s``, so a dead or hung master costs requests nothing but reuse; while a
+lookup has been in flight for longer than the deadline (a hung master, before its socket times
+out) requests do not wait at all; a lookup whose caller already gave up is skipped.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class ClusterView:
         self._nodes_at = float("-inf")
         self._lock = threading.Lock()
         self._failed_at = float("-inf")
+        self._busy_since: float | None = None  # when the lookup in flight started
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="pd-cluster")
         self.missed = 0  # lookups the request path stopped waiting for (deadline or backoff)
 
@@ -57,7 +59,9 @@ class ClusterView:
 
     async def within(self, prompt_ids: Sequence[int]) -> ClusterSnapshot | None:
         """``snapshot(prompt_ids)`` if the master answers within the deadline, else None."""
-        if time.monotonic() - self._failed_at < self._backoff_s:
+        now = time.monotonic()
+        busy_since = self._busy_since
+        if now - self._failed_at < self._backoff_s or (busy_since is not None and now - busy_since > self._deadline_s):
             self.missed += 1
             return None
         future = asyncio.get_running_loop().run_in_executor(self._thread, self.snapshot, prompt_ids)
@@ -69,6 +73,7 @@ class ClusterView:
 
     def snapshot(self, prompt_ids: Sequence[int]) -> ClusterSnapshot:
         hashes = hash_blocks(prompt_ids, self._block_size, self._model_id)
+        self._busy_since = time.monotonic()
         try:
             matches = self._client.lookup(hashes) if hashes else ()
             queue_len = self._loads()
@@ -76,6 +81,8 @@ class ClusterView:
             self._failed_at = time.monotonic()
             LOG.info("kvbridge master unavailable for planning (no lookups for %.1f s): %s", self._backoff_s, exc)
             return ClusterSnapshot(len(hashes), block_size=self._block_size)
+        finally:
+            self._busy_since = None
         matched = {model: m.num_blocks for m in matches if (model := local_model(m.node_id))}
         return ClusterSnapshot(len(hashes), queue_len, matched, self._block_size)
 

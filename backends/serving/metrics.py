@@ -54,6 +54,22 @@ class PolledCounter:
         self.family = None
 
 
+class PolledGauge:
+    """A gauge moved by ``increment`` (by the change since the last value), never ``set``:
+    python_backend 2.51's ``Metric.set`` waits for tritonserver's answer *holding the GIL*
+    (metric.cc SendSetValueRequest; increment and observe release it), so one set on a slow or
+    dead parent froze the whole stub, and its exit on a dead parent hung behind it."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric: Any = metric
+        self._value = 0.0
+
+    def set(self, value: float) -> None:
+        if value != self._value:
+            self.metric.increment(value - self._value)
+            self._value = value
+
+
 class WorkerMetrics:
     """KV block gauges and counters of one worker (``stats``: its WorkerStats; ``cluster``: its
     node's ClusterStats, None without one), refreshed by a small thread until ``close()`` or
@@ -67,8 +83,8 @@ class WorkerMetrics:
         self._families: tuple[Any, ...] = (
             mf("pd_kv_blocks_used", "KV blocks in use", mf.GAUGE),
             mf("pd_kv_blocks_free", "KV blocks free", mf.GAUGE))
-        self._used = self._families[0].Metric(labels=labels)
-        self._free = self._families[1].Metric(labels=labels)
+        self._used = PolledGauge(self._families[0].Metric(labels=labels))
+        self._free = PolledGauge(self._families[1].Metric(labels=labels))
 
         def counter(name: str, doc: str, label: str) -> PolledCounter:
             return PolledCounter(mf(name, doc, mf.COUNTER), labels, label)
@@ -92,9 +108,8 @@ class WorkerMetrics:
         parent = os.getppid()  # tritonserver
         while not self._stop.wait(WORKER_POLL_S):
             if os.getppid() != parent:
-                # tritonserver died: a metric call would wait for its answer forever, holding
-                # the GIL, and the stub's own exit (it notices within 0.3 s) would hang behind it
-                # (an orphan worker kept its pool, port and threads after tritonserver's SIGKILL)
+                # tritonserver died: a metric call would wait for its answer forever (an orphan
+                # worker kept its pool, port and threads after tritonserver's SIGKILL)
                 return
             s = self._stats()
             self._used.set(float(s.num_total_blocks - s.num_free_blocks))
@@ -119,7 +134,7 @@ class WorkerMetrics:
         self._stop.set()
         self._thread.join(timeout=2.0)
         if not self._thread.is_alive():
-            self._used = self._free = None
+            self._used.metric = self._free.metric = None
             for c in self._counters():
                 c.close()
             self._families = ()

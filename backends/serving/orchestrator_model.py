@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import triton_python_backend_utils as pb_utils
 
@@ -27,7 +28,7 @@ from backends.serving.metrics import RequestMetrics
 from backends.serving.orchestrator import Orchestrator
 from backends.serving.pb_lifetimes import Keeper
 from backends.serving.requests import Limits, parse_ensemble, parse_llm
-from backends.serving.supervisor import Supervisor
+from backends.serving.supervisor import ClusterSnapshot, Supervisor
 from backends.serving.tokenizers import load_tokenizer
 from backends.serving.worker_health import HealthConfig, WorkerHealth
 
@@ -62,11 +63,18 @@ class TritonPythonModel:
         # disagg hook (owner of kv*.py): plan with the kvbridge master's prefix hits and loads when one is set
         self.cluster = ClusterView.from_env(p.get("source", "tiny-llama"), self.block_size, lookup_s)
         self.health = WorkerHealth(self.workers.cancel, health_config, on_change=supervisor.set_down)
-        self.orchestrator = Orchestrator(tokenizer, supervisor, self.workers, int(p.get("max_model_len", "1024")),
-                                         self.cluster.within if self.cluster is not None else None,
-                                         health=self.health)
         self.metrics = RequestMetrics(pb_utils, args["model_name"])
+        self.orchestrator = Orchestrator(tokenizer, supervisor, self.workers, int(p.get("max_model_len", "1024")),
+                                         self._lookup if self.cluster is not None else None,
+                                         health=self.health)
         self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _lookup(self, prompt_ids: Sequence[int]) -> ClusterSnapshot | None:
+        """The cluster view's snapshot within its deadline, counted answered or missed."""
+        assert self.cluster is not None
+        snapshot = await self.cluster.within(prompt_ids)
+        self.metrics.lookup(snapshot is not None)
+        return snapshot
 
     async def execute(self, requests: list) -> list | None:
         if self.decoupled:

@@ -166,18 +166,24 @@ SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} ([\d.e+-]+)$", re.MULTILINE)
 
 
 def total(served: DisaggServer, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels`` (every model's)."""
+    """The sum of ``name``'s samples whose labels include ``labels`` (every model's); a value
+    "!x" matches any value but x."""
     text = requests.get(served.metrics_url, timeout=10).text
     found = 0.0
     for metric, label_text, value in SAMPLE.findall(text):
         have = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
-        if metric == name and all(have.get(k) == v for k, v in labels.items()):
+        if metric == name and all(have.get(k) != v[1:] if v.startswith("!") else have.get(k) == v
+                                  for k, v in labels.items()):
             found += float(value)
     return found
 
 
-CLUSTER_METRICS = {"answered": ("pd_cluster_lookups_total", {"result": "answered"}),
-                   "missed": ("pd_cluster_lookups_total", {"result": "missed"}),
+# answered / missed: the workers' prefix lookups; llm_answered / llm_missed: the orchestrator's
+# planning lookups (one per request)
+CLUSTER_METRICS = {"answered": ("pd_cluster_lookups_total", {"result": "answered", "model": "!llm"}),
+                   "missed": ("pd_cluster_lookups_total", {"result": "missed", "model": "!llm"}),
+                   "llm_answered": ("pd_cluster_lookups_total", {"result": "answered", "model": "llm"}),
+                   "llm_missed": ("pd_cluster_lookups_total", {"result": "missed", "model": "llm"}),
                    "remote_hits": ("pd_remote_prefix_hits_total", {"origin": "other_server"}),
                    "pull_bytes": ("pd_remote_pull_bytes_total", {"origin": "other_server"}),
                    "pull_s": ("pd_remote_pull_seconds_total", {"origin": "other_server"}),
@@ -242,6 +248,7 @@ def expect_remote_reuse(grown: dict[str, float]) -> None:
     exact = {k: grown[k] for k in ("answered", "missed", "remote_hits", "pull_bytes", "hit_tokens")}
     assert exact == {"answered": 1, "missed": 0, "remote_hits": 1, "pull_bytes": 6 * BLOCK_BYTES,
                      "hit_tokens": 6 * BLOCK_SIZE}
+    assert grown["llm_answered"] + grown["llm_missed"] == 1  # the orchestrator's planning lookup
     assert 0 < grown["pull_s"] < 5.0
     print(f"B pulled {grown['pull_bytes']:.0f} B from A in {grown['pull_s'] * 1e3:.1f} ms")
 
