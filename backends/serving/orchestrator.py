@@ -24,6 +24,7 @@ requests arrive and planned on again once they answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -49,6 +50,8 @@ from backends.serving.worker_io import WorkerJob, WorkerUpdate
 
 LOG = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.1
+STALL_S = 60.0  # the longest a request waits for its worker's next update, the worker alive or not
+CANCEL_TIMEOUT_S = 10.0
 PREFILL_ATTEMPTS = 2
 
 
@@ -66,10 +69,13 @@ class ClientChannel(Protocol):
 
 @dataclass(slots=True)
 class _Watch:
-    """What the watchdog of one worker stream knows: the last update's time, why it stopped
-    the read ("cancelled": the client; "silent": the worker died), and the silence it saw."""
+    """What the watchdog of one worker stream knows: the last update's time (``since``: reset
+    by a probe the worker answered; ``updated``: not), why it stopped the read ("cancelled":
+    the client; "silent": the worker died; "stalled": alive, but this stream made no progress
+    for ``stall_s``), and the silence it saw."""
 
     since: float
+    updated: float
     reason: str = ""
     silent_s: float = 0.0
 
@@ -103,7 +109,10 @@ class Orchestrator:
     def __init__(self, tokenizer: Any, supervisor: Supervisor, workers: WorkerClient,
                  max_model_len: int,
                  cluster: Callable[[Sequence[int]], Awaitable[ClusterSnapshot | None]] | None = None,
-                 health: WorkerHealth | None = None) -> None:
+                 health: WorkerHealth | None = None, stall_s: float = STALL_S) -> None:
+        if stall_s <= 0:
+            raise ValueError(f"worker_stall_s: expected > 0, got {stall_s}")
+        self._stall_s = stall_s
         self._health = health
         self._cluster = cluster  # the master's view for planning (kv_cluster.ClusterView.within)
         self._tokenizer = tokenizer
@@ -242,7 +251,8 @@ class Orchestrator:
         watchdog beside the read (not a timed wait per update) checks every CANCEL_POLL_S for
         a client cancel and, after ``silence_s`` without an update, whether the worker lives;
         either stops the read (the worker gets a cancel; a dead worker's stream is abandoned)."""
-        watch = _Watch(asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        watch = _Watch(now, now)
         reader = asyncio.ensure_future(self._read(run, model, job, client, watch))
         watchdog = asyncio.ensure_future(self._watchdog(model, client, watch, reader))
         try:
@@ -255,6 +265,11 @@ class Orchestrator:
             if reader.cancelled() and watch.reason == "silent":
                 raise WorkerError(f"{model}: no update for {watch.silent_s:.1f} s and the worker does not "
                                   "answer (its process died?)", UNAVAILABLE) from None
+            if reader.cancelled() and watch.reason == "stalled":
+                with contextlib.suppress(WorkerError, asyncio.TimeoutError):  # free its KV if it can
+                    await asyncio.wait_for(self._workers.cancel(model, job.request_id), CANCEL_TIMEOUT_S)
+                raise WorkerError(f"{model}: no update for {watch.silent_s:.1f} s although the worker answers "
+                                  f"(request {job.request_id} stalled)", UNAVAILABLE) from None
             reader.cancel()  # this request itself was cancelled: stop reading too
             raise
         finally:
@@ -263,7 +278,7 @@ class Orchestrator:
     async def _read(self, run: _Run, model: str, job: WorkerJob, client: ClientChannel, watch: _Watch) -> None:
         loop = asyncio.get_running_loop()
         async for update in self._workers.stream(model, job):
-            watch.since = loop.time()
+            watch.since = watch.updated = loop.time()
             if client.is_cancelled() and not update.final:
                 watch.reason = "cancelled"
                 await self._workers.cancel(model, job.request_id)
@@ -285,6 +300,10 @@ class Orchestrator:
                 return
             if client.is_cancelled():
                 watch.reason = "cancelled"
+                reader.cancel()
+                return
+            if loop.time() - watch.updated >= self._stall_s:
+                watch.reason, watch.silent_s = "stalled", loop.time() - watch.updated
                 reader.cancel()
                 return
             silent_s = loop.time() - watch.since

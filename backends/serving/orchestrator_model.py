@@ -53,6 +53,7 @@ class TritonPythonModel:
             health_config = HealthConfig(float(p.get("worker_silence_s", "2")),
                                          float(p.get("worker_probe_timeout_s", "8")))
             lookup_s = int(p.get("cluster_lookup_ms", "100")) / 1000
+            stall_s = float(p.get("worker_stall_s", "60"))
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from exc
         self.block_size = int(p.get("block_size", "16"))
@@ -66,7 +67,7 @@ class TritonPythonModel:
         self.metrics = RequestMetrics(pb_utils, args["model_name"])
         self.orchestrator = Orchestrator(tokenizer, supervisor, self.workers, int(p.get("max_model_len", "1024")),
                                          self._lookup if self.cluster is not None else None,
-                                         health=self.health)
+                                         health=self.health, stall_s=stall_s)
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def _lookup(self, prompt_ids: Sequence[int]) -> ClusterSnapshot | None:

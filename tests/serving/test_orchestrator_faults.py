@@ -37,7 +37,7 @@ def update(text: str, final: bool = False, reason: str = "", handle: bytes = b""
 class ScriptedWorkers:
     """Per (model, request_type): a list of scripts (one per call), each updates or an error."""
 
-    scripts: dict[tuple[str, str], list[list[WorkerUpdate | WorkerError] | WorkerError]]
+    scripts: dict[tuple[str, str], list[list[WorkerUpdate | WorkerError | None] | WorkerError]]
     jobs: list[tuple[str, WorkerJob]] = field(default_factory=list)
     cancels: list[tuple[str, str]] = field(default_factory=list)
 
@@ -50,7 +50,10 @@ class ScriptedWorkers:
             await asyncio.sleep(0.01)
             if isinstance(item, WorkerError):  # a failure after the updates before it
                 raise item
-            yield item
+            if item is None:  # the stream stalls: no further update, ever
+                await asyncio.Event().wait()
+            else:
+                yield item
 
     async def cancel(self, model: str, request_id: str) -> None:
         self.cancels.append((model, request_id))
@@ -68,8 +71,8 @@ class Channel:
         return 0 <= self.cancel_after <= len(self.chunks)
 
 
-def run(workers: ScriptedWorkers, channel: Channel, stream: bool = True) -> None:
-    orch = Orchestrator(TOK, Supervisor(["prefill"], ["decode"], True), workers, 512)
+def run(workers: ScriptedWorkers, channel: Channel, stream: bool = True, stall_s: float = 60.0) -> None:
+    orch = Orchestrator(TOK, Supervisor(["prefill"], ["decode"], True), workers, 512, stall_s=stall_s)
     req = GenerateRequest("llm", "hello", SamplingParams(max_tokens=4, temperature=0.0), stream, True)
     asyncio.run(orch.handle(req, channel))
 
@@ -146,6 +149,23 @@ def test_cancel_mid_decode_reaches_decode_and_prefill() -> None:
     channel = Channel(cancel_after=2)
     with pytest.raises(RequestCancelled):
         run(workers, channel)
+    rid = workers.jobs[0][1].request_id
+    assert texts(channel) == ["A", "B"]
+    assert workers.cancels == [("decode", rid), ("prefill", rid)]
+
+
+def test_a_stalled_stream_ends_with_an_error_within_the_stall_bound() -> None:
+    """The worker keeps answering (no health probe fails) but this request's stream makes no
+    progress: after stall_s the request gets an UNAVAILABLE error and the worker a cancel,
+    instead of waiting forever."""
+    workers = ScriptedWorkers({
+        ("prefill", "context_only"): [[update("A", True, handle=HANDLE)]],
+        ("decode", "generation_only"): [[update("B"), None]]})
+    channel = Channel()
+    with pytest.raises(WorkerError, match=r"^decode: no update for [0-9.]+ s although the worker answers \(request "
+                                          r"[0-9a-f]+ stalled\)$") as info:
+        run(workers, channel, stall_s=0.3)
+    assert info.value.code == "UNAVAILABLE"
     rid = workers.jobs[0][1].request_id
     assert texts(channel) == ["A", "B"]
     assert workers.cancels == [("decode", rid), ("prefill", rid)]
