@@ -60,8 +60,8 @@ def test_busy_port_is_one_line_before_any_model_loads() -> None:
 
 
 @pytest.mark.parametrize(("config", "error"), [
-    ("engine: {bogus: 1}\n", "{path}: engine.bogus: unknown key (expected one of ['block_size', "
-     "'dtype', 'max_model_len', 'max_num_batched_tokens', 'max_num_seqs', 'num_blocks', "
+    ("engine: {bogus: 1}\n", "{path}: engine.bogus: unknown key (expected one of ['backend', "
+     "'block_size', 'dtype', 'max_model_len', 'max_num_batched_tokens', 'max_num_seqs', 'num_blocks', "
      "'threads'])"),
     ("model: /no/such/model.gguf\n", "{path}: model: '/no/such/model.gguf': no such GGUF file"),
     ("model: [\n", "{path}: not valid YAML (while parsing a flow node: expected the node content, but found '<stream end>' "
