@@ -58,11 +58,14 @@ class PolledGauge:
     """A gauge moved by ``increment`` (by the change since the last value), never ``set``:
     python_backend 2.51's ``Metric.set`` waits for tritonserver's answer *holding the GIL*
     (metric.cc SendSetValueRequest; increment and observe release it), so one set on a slow or
-    dead parent froze the whole stub, and its exit on a dead parent hung behind it."""
+    dead parent froze the whole stub, and its exit on a dead parent hung behind it. The value
+    is read once, at load."""
 
     def __init__(self, metric: Any) -> None:
         self.metric: Any = metric
-        self._value = 0.0
+        # Read once, at load (tritonserver answers then): a worker reloaded after its stub died
+        # gets back the dead stub's metric (same family and labels) with its last value.
+        self._value = float(metric.value())
 
     def set(self, value: float) -> None:
         if value != self._value:
