@@ -139,10 +139,18 @@ def kv_imports(served: DisaggServer, model: str, path: str) -> float:
     return 0.0
 
 
-def test_first_token_streams_from_prefill_before_decode_finishes(
-        served: DisaggServer, engine_tokens: list[int]) -> None:
-    assert TOK.decode(engine_tokens[:1]).isprintable()  # one whole character: it goes out on its own
-    client, results = grpc_stream(served, [PROMPT], {"max_tokens": 64, "temperature": 0, "ignore_eos": True})
+# A prompt no other test sends: no node holds it, so the plan is prefill -> decode (a prompt the
+# decode node already holds runs there alone, where two early tokens may share a response).
+FRESH_PROMPT = "Prefill streams the first token before decode starts."
+
+
+def test_first_token_streams_from_prefill_before_decode_finishes(served: DisaggServer) -> None:
+    engine = LLMEngine("tiny-llama", EngineConfig(num_blocks=NUM_BLOCKS, max_model_len=512))
+    [result] = engine.generate([TOK.encode(FRESH_PROMPT)], SamplingParams(max_tokens=1, temperature=0.0,
+                                                                          ignore_eos=True))
+    first_token = list(result.output_token_ids)
+    assert TOK.decode(first_token).isprintable()  # one whole character: it goes out on its own
+    client, results = grpc_stream(served, [FRESH_PROMPT], {"max_tokens": 64, "temperature": 0, "ignore_eos": True})
     first, error, t_first = results.get(timeout=60)
     assert error is None, error
     last, t_last = first, t_first
@@ -151,7 +159,7 @@ def test_first_token_streams_from_prefill_before_decode_finishes(
         assert error is None, error
     client.stop_stream()
     client.close()
-    assert first.as_numpy("text_output")[0].decode() == TOK.decode(engine_tokens[:1])
+    assert first.as_numpy("text_output")[0].decode() == TOK.decode(first_token)
     assert int(first.as_numpy("num_output_tokens")[0]) == 1
     assert t_last > t_first
 
