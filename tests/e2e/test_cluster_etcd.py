@@ -33,7 +33,7 @@ from disagg_server import DisaggServer, model_of, serve_disaggregated
 from procs import group_members
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "kvbridge"))
-from etcd_server import EtcdServer, free_port, require_etcd  # noqa: E402
+from etcd_server import EtcdServer, free_port, require_etcd, stop_process  # noqa: E402
 
 from backends.engine.tokenizer import byte_level_tokenizer  # noqa: E402
 from kvbridge.errors import KVBridgeError  # noqa: E402
@@ -77,14 +77,7 @@ class Master:
         return self.log_path.read_text()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 @dataclass

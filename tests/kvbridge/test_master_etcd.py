@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from etcd_server import EtcdServer, free_port, require_etcd
+from etcd_server import EtcdServer, free_port, require_etcd, stop_process
 from kv_exports import random_export
 
 from kvbridge import (
@@ -182,13 +182,7 @@ class MasterProcess:
         return self.log_path.read_text()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def status(etcd: EtcdServer) -> list[str]:
