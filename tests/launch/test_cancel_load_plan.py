@@ -79,6 +79,9 @@ def _streams_left_behind(end_iterator: bool, count: int = 5) -> int:
     left = threading.active_count() - before
     for stream in streams:  # no thread of this test outlives it
         stream._request_queue.put(None)
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
     client.close()
     return left
 
