@@ -4,7 +4,7 @@
 block size and model id as extra key), asks the master for the longest match per node and
 for the nodes' load reports (cached for ``nodes_ttl_s``), both for this server's workers
 (keyed by model name; other servers' nodes are the workers' business: kvbridge's KVNode).
-Blocking; any master failure yields an empty snapshot, so planning degrades to load only.
+Blocking; a master failure yields None, so planning degrades to load only.
 
 The request path uses ``await view.within(prompt_ids)``: the lookup runs on the view's own
 thread and the request waits at most ``deadline_s`` for it (None after that: the plan is made
@@ -49,7 +49,7 @@ class ClusterView:
         self._failed_at = float("-inf")
         self._busy_since: float | None = None  # when the lookup in flight started
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="pd-cluster")
-        self.missed = 0  # lookups the request path stopped waiting for (deadline or backoff)
+        self.missed = 0  # lookups that gave the request path no snapshot (failed, late, backing off)
 
     @classmethod
     def from_env(cls, model_id: str, block_size: int, deadline_s: float = LOOKUP_DEADLINE_S) -> ClusterView | None:
@@ -58,7 +58,8 @@ class ClusterView:
         return None if client is None else cls(client, model_id, block_size, deadline_s=deadline_s)
 
     async def within(self, prompt_ids: Sequence[int]) -> ClusterSnapshot | None:
-        """``snapshot(prompt_ids)`` if the master answers within the deadline, else None."""
+        """``snapshot(prompt_ids)`` if the master answers within the deadline, else None (the
+        plan is then made as with an empty snapshot: supervisor.is_local / choose_worker)."""
         now = time.monotonic()
         busy_since = self._busy_since
         if now - self._failed_at < self._backoff_s or (busy_since is not None and now - busy_since > self._deadline_s):
@@ -66,12 +67,15 @@ class ClusterView:
             return None
         future = asyncio.get_running_loop().run_in_executor(self._thread, self.snapshot, prompt_ids)
         try:
-            return await asyncio.wait_for(future, self._deadline_s)
+            snapshot = await asyncio.wait_for(future, self._deadline_s)
         except TimeoutError:
+            snapshot = None
+        if snapshot is None:
             self.missed += 1
-            return None
+        return snapshot
 
-    def snapshot(self, prompt_ids: Sequence[int]) -> ClusterSnapshot:
+    def snapshot(self, prompt_ids: Sequence[int]) -> ClusterSnapshot | None:
+        """The master's view of the prompt; None when the master failed the lookup."""
         hashes = hash_blocks(prompt_ids, self._block_size, self._model_id)
         self._busy_since = time.monotonic()
         try:
@@ -80,7 +84,7 @@ class ClusterView:
         except (KVBridgeError, OSError) as exc:
             self._failed_at = time.monotonic()
             LOG.info("kvbridge master unavailable for planning (no lookups for %.1f s): %s", self._backoff_s, exc)
-            return ClusterSnapshot(len(hashes), block_size=self._block_size)
+            return None
         finally:
             self._busy_since = None
         matched = {model: m.num_blocks for m in matches if (model := local_model(m.node_id))}

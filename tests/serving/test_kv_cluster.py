@@ -74,3 +74,20 @@ def test_a_hung_master_costs_a_request_the_deadline_then_nothing(silent_master: 
     assert all(waited < 0.05 for _, waited in results[1:3])  # a lookup is stuck: no wait at all
     assert results[3][1] < 0.05  # backing off: no lookup at all
     assert view.missed == 4
+
+
+def test_a_failed_lookup_is_missed_and_starts_the_backoff() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the block ends: a refused connection
+    view = ClusterView(MasterClient("127.0.0.1", port, node_id="orchestrator", timeout_s=0.5), MODEL_ID, BLOCK,
+                       deadline_s=5.0, backoff_s=60.0)
+
+    async def two() -> list[object]:
+        return [await view.within(PROMPT), await view.within(PROMPT)]
+
+    try:
+        assert asyncio.run(two()) == [None, None]  # refused, then backing off
+    finally:
+        view.close()
+    assert view.missed == 2
