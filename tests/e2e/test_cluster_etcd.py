@@ -33,7 +33,7 @@ from disagg_server import DisaggServer, model_of, serve_disaggregated
 from procs import group_members
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "kvbridge"))
-from etcd_server import EtcdServer, free_port, require_etcd, stop_process  # noqa: E402
+from etcd_server import EtcdServer, free_port, require_etcd, stop_process, wait_for  # noqa: E402
 
 from backends.engine.tokenizer import byte_level_tokenizer  # noqa: E402
 from kvbridge.errors import KVBridgeError  # noqa: E402
@@ -110,14 +110,6 @@ class Cluster:
         leader = self.leader()
         assert leader is not None, "a master leads"
         return leader
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout_s, f"{what} within {timeout_s} s"
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 
 import pytest
 
@@ -45,6 +46,15 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Seconds until ``check()`` held; fails the test naming ``what`` after ``timeout_s``."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout_s, f"{what} within {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - start
 
 
 class EtcdServer:

@@ -13,11 +13,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from etcd_server import EtcdServer, free_port, require_etcd, stop_process
+from etcd_server import EtcdServer, free_port, require_etcd, stop_process, wait_for
 from kv_exports import random_export
 
 from kvbridge import (
@@ -50,15 +50,6 @@ def etcd() -> Iterator[EtcdServer]:
         yield server
     finally:
         server.close()
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Seconds until ``check()`` held; fails the test naming ``what`` after ``timeout_s``."""
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout_s, f"{what} within {timeout_s} s"
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def leading_master(etcd: EtcdServer) -> MasterThread:
